@@ -1,0 +1,97 @@
+"""The ``cryopose`` command line: one subcommand per workflow step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import SUITES, SimulationSpec, simulate_entry, simulate_suite
+
+    if args.list_suites:
+        for suite, specs in SUITES.items():
+            for s in specs:
+                print(f"{suite}\t{s.name}\t{s.symmetry}\tbox {s.box_size}\t{s.pixel_size} Å/px\t"
+                      f"{s.n_particles} particles/half\tSNR {s.snr}")
+        return 0
+    if args.spec:
+        data = json.loads(Path(args.spec).read_text())
+        specs = [SimulationSpec.from_dict(d) for d in (data if isinstance(data, list) else [data])]
+        paths = [simulate_entry(s, args.out, overwrite=args.overwrite, progress=not args.quiet) for s in specs]
+    elif args.name:
+        spec = SimulationSpec(
+            name=args.name, symmetry=args.symmetry, box_size=args.box_size, pixel_size=args.pixel_size,
+            n_particles=args.n_particles, snr=args.snr, seed=args.seed, source=args.source,
+            preferred_fraction=args.preferred_fraction)
+        paths = [simulate_entry(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)]
+    else:
+        paths = simulate_suite(args.suite, args.out, entries=args.entries, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import Entry
+
+    entry = Entry(Path(args.entry))
+    entry.validate()
+    summary = {
+        "name": entry.name,
+        "symmetry": entry.symmetry,
+        "pixel_size_A": entry.pixel_size,
+        "box_size": entry.box_size,
+        "particles": {str(h): entry.n_particles(h) for h in entry.halves},
+        "mask": str(entry.mask_path) if entry.mask_path.exists() else None,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cryopose", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cryopose {__import__('cryopose').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write synthetic benchmark entries in the CESPED layout")
+    p.add_argument("--out", default="resources/benchmark", help="benchmark directory (default: %(default)s)")
+    p.add_argument("--suite", default="default", help="named suite to simulate: default or tiny")
+    p.add_argument("--entries", nargs="+", help="only these entries of the suite")
+    p.add_argument("--spec", help="JSON file with one spec object or a list of them (keys of SimulationSpec)")
+    p.add_argument("--name", help="simulate one entry with this name from the options below")
+    p.add_argument("--symmetry", default="C1")
+    p.add_argument("--box-size", type=int, default=64)
+    p.add_argument("--pixel-size", type=float, default=2.13, help="Å per pixel")
+    p.add_argument("--n-particles", type=int, default=2000, help="particles per half")
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default="pseudo", help="'pseudo', or an MRC map, or a PDB/mmCIF model")
+    p.add_argument("--preferred-fraction", type=float, default=0.0)
+    p.add_argument("--overwrite", action="store_true", help="replace an entry made from other parameters")
+    p.add_argument("--list-suites", action="store_true", help="print the suites and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
+    p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
