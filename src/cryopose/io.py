@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -264,7 +265,9 @@ def open_stack(path: str | Path):
     if not path.exists():
         raise InputError("stack file not found", path=path)
     try:
-        mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        with warnings.catch_warnings():  # permissive mode warns; the checks below raise instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
     except Exception as err:
         raise InputError(f"not a readable MRC file ({err})", path=path) from err
     if mrc.data is None:
