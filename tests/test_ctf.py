@@ -166,3 +166,18 @@ def test_ctf_matches_relion_project_and_mirrored_astigmatism_does_not(tmp_path):
         if parts["rlnDefocusU"][i] != parts["rlnDefocusV"][i] and parts["rlnDefocusAngle"][i] not in (45.0,):
             # Swapping x and y (the classic ij-meshgrid bug) mirrors the astigmatism: clearly worse.
             assert np.corrcoef(relion_ctf, mirrored[i][strong])[0, 1] < 0.9
+
+
+def test_agrees_with_teamtomo_torch_ctf():
+    """An independent implementation (teamtomo's torch-ctf, float32) gives the same CTF."""
+    import torch_ctf
+
+    u = torch.tensor([20000.0, 15000.0, 8000.0])
+    v = torch.tensor([12000.0, 9000.0, 7000.0])
+    angle = torch.tensor([0.0, 35.0, 160.0])
+    ours = ctf_2d(u, v, angle, 300.0, 2.7, 0.1, PX, S, phase_shift=20.0)
+    theirs = torch_ctf.calculate_ctf_2d(
+        defocus=(u + v) / 2e4, astigmatism=(u - v) / 2e4, astigmatism_angle=angle, voltage=300.0,
+        spherical_aberration=2.7, amplitude_contrast=0.1, phase_shift=20.0, pixel_size=PX, image_shape=(S, S),
+        rfft=True, fftshift=False)
+    assert (theirs.double() - ours)[..., : S // 2].abs().max() < 5e-3
