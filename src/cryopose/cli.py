@@ -54,6 +54,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data import write_preprocessed_entry
+
+    ctf = None if args.ctf_correction == "none" else args.ctf_correction
+    out = write_preprocessed_entry(args.entry, args.out, image_size=args.image_size, crop_fraction=args.crop_fraction,
+                                   normalise=not args.no_normalise, ctf_correction=ctf,
+                                   wiener_constant=args.wiener_constant, benchmark_dir=args.benchmark_dir,
+                                   progress=not args.quiet)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cryopose", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cryopose {__import__('cryopose').__version__}")
@@ -78,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("preprocess", help="write a preprocessed copy of an entry (stacks + STAR) in the same layout")
+    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--out", required=True, help="folder to write <entry>/ into")
+    p.add_argument("--benchmark-dir", default=None, help="where entry names are looked up (default resources/benchmark)")
+    p.add_argument("--image-size", type=int, default=None, help="final image size in pixels (default: the cropped box)")
+    p.add_argument("--crop-fraction", type=float, default=1.0, help="central fraction of the box to keep")
+    p.add_argument("--ctf-correction", choices=["phase_flip", "wiener", "none"], default="phase_flip")
+    p.add_argument("--wiener-constant", type=float, default=0.1)
+    p.add_argument("--no-normalise", action="store_true", help="skip background normalisation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")
     p.set_defaults(func=_cmd_info)
@@ -88,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as err:
+    except (InputError, ValueError) as err:
         print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
         return 2
 
