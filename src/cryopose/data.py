@@ -282,19 +282,23 @@ class ParticlesDataset(Dataset):
                              where="update_md angles_format")
         if not torch.isfinite(euler).all():
             raise InputError("angles contain NaN or infinity", where="update_md angles")
-        rows = np.array([self._row_of_id[i] for i in ids])
-        self._table.loc[rows, EULER] = euler.numpy()
+        s = c = None
         if shifts is not None:
             s = np.asarray(shifts, dtype=np.float64)
             if s.shape != (n, 2) or not np.isfinite(s).all():
                 raise InputError(f"shifts must be finite with shape ({n}, 2) in Å, got {s.shape}",
                                  where="update_md shifts")
-            self._table.loc[rows, ORIGIN] = s
         if confidence is not None:
             c = np.asarray(confidence, dtype=np.float64).reshape(-1)
             if c.shape != (n,) or not np.isfinite(c).all():
                 raise InputError(f"confidence must be {n} finite values, got shape {np.shape(confidence)}",
                                  where="update_md confidence")
+        # Everything is validated: apply all of it, so a bad call changes nothing.
+        rows = np.array([self._row_of_id[i] for i in ids])
+        self._table.loc[rows, EULER] = euler.numpy()
+        if s is not None:
+            self._table.loc[rows, ORIGIN] = s
+        if c is not None:
             if "rlnParticleFigureOfMerit" not in self._table.columns:
                 self._table["rlnParticleFigureOfMerit"] = np.nan
             self._table.loc[rows, "rlnParticleFigureOfMerit"] = c
