@@ -57,6 +57,7 @@ def child(args) -> None:
 
     from cryopose.data import ParticlesDataset
 
+    torch.set_num_threads(1)  # as the reference script: one thread per process; workers bring parallelism
     ds = ParticlesDataset(args.entry_dir, 0, image_size=args.image_size, ctf_correction="phase_flip",
                           normalise=True)
     n = min(len(ds), args.n_images)
