@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from . import io
 from .augment import AugmentConfig, augment_batch
-from .ctf import ctf_from_star_columns
+from .ctf import ctf_from_parameters, ctf_parameters
 from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
@@ -101,7 +101,9 @@ class ParticlesDataset(Dataset):
         flipped = merged.get("rlnCtfDataArePhaseFlipped", pd.Series(0, index=merged.index)).to_numpy()
         self._already_flipped = flipped.astype(bool)
 
-        self._ctf_table = merged
+        # CTF columns are validated once here; batches then only index these tensors.
+        self._ctf_params = (ctf_parameters(merged, source=str(self.star_path))
+                            if self.config.ctf_correction is not None else {})
         stacks, index = [], np.empty(len(merged), dtype=np.int64)
         stack_of = np.empty(len(merged), dtype=np.int64)
         seen: dict[str, int] = {}
@@ -220,9 +222,9 @@ class ParticlesDataset(Dataset):
         config = self.config
         ctf = None
         if config.ctf_correction is not None:
-            rows = self._ctf_table.iloc[idx]
-            ctf = ctf_from_star_columns(rows, self.original_box_size, self.original_sampling_rate, use_bfactor=False,
-                                        source=str(self.star_path))
+            params = {k: v[idx] for k, v in self._ctf_params.items()}
+            ctf = ctf_from_parameters(params, self.original_box_size, self.original_sampling_rate, use_bfactor=False,
+                                      dtype=torch.float32)
             # Particles already phase-flipped on disk keep their phases: a CTF of +1 leaves them be.
             flipped = torch.from_numpy(self._already_flipped[idx])
             if flipped.any():

@@ -7,11 +7,11 @@ uses, and :func:`preprocess_images` applies, is normalise → CTF correction →
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .ctf import phase_flip, wiener_filter
 
 __all__ = ["PreprocessConfig", "background_normalise", "center_crop", "fourier_resize", "fourier_resize_map",
            "preprocess_images",
@@ -57,6 +57,13 @@ def output_geometry(box_size: int, pixel_size: float, config: PreprocessConfig) 
     return crop, size, pixel_size * crop / size
 
 
+@functools.lru_cache(maxsize=8)
+def _background_weights(s: int, device: str) -> torch.Tensor:
+    c = torch.arange(s, dtype=torch.float32) - s // 2
+    outside = (c[:, None] ** 2 + c[None, :] ** 2) > (s / 2) ** 2
+    return outside.flatten().float().to(device)
+
+
 def background_normalise(images: torch.Tensor) -> torch.Tensor:
     """Per image: subtract the mean and divide by the std of the pixels outside the inscribed circle.
 
@@ -68,12 +75,14 @@ def background_normalise(images: torch.Tensor) -> torch.Tensor:
         centred, never divided by zero).
     """
     s = images.shape[-1]
-    c = torch.arange(s, device=images.device, dtype=torch.float32) - s // 2
-    outside = (c[:, None] ** 2 + c[None, :] ** 2) > (s / 2) ** 2
-    bg = images[..., outside]
-    mean = bg.mean(-1)
-    std = bg.std(-1)
-    std = torch.where(std > 0, std, torch.ones_like(std))
+    w = _background_weights(s, str(images.device)).to(images.dtype)
+    flat = images.reshape(*images.shape[:-2], s * s)
+    n = float(w.sum())
+    # Masked sums as matrix-vector products: one pass each, no gather of the background pixels.
+    mean = flat @ w / n
+    var = ((flat * flat) @ w - n * mean * mean) / max(n - 1, 1)
+    std = torch.sqrt(var.clamp(min=0))
+    std = torch.where(std > 1e-12 * (mean.abs() + 1), std, torch.ones_like(std))
     return (images - mean[..., None, None]) / std[..., None, None]
 
 
@@ -84,6 +93,33 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"center_crop: {size} px is larger than the {s} px box")
     start = s // 2 - size // 2
     return images[..., start:start + size, start:start + size]
+
+
+def _resize_rfft(ft: torch.Tensor, s: int, size: int) -> torch.Tensor:
+    """Crop or zero-pad an ``rfft2`` spectrum ``(..., s, s//2+1)`` to ``(..., size, size//2+1)``."""
+    m = min(s, size)
+    pos, neg, cols = (m + 1) // 2, m // 2, m // 2 + 1
+    out = torch.zeros(*ft.shape[:-2], size, size // 2 + 1, dtype=ft.dtype, device=ft.device)
+    out[..., :pos, :cols] = ft[..., :pos, :cols]
+    if neg:
+        out[..., size - neg:, :cols] = ft[..., s - neg:, :cols]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _checkerboard(s: int, device: str) -> torch.Tensor:
+    """``(−1)^(i+j)`` on an ``rfft2`` grid: multiplying a spectrum by it shifts an even-sized image by S/2."""
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s // 2 + 1)[None, :]
+    return (1 - 2 * ((i + j) % 2)).float().to(device)
+
+
+def _centred_rfft2(x: torch.Tensor) -> torch.Tensor:
+    return torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)))
+
+
+def _centred_irfft2(ft: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.fft.fftshift(torch.fft.irfft2(ft, s=(size, size)), dim=(-2, -1))
 
 
 def fourier_resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -97,15 +133,9 @@ def fourier_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if size == s:
         return images
     dtype = images.dtype
-    ft = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(images.to(torch.float64 if dtype == torch.float64
-                                                                           else torch.float32), dim=(-2, -1))),
-                            dim=(-2, -1))
-    out = torch.zeros(*images.shape[:-2], size, size, dtype=ft.dtype, device=images.device)
-    m = min(s, size)
-    src, dst = s // 2 - m // 2, size // 2 - m // 2
-    out[..., dst:dst + m, dst:dst + m] = ft[..., src:src + m, src:src + m]
-    res = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(out, dim=(-2, -1))), dim=(-2, -1)).real
-    return (res * (size / s) ** 2).to(dtype)
+    x = images if dtype == torch.float64 else images.float()
+    out = _centred_irfft2(_resize_rfft(_centred_rfft2(x), s, size), size)
+    return (out * (size / s) ** 2).to(dtype)
 
 
 def fourier_resize_map(volume: torch.Tensor, size: int) -> torch.Tensor:
@@ -139,12 +169,24 @@ def preprocess_images(images: torch.Tensor, config: PreprocessConfig, ctf: torch
     x = images.float()
     if config.normalise:
         x = background_normalise(x)
+    s = x.shape[-1]
+    crop, size, _ = output_geometry(s, 1.0, config)
     if config.ctf_correction is not None:
         if ctf is None:
             raise ValueError("preprocess_images: CTF correction needs the particles' CTFs")
-        x = phase_flip(x, ctf) if config.ctf_correction == "phase_flip" else wiener_filter(x, ctf, config.wiener_constant)
-    crop, size, _ = output_geometry(x.shape[-1], 1.0, config)
-    if crop != x.shape[-1]:
+        ctf = ctf.to(device=x.device, dtype=x.dtype)
+        filt = torch.sign(ctf) if config.ctf_correction == "phase_flip" else ctf / (ctf ** 2 + config.wiener_constant)
+        if crop == s and s % 2 == 0 and size % 2 == 0:
+            # No crop in between: correction and resizing share one forward and one inverse FFT,
+            # and the centring shifts become sign patterns folded into the filter.
+            dev = str(x.device)
+            ft = torch.fft.rfft2(x) * (filt * _checkerboard(s, dev))
+            if size != s:
+                ft = _resize_rfft(ft, s, size)
+            ft = ft * (_checkerboard(size, dev) * (size / s) ** 2)
+            return torch.fft.irfft2(ft, s=(size, size))
+        x = _centred_irfft2(_centred_rfft2(x) * filt, s)
+    if crop != s:
         x = center_crop(x, crop)
     if size != crop:
         x = fourier_resize(x, size)
