@@ -39,6 +39,14 @@ def test_item_structure_and_labels(entry):
         ds[120]
 
 
+def test_cesped_keyword_names_work(entry):
+    ds = ParticlesDataset(targetName=entry.name, halfset=0, benchmarkDir=entry.parent, image_size=32,
+                          ctf_correction="none")
+    assert ds.image_size == 32 and ds.config.ctf_correction is None and len(ds) == 120
+    with pytest.raises(TypeError, match="halfset"):
+        ParticlesDataset(entry)
+
+
 def test_crop_and_resize_carry_the_pixel_size(entry):
     ds = ParticlesDataset(entry, 0, image_size=32, crop_fraction=0.75)
     assert ds.image_size == 32 and ds[0][1].shape == (1, 32, 32)

@@ -72,10 +72,18 @@ class ParticlesDataset(Dataset):
     ``sampling_rate``. Missing angles give NaN rotation matrices.
     """
 
-    def __init__(self, entry, halfset: int, benchmark_dir: str | Path | None = None, *,
+    def __init__(self, entry=None, halfset: int | None = None, benchmark_dir: str | Path | None = None, *,
                  image_size: int | None = None, crop_fraction: float = 1.0, normalise: bool = True,
                  ctf_correction: str | None = "phase_flip", wiener_constant: float = 0.1,
-                 augment: AugmentConfig | bool | None = None, generator: torch.Generator | None = None):
+                 augment: AugmentConfig | bool | None = None, generator: torch.Generator | None = None,
+                 targetName=None, benchmarkDir=None):
+        # CESPED's keyword names, so ParticlesDataset(targetName=..., halfset=..., benchmarkDir=...) ports as is.
+        entry = entry if entry is not None else targetName
+        benchmark_dir = benchmark_dir if benchmark_dir is not None else benchmarkDir
+        if entry is None or halfset is None:
+            raise TypeError("ParticlesDataset needs an entry (name, folder or Entry) and a halfset (0 or 1)")
+        if isinstance(ctf_correction, str) and ctf_correction.lower() == "none":
+            ctf_correction = None
         self.entry = _resolve_entry(entry, benchmark_dir)
         self.halfset = halfset
         self.star_path = self.entry.star_path(halfset)
