@@ -41,62 +41,96 @@ class RelionNotFound(InputError):
     """The configured RELION program cannot be run."""
 
 
+def _slice_points(p: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the padded image's rfft2 coefficients inside the Nyquist circle, without the
+    Friedel duplicates of the k_x = 0 column (k_y < 0), and their (k_x, k_y, 0) in index units."""
+    ky = torch.fft.fftfreq(p, device=device) * p
+    kx = torch.fft.rfftfreq(p, device=device) * p
+    kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+    mask = (kxx ** 2 + kyy ** 2 <= (p / 2) ** 2) & ~((kxx == 0) & (kyy < 0))
+    pts = torch.stack([kxx[mask], kyy[mask], torch.zeros_like(kxx[mask])], -1)
+    return mask, pts
+
+
 def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: torch.Tensor, ctf: torch.Tensor,
                      weights: torch.Tensor, symmetry_ops: torch.Tensor, pad: int,
                      accumulator: torch.Tensor | None = None) -> torch.Tensor:
-    """Insert a batch of particles into a padded 3D Fourier accumulator.
+    """Insert a batch of particles into a padded 3D Fourier accumulator (trilinear splatting).
 
     Args:
         images: ``(B, S, S)`` particle images (box centre ``S//2``).
-        rotmats: ``(B, 3, 3)`` poses R (see :mod:`cryopose.geometry`).
+        rotmats: ``(B, 3, 3)`` poses R (see :mod:`cryopose.geometry`): the image frequency
+            ``(k_x, k_y)`` lands at ``g·R·(k_x, k_y, 0)`` of the map's transform.
         origins_px: ``(B, 2)`` RELION origins in pixels (the image is shifted by +origin).
         ctf: ``(B, P, P//2+1)`` CTF at the padded size ``P = pad·S`` (``rfft2`` layout), or ones.
         weights: ``(B,)`` per-particle weights.
         symmetry_ops: ``(G, 3, 3)`` rotations g; each particle is inserted at every ``g·R``.
         pad: integer padding factor.
-        accumulator: ``(2, P, P, P//2+1)`` complex64 to add to (channel 0: Σ w·CTF·F,
-            channel 1: Σ w·CTF²), or ``None`` to start one.
+        accumulator: ``(P·P·(P//2+1), 3)`` float32 (real and imaginary parts of Σ w·CTF·F, and
+            Σ w·CTF²; z, y in FFT order, x ≥ 0) to add to, or ``None`` to start one.
 
     Returns:
         The accumulator.
     """
-    from torch_fourier_slice.slice_insertion import insert_central_slices_rfft_3d_multichannel
-
     b, s = images.shape[0], images.shape[-1]
+    dev = images.device
     p = pad * s
+    h = p // 2 + 1
     extra = (p - s) // 2
     padded = F.pad(images.float(), (extra, p - s - extra, extra, p - s - extra))
     ft = torch.fft.rfft2(torch.fft.ifftshift(padded, dim=(-2, -1)))
-    ky = torch.fft.fftfreq(p, device=images.device)
-    kx = torch.fft.rfftfreq(p, device=images.device)
+    mask, pts = _slice_points(p, dev)
     shift = origins_px.float()
-    phase = torch.exp(-2j * torch.pi * (shift[:, 0, None, None] * kx[None, None, :]
-                                        + shift[:, 1, None, None] * ky[None, :, None]))
-    ctf = ctf.float()
-    w = weights.float()[:, None, None]
-    data = torch.stack([ft * phase * ctf * w, (ctf * ctf * w).to(torch.complex64)], dim=1)  # (B, 2, P, P//2+1)
-    data = torch.fft.fftshift(data, dim=(-2,))  # torch-fourier-slice wants DC at the centre row
+    # Re-centre each particle: a shift by +origin is a phase ramp (frequencies in cycles per pixel).
+    phase = torch.exp(-2j * torch.pi * (shift[:, None, 0] * pts[None, :, 0] + shift[:, None, 1] * pts[None, :, 1]) / p)
+    ctf_m = ctf.float()[:, mask]
+    w = weights.float()[:, None]
+    value = ft[:, mask] * phase * (ctf_m * w)
+    weight = ctf_m * ctf_m * w
     if accumulator is None:
-        accumulator = torch.zeros(2, p, p, p // 2 + 1, dtype=torch.complex64, device=images.device)
-    ops = symmetry_ops.to(device=images.device, dtype=torch.float32)
-    for g in ops:
-        dft, _ = insert_central_slices_rfft_3d_multichannel(
-            image_rfft=data, volume_shape=(p, p, p), rotation_matrices=(g @ rotmats.float()), fftfreq_max=0.5)
-        accumulator += dft
+        accumulator = torch.zeros(p * p * h, 3, dtype=torch.float32, device=dev)
+    for g in symmetry_ops.to(device=dev, dtype=torch.float32):
+        coords = pts @ (g @ rotmats.float()).transpose(-1, -2)  # (B, M, 3) x, y, z in index units
+        flip = coords[..., 0] < 0  # the other half of the transform: use the Friedel mate
+        coords = torch.where(flip[..., None], -coords, coords)
+        channels = torch.stack([value.real, torch.where(flip, -value.imag, value.imag), weight], -1)
+        base = torch.floor(coords)
+        frac = coords - base
+        base = base.long()
+        fx, fy, fz = frac.unbind(-1)
+        bx, by, bz = base.unbind(-1)
+        for dz in (0, 1):
+            wz = fz if dz else 1 - fz
+            iz = (bz + dz) % p
+            for dy in (0, 1):
+                wzy = wz * (fy if dy else 1 - fy)
+                izy = (iz * p + (by + dy) % p) * h
+                for dx in (0, 1):
+                    ix = bx + dx
+                    # Beyond the Nyquist column (x = P/2 exactly, at the rim): weight 0, index clamped.
+                    wt = wzy * (fx if dx else 1 - fx) * (ix < h)
+                    flat = izy + ix.clamp(max=h - 1)
+                    accumulator.index_add_(0, flat.reshape(-1), (channels * wt[..., None]).reshape(-1, 3))
     return accumulator
 
 
 def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.ndarray:
-    from torch_fourier_slice.volume_utils import separable_sinc2_correction
-
     p = pad * s
-    num, den = accumulator[0], accumulator[1].real
+    h = p // 2 + 1
+    acc = accumulator.double().T.reshape(3, p, p, h)
+    num = torch.complex(acc[0], acc[1])
+    den = acc[2]
+    # The x = 0 plane holds both members of Friedel pairs (k and −k): add each point's mate.
+    mirror = lambda a: torch.roll(torch.flip(a, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
+    num[..., 0] = num[..., 0] + mirror(num[..., 0]).conj()
+    den[..., 0] = den[..., 0] + mirror(den[..., 0])
     populated = den > 0
     lam = wiener * float(den[populated].mean()) if populated.any() else 1.0
     vol_ft = torch.where(populated, num / (den + lam), torch.zeros_like(num))
-    vol_ft = torch.fft.ifftshift(vol_ft, dim=(-3, -2))
     vol = torch.fft.fftshift(torch.fft.irfftn(vol_ft, s=(p, p, p), dim=(-3, -2, -1)), dim=(-3, -2, -1))
-    vol = vol / separable_sinc2_correction((p, p, p), device=vol.device)
+    # Trilinear splatting blurs by a separable triangle: divide by its transform, sinc², per axis.
+    c = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(p, dtype=torch.float64))) ** 2
+    vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
     start = (p - s) // 2
     return vol[start:start + s, start:start + s, start:start + s].cpu().numpy().astype(np.float32)
 
