@@ -264,5 +264,6 @@ def reconstruct(star_path: str | Path, symmetry: str = "C1", backend: str = "tor
     if backend == "torch":
         return reconstruct_torch(star_path, symmetry=symmetry, use_weights=use_weights, **options)
     if backend == "relion":
+        options.pop("progress", None)  # relion_reconstruct reports nothing we could turn into a bar
         return reconstruct_relion(star_path, symmetry=symmetry, use_weights=use_weights, **options)
     raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
