@@ -4,7 +4,11 @@ STAR files of RELION 3.1 (optics + particles blocks, origins in Å) and RELION 3
 origins in pixels, optics per particle) are read into one normalised RELION 3.1 form,
 :class:`ParticleStar`, and always written back as RELION 3.1. Stacks are opened as memory maps
 (a real half is 20–47 GB) and read in contiguous runs. Every writer writes to a temporary name in
-the destination folder and renames it into place.
+the destination folder and renames it into place, so a crash never leaves a half-written file
+under the final name.
+
+Errors in the input are :class:`~cryopose.errors.InputError` naming the file, the row (0-based)
+or field, and what was expected.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
-import warnings
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 import pandas as pd
 import starfile
@@ -32,31 +38,49 @@ __all__ = [
     "read_map", "write_map", "Entry",
 ]
 
+#: Optics columns every optics group must have (rlnOpticsGroupName and rlnImageDimensionality are
+#: filled in when missing).
 OPTICS_COLUMNS = ("rlnImagePixelSize", "rlnImageSize", "rlnVoltage", "rlnSphericalAberration",
                   "rlnAmplitudeContrast")
+#: Particle columns that must hold finite numbers when present; they are stored as float64.
 FINITE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                  "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnMaxValueProbDistribution",
-                  "rlnParticleFigureOfMerit")
+                  "rlnOriginX", "rlnOriginY", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
+                  "rlnMaxValueProbDistribution", "rlnParticleFigureOfMerit")
+#: Integer-valued particle columns, stored as int64 when present.
+INT_COLUMNS = ("rlnOpticsGroup", "rlnRandomSubset", "rlnClassNumber")
+#: Per-particle optics of RELION 3.0 files, moved into the optics table on reading.
+_RELION30_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+_IMAGE_NAME = re.compile(r"^\s*(\d+)@(\S(?:.*\S)?)\s*$", re.ASCII)
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the body succeeds.
+    """Yield a temporary path beside ``path``; move it to ``path`` only if the body succeeds.
 
-    The temporary name keeps the suffix (``particles_0.tmp-1a2b.star``) so libraries that look
-    at it behave. On failure the temporary file is removed and an existing ``path`` is untouched.
+    The temporary name is hidden and keeps the suffix (``.particles_0.tmp-<pid>-<hex>.star``) so
+    libraries that look at the suffix behave. On success the file is fsync'ed and renamed over
+    ``path`` with :func:`os.replace` (atomic on one file system). On any exception the temporary
+    file is removed and an existing ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"atomic_write: the block wrote nothing to {tmp} (destination {path})")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable; not possible everywhere
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +91,12 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 class ParticleStar:
     """A particle STAR file in RELION 3.1 form.
 
-    ``optics``: one row per optics group (rlnOpticsGroup, rlnOpticsGroupName, rlnImagePixelSize,
-    rlnImageSize, rlnImageDimensionality, rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast).
-    ``particles``: one row per particle; origins rlnOriginX/YAngst in Å; other columns kept as read.
+    ``optics``: one row per optics group: rlnOpticsGroup, rlnOpticsGroupName, rlnImagePixelSize (Å),
+    rlnImageSize, rlnImageDimensionality, rlnVoltage (kV), rlnSphericalAberration (mm),
+    rlnAmplitudeContrast, plus any other optics columns as read.
+    ``particles``: one row per particle: rlnImageName, rlnOpticsGroup, and when present angles
+    (degrees), origins rlnOriginX/YAngst (Å), defocus, confidences, ...; unknown columns kept as read.
+    ``path``: the file it was read from, if any.
     """
 
     optics: pd.DataFrame
@@ -78,326 +105,513 @@ class ParticleStar:
 
 
 def _read_blocks(path: Path) -> dict:
-    if not path.exists():
-        raise InputError("file not found", path=path)
+    if not path.is_file():
+        raise InputError("STAR file not found", path=path)
     try:
         blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile raises assorted parser errors
+    except Exception as err:  # starfile/pandas raise assorted parser errors
         raise InputError(f"not a readable STAR file ({type(err).__name__}: {err})", path=path) from err
     if not blocks:
-        raise InputError("no data block found (expected RELION 3.1 data_optics + data_particles, or RELION 3.0 data_)",
-                         path=path)
-    return blocks
+        raise InputError("empty or unreadable: no data_ block found (expected RELION 3.1 data_optics + "
+                         "data_particles, or a RELION 3.0 data_ block)", path=path)
+    # starfile gives a dict for a block without loop_ (one row); make every block a table.
+    return {name: (pd.DataFrame([b]) if isinstance(b, dict) else b).reset_index(drop=True)
+            for name, b in blocks.items()}
 
 
-def _check_finite(df: pd.DataFrame, columns, path: Path, block: str) -> None:
-    for col in columns:
-        if col not in df.columns:
-            continue
-        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            raise InputError(f"value {df[col].iloc[bad[0]]!r} is not a finite number "
-                             f"({len(bad)} such rows)", path=path,
-                             where=f"{block} row {bad[0]} (0-based), column {col}")
+def _numeric(df: pd.DataFrame, col: str, path: Path, block: str, *, finite: bool = True,
+             integer: bool = False, positive: bool = False) -> np.ndarray:
+    """Column ``col`` as float64, with an InputError naming the first offending row."""
+    raw = df[col]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = np.ones(len(values), bool)
+    expected = "a number"
+    if finite:
+        ok &= np.isfinite(values)
+        expected = "a finite number"
+    if integer:
+        ok &= np.isfinite(values) & (np.round(values) == values)
+        expected = "an integer"
+    if positive:
+        ok &= values > 0
+        expected = f"a positive {expected.split(' ', 1)[1]}"
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        more = f"; {len(bad)} such rows" if len(bad) > 1 else ""
+        raise InputError(f"value {raw.iloc[bad[0]]!r} is not {expected}{more}", path=path,
+                         where=f"{block} row {bad[0]} (0-based), column {col}")
+    return values
 
 
-def _pixel_size_relion30(df: pd.DataFrame, path: Path) -> np.ndarray:
+def _normalise_particle_columns(particles: pd.DataFrame, path: Path, block: str) -> None:
+    """Check finiteness of known float columns and store them as float64; integer columns as int64."""
+    for col in FINITE_COLUMNS:
+        if col in particles.columns:
+            particles[col] = _numeric(particles, col, path, block)
+    for col in INT_COLUMNS:
+        if col in particles.columns:
+            particles[col] = _numeric(particles, col, path, block, integer=True).astype(np.int64)
+
+
+def _check_image_names(particles: pd.DataFrame, path: Path, block: str) -> None:
+    if "rlnImageName" not in particles.columns:
+        raise InputError("missing column: every particle needs rlnImageName (<index from 1>@<stack file>)",
+                         path=path, where=f"{block}, rlnImageName")
+    names = particles["rlnImageName"].astype(str)
+    ok = names.str.match(_IMAGE_NAME.pattern, flags=re.ASCII).to_numpy(dtype=bool, na_value=False)
+    if ok.all():
+        ok = names.str.extract(_IMAGE_NAME.pattern, flags=re.ASCII)[0].astype(np.int64).to_numpy() >= 1
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        raise InputError(f"{names.iloc[row]!r} is not of the form <index from 1>@<stack file>", path=path,
+                         where=f"{block} row {row} (0-based), column rlnImageName")
+
+
+def _check_optics(optics: pd.DataFrame, path: Path) -> pd.DataFrame:
+    block = "data_optics"
+    for col in ("rlnOpticsGroup",) + OPTICS_COLUMNS:
+        if col not in optics.columns:
+            raise InputError(f"missing column; every optics group needs rlnOpticsGroup, {', '.join(OPTICS_COLUMNS)}",
+                             path=path, where=f"{block}, {col}")
+    if len(optics) == 0:
+        raise InputError("no optics groups", path=path, where=block)
+    optics = optics.copy()
+    optics["rlnOpticsGroup"] = _numeric(optics, "rlnOpticsGroup", path, block, integer=True).astype(np.int64)
+    dup = optics["rlnOpticsGroup"].duplicated().to_numpy()
+    if dup.any():
+        row = int(np.flatnonzero(dup)[0])
+        raise InputError(f"optics group {optics['rlnOpticsGroup'].iloc[row]} is defined twice", path=path,
+                         where=f"{block} row {row} (0-based), column rlnOpticsGroup")
+    optics["rlnImagePixelSize"] = _numeric(optics, "rlnImagePixelSize", path, block, positive=True)
+    optics["rlnImageSize"] = _numeric(optics, "rlnImageSize", path, block, integer=True,
+                                      positive=True).astype(np.int64)
+    for col in _RELION30_OPTICS:
+        optics[col] = _numeric(optics, col, path, block)
+    if "rlnOpticsGroupName" not in optics.columns:
+        optics.insert(1, "rlnOpticsGroupName", [f"opticsGroup{i}" for i in optics["rlnOpticsGroup"]])
+    if "rlnImageDimensionality" not in optics.columns:
+        optics.insert(list(optics.columns).index("rlnImageSize") + 1, "rlnImageDimensionality", 2)
+    return optics
+
+
+def _pixel_size_relion30(df: pd.DataFrame, path: Path, block: str) -> np.ndarray:
     if "rlnImagePixelSize" in df.columns:
-        return df["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+        return _numeric(df, "rlnImagePixelSize", path, block, positive=True)
     if "rlnPixelSize" in df.columns:
-        return df["rlnPixelSize"].to_numpy(dtype=np.float64)
+        return _numeric(df, "rlnPixelSize", path, block, positive=True)
     if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        return df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64) * 1e4 / df["rlnMagnification"].to_numpy(
-            dtype=np.float64)
+        return (_numeric(df, "rlnDetectorPixelSize", path, block, positive=True) * 1e4
+                / _numeric(df, "rlnMagnification", path, block, positive=True))
     raise InputError("RELION 3.0 STAR without a pixel size: expected rlnImagePixelSize, rlnPixelSize, or "
-                     "rlnDetectorPixelSize and rlnMagnification", path=path, where="pixel size")
+                     "rlnDetectorPixelSize (µm) and rlnMagnification", path=path, where=f"{block}, pixel size")
 
 
-def _from_relion30(df: pd.DataFrame, path: Path) -> ParticleStar:
+def _from_relion30(df: pd.DataFrame, path: Path, block: str) -> ParticleStar:
+    """One RELION 3.0 table → RELION 3.1 form: optics groups from the unique per-particle optics."""
     df = df.copy()
-    px = _pixel_size_relion30(df, path)
-    if not np.all(np.isfinite(px) & (px > 0)):
-        row = int(np.flatnonzero(~(np.isfinite(px) & (px > 0)))[0])
-        raise InputError(f"pixel size {px[row]} is not a positive number", path=path, where=f"row {row} (0-based)")
-    for col in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+    _check_image_names(df, path, block)
+    _normalise_particle_columns(df, path, block)
+    px = _pixel_size_relion30(df, path, block)
+    for col in _RELION30_OPTICS:
         if col not in df.columns:
-            raise InputError("missing column (RELION 3.0 STAR files carry optics per particle)", path=path, where=col)
+            raise InputError("missing column (a RELION 3.0 STAR file carries the optics per particle)",
+                             path=path, where=f"{block}, {col}")
     if "rlnImageSize" in df.columns:
-        sizes = df["rlnImageSize"].to_numpy(dtype=np.int64)
-    else:
+        sizes = _numeric(df, "rlnImageSize", path, block, integer=True, positive=True).astype(np.int64)
+    else:  # not in the file: the first referenced stack's header says it
         _, stack = parse_image_name(str(df["rlnImageName"].iloc[0]), path, 0)
-        sizes = np.full(len(df), stack_shape(resolve_stack_path(path, stack))[-1])
+        sizes = np.full(len(df), stack_shape(resolve_stack_path(path, stack))[-1], dtype=np.int64)
     keys = pd.DataFrame({
         "rlnImagePixelSize": px, "rlnImageSize": sizes,
-        "rlnVoltage": df["rlnVoltage"].to_numpy(dtype=np.float64),
-        "rlnSphericalAberration": df["rlnSphericalAberration"].to_numpy(dtype=np.float64),
-        "rlnAmplitudeContrast": df["rlnAmplitudeContrast"].to_numpy(dtype=np.float64),
+        **{col: _numeric(df, col, path, block) for col in _RELION30_OPTICS},
     })
     optics = keys.drop_duplicates().reset_index(drop=True)
-    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1))
+    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1, dtype=np.int64))
     optics.insert(1, "rlnOpticsGroupName", [f"opticsGroup{i}" for i in optics["rlnOpticsGroup"]])
-    optics["rlnImageDimensionality"] = 2
-    group = keys.merge(optics, how="left", on=list(keys.columns))["rlnOpticsGroup"].to_numpy()
+    optics.insert(4, "rlnImageDimensionality", 2)
+    group = keys.merge(optics[["rlnOpticsGroup", *keys.columns]], how="left",
+                       on=list(keys.columns))["rlnOpticsGroup"].to_numpy(dtype=np.int64)
     for axis in ("X", "Y"):
         col = f"rlnOrigin{axis}"
         if col in df.columns:
-            df[f"rlnOrigin{axis}Angst"] = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64) * px
-            df = df.drop(columns=col)
-    drop = [c for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize",
-                        "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification", "rlnImageSize") if c in df.columns]
+            position = list(df.columns).index(col)
+            values = df.pop(col).to_numpy(dtype=np.float64) * px
+            if f"{col}Angst" not in df.columns:
+                df.insert(position, f"{col}Angst", values)
+    drop = [c for c in (*_RELION30_OPTICS, "rlnImagePixelSize", "rlnPixelSize", "rlnDetectorPixelSize",
+                        "rlnMagnification", "rlnImageSize", "rlnImageDimensionality") if c in df.columns]
     df = df.drop(columns=drop)
-    df["rlnOpticsGroup"] = group
+    if "rlnOpticsGroup" in df.columns:
+        df["rlnOpticsGroup"] = group
+    else:
+        df.insert(list(df.columns).index("rlnImageName") + 1, "rlnOpticsGroup", group)
     return ParticleStar(optics=optics, particles=df.reset_index(drop=True), path=path)
+
+
+def _from_relion31(optics: pd.DataFrame, particles: pd.DataFrame, path: Path) -> ParticleStar:
+    block = "data_particles"
+    optics = _check_optics(optics, path)
+    particles = particles.copy()
+    _check_image_names(particles, path, block)
+    if "rlnOpticsGroup" not in particles.columns:
+        raise InputError("missing column (RELION 3.1 particles name their optics group)", path=path,
+                         where=f"{block}, rlnOpticsGroup")
+    _normalise_particle_columns(particles, path, block)
+    known = particles["rlnOpticsGroup"].isin(optics["rlnOpticsGroup"]).to_numpy()
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
+        raise InputError(f"optics group {particles['rlnOpticsGroup'].iloc[row]} is not in data_optics "
+                         f"(it has {optics['rlnOpticsGroup'].tolist()})", path=path,
+                         where=f"{block} row {row} (0-based), column rlnOpticsGroup")
+    star = ParticleStar(optics=optics, particles=particles, path=path)
+    for axis in ("X", "Y"):  # a 3.1 file with pixel origins (unusual) is converted too
+        col = f"rlnOrigin{axis}"
+        if col in particles.columns:
+            px = particles_with_optics(star)["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+            position = list(particles.columns).index(col)
+            values = particles.pop(col).to_numpy(dtype=np.float64) * px
+            if f"{col}Angst" not in particles.columns:
+                particles.insert(position, f"{col}Angst", values)
+    return star
 
 
 def read_particles_star(path: str | Path) -> ParticleStar:
     """Read a RELION 3.1 or 3.0 particle STAR file into RELION 3.1 form (see :class:`ParticleStar`).
 
-    Raises :class:`InputError` naming the file, block, row and column for: unreadable files,
-    missing rlnImageName or optics columns, non-finite angles/origins/defocus/confidences,
-    particles that refer to an optics group the optics table lacks.
+    RELION 3.1: a ``data_optics`` and a ``data_particles`` block. RELION 3.0: one table with
+    per-particle rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast, origins rlnOriginX/Y in
+    pixels and the pixel size as rlnImagePixelSize, rlnPixelSize or rlnDetectorPixelSize (µm)
+    × 1e4 / rlnMagnification; optics groups are made from the unique (pixel size, image size,
+    voltage, Cs, amplitude contrast) combinations, origins are converted to Å, and a missing
+    rlnImageSize is read from the first referenced stack's header.
+
+    Raises:
+        InputError: naming the file, block, row (0-based) and column, for an unreadable or empty
+            file, a missing rlnImageName or optics column, a malformed rlnImageName, a non-finite
+            angle/origin/defocus/confidence, or a particle whose optics group is not in the
+            optics table.
     """
     path = Path(path)
     blocks = _read_blocks(path)
-    if "particles" in blocks and "optics" in blocks:
-        optics = blocks["optics"].reset_index(drop=True)
-        particles = blocks["particles"].reset_index(drop=True)
-        if not isinstance(optics, pd.DataFrame) or not isinstance(particles, pd.DataFrame):
-            raise InputError("data_optics and data_particles must be loop_ tables", path=path)
-        for col in ("rlnOpticsGroup",) + OPTICS_COLUMNS:
-            if col not in optics.columns:
-                raise InputError(f"missing column in the optics table; expected {', '.join(OPTICS_COLUMNS)}",
-                                 path=path, where=f"data_optics, {col}")
-        _check_finite(optics, OPTICS_COLUMNS, path, "data_optics")
-        if "rlnOpticsGroup" not in particles.columns:
-            raise InputError("missing column (RELION 3.1 particles name their optics group)", path=path,
-                             where="data_particles, rlnOpticsGroup")
-        unknown = sorted(set(particles["rlnOpticsGroup"]) - set(optics["rlnOpticsGroup"]))
-        if unknown:
-            row = int(np.flatnonzero(particles["rlnOpticsGroup"].isin(unknown))[0])
-            raise InputError(f"optics group {unknown[0]} is not in data_optics (it has "
-                             f"{sorted(optics['rlnOpticsGroup'].tolist())})", path=path,
-                             where=f"data_particles row {row} (0-based), rlnOpticsGroup")
-        if "rlnOpticsGroupName" not in optics.columns:
-            optics["rlnOpticsGroupName"] = [f"opticsGroup{i}" for i in optics["rlnOpticsGroup"]]
-        if "rlnImageDimensionality" not in optics.columns:
-            optics["rlnImageDimensionality"] = 2
-        star = ParticleStar(optics=optics, particles=particles, path=path)
-        for axis in ("X", "Y"):  # a 3.1 file with pixel origins (rare) is converted too
-            if f"rlnOrigin{axis}" in particles.columns and f"rlnOrigin{axis}Angst" not in particles.columns:
-                px = particles_with_optics(star)["rlnImagePixelSize"].to_numpy(dtype=np.float64)
-                particles[f"rlnOrigin{axis}Angst"] = particles.pop(f"rlnOrigin{axis}").to_numpy(np.float64) * px
-    elif "particles" in blocks or "optics" in blocks:
-        raise InputError("RELION 3.1 STAR needs both data_optics and data_particles blocks; found "
-                         f"{sorted(blocks)}", path=path)
+    if "optics" in blocks:
+        if "particles" not in blocks:
+            raise InputError(f"RELION 3.1 STAR with data_optics but no data_particles block (found "
+                             f"{', '.join('data_' + b for b in blocks)})", path=path)
+        star = _from_relion31(blocks["optics"], blocks["particles"], path)
     else:
-        tables = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
-        if len(tables) != 1:
+        if len(blocks) != 1:
             raise InputError(f"expected one particle table (RELION 3.0) or data_optics + data_particles "
-                             f"(RELION 3.1), found blocks {sorted(blocks)}", path=path)
-        if "rlnImageName" not in tables[0].columns:
-            raise InputError("missing column: every particle needs an image", path=path, where="rlnImageName")
-        star = _from_relion30(tables[0], path)
-    if "rlnImageName" not in star.particles.columns:
-        raise InputError("missing column: every particle needs an image", path=path, where="data_particles, rlnImageName")
+                             f"(RELION 3.1), found {', '.join('data_' + b for b in blocks)}", path=path)
+        name, table = next(iter(blocks.items()))
+        star = _from_relion30(table, path, f"data_{name}")
     if len(star.particles) == 0:
-        raise InputError("no particles", path=path, where="data_particles")
-    _check_finite(star.particles, FINITE_COLUMNS, path, "data_particles")
+        raise InputError("no particles (the table has columns but no rows)", path=path, where="data_particles")
     return star
 
 
 def write_particles_star(path: str | Path, star: ParticleStar) -> None:
-    """Write ``star`` as a RELION 3.1 STAR file (optics + particles), atomically."""
+    """Write ``star`` as a RELION 3.1 STAR file (``data_optics`` + ``data_particles``), atomically.
+
+    Floats are written with the shortest representation that reads back to the same value, so a
+    write/read round trip is exact.
+    """
     with atomic_write(path) as tmp:
-        starfile.write({"optics": star.optics, "particles": star.particles}, tmp, float_format="%.6f")
+        starfile.write({"optics": star.optics, "particles": star.particles}, tmp, float_format=str)
 
 
 def particles_with_optics(star: ParticleStar) -> pd.DataFrame:
-    """The particle table with each row's optics-group columns (pixel size, voltage, ...) merged in."""
-    optics_cols = [c for c in star.optics.columns if c not in star.particles.columns or c == "rlnOpticsGroup"]
-    merged = star.particles.merge(star.optics[optics_cols], how="left", on="rlnOpticsGroup")
-    merged.index = star.particles.index
-    return merged
+    """The particle table (same index and order) with its optics group's columns added to each row.
+
+    A column that the particle table already has (unusual) keeps the particle's own value.
+    """
+    table = star.particles.copy()
+    optics = star.optics.set_index("rlnOpticsGroup")
+    rows = optics.index.get_indexer(table["rlnOpticsGroup"])
+    if (rows < 0).any():
+        row = int(np.flatnonzero(rows < 0)[0])
+        raise InputError(f"optics group {table['rlnOpticsGroup'].iloc[row]} is not in the optics table "
+                         f"(it has {optics.index.tolist()})", path=star.path,
+                         where=f"data_particles row {row} (0-based), column rlnOpticsGroup")
+    for col in optics.columns:
+        if col not in table.columns:
+            table[col] = optics[col].to_numpy()[rows]
+    return table
 
 
 def parse_image_name(name: str, path: str | Path | None = None, row: int | None = None) -> tuple[int, str]:
-    """``"000012@stack.mrcs"`` → ``(11, "stack.mrcs")``: RELION's 1-based index made 0-based."""
-    index, sep, stack = str(name).partition("@")
-    where = "rlnImageName" if row is None else f"row {row} (0-based), rlnImageName"
-    if not sep or not stack or not index.strip().isdigit() or int(index) < 1:
+    """``"000012@path/particles_0.mrcs"`` → ``(11, "path/particles_0.mrcs")``.
+
+    RELION's image indices count from 1; the returned index counts from 0. ``path`` and ``row``
+    only serve the error message.
+    """
+    match = _IMAGE_NAME.match(str(name))
+    if match is None or int(match.group(1)) < 1:
+        where = "rlnImageName" if row is None else f"row {row} (0-based), column rlnImageName"
         raise InputError(f"{name!r} is not of the form <index from 1>@<stack file>", path=path, where=where)
-    return int(index) - 1, stack
+    return int(match.group(1)) - 1, match.group(2)
 
 
-def resolve_stack_path(star_path: str | Path, stack: str) -> Path:
+def resolve_stack_path(star_path: str | Path, stack_rel: str | Path) -> Path:
     """Where a stack named in a STAR file lives.
 
     RELION resolves relative names against the working directory; CESPED entries name stacks
-    relative to the STAR file's folder. The STAR folder is tried first, then the working
-    directory.
+    relative to the STAR file's folder. The STAR file's folder is tried first, then the working
+    directory; an absolute name is used as is.
+
+    Raises:
+        InputError: naming both paths tried when neither exists.
     """
-    p = Path(stack)
+    p = Path(stack_rel)
     if p.is_absolute():
-        if p.exists():
+        if p.is_file():
             return p
-        raise InputError("stack file not found", path=p, where=f"referenced by {star_path}")
+        raise InputError(f"stack file {str(p)!r} not found", path=star_path, where="rlnImageName")
     beside = Path(star_path).parent / p
-    if beside.exists():
+    if beside.is_file():
         return beside
-    if p.exists():
+    if p.is_file():
         return p
-    raise InputError(f"stack file {stack!r} not found beside the STAR file ({beside}) nor in the working "
-                     f"directory ({Path.cwd() / p})", path=star_path, where="rlnImageName")
+    raise InputError(f"stack file {str(stack_rel)!r} not found: tried {beside} (beside the STAR file) and "
+                     f"{Path.cwd() / p} (working directory)", path=star_path, where="rlnImageName")
 
 
 # ----------------------------------------------------------------------------------------------
 # MRC
 # ----------------------------------------------------------------------------------------------
 
-def open_stack(path: str | Path):
-    """Open an MRC stack read-only as a memory map (no image is read until indexed).
+def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
+    """Data shape and the byte count the header promises; checks the header and the file size."""
+    if not path.is_file():
+        raise InputError("MRC file not found", path=path)
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
+            header = mrc.header.copy()
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except Exception as err:  # mrcfile raises ValueError/OSError/EOFError for bad headers
+        raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
+    dims = (int(header.nz), int(header.ny), int(header.nx))
+    if min(dims) < 1:
+        raise InputError(f"invalid MRC header: dimensions nz, ny, nx = {dims}", path=path)
+    shape = mrcfile.utils.data_shape_from_header(header)
+    expected = int(header.nbytes) + int(header.nsymbt) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"truncated MRC file: the header promises {' x '.join(map(str, dims))} values of "
+                         f"{dtype.name} (expected {expected} bytes) but the file has {actual} bytes", path=path)
+    return tuple(int(s) for s in shape), expected
 
-    Raises :class:`InputError` for a missing file, an invalid header, or data shorter than the
-    header promises.
+
+def open_stack(path: str | Path):
+    """Open an MRC stack read-only as a memory map; no image is read until it is indexed.
+
+    Returns the :func:`mrcfile.mmap` object (``.data`` is a :class:`numpy.memmap`); close it when done.
+
+    Raises:
+        InputError: for a missing file, an invalid header, or a file shorter than its header
+            promises (naming the expected and actual byte counts).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError("stack file not found", path=path)
+    _mrc_layout(path)
     try:
-        with warnings.catch_warnings():  # permissive mode warns; the checks below raise instead
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        return mrcfile.mmap(path, mode="r", permissive=False)
     except Exception as err:
-        raise InputError(f"not a readable MRC file ({err})", path=path) from err
-    if mrc.data is None:
-        header = mrc.header
-        expected = int(header.nx) * int(header.ny) * int(header.nz)
-        mrc.close()
-        raise InputError(f"MRC header or data invalid: header promises {expected} voxels "
-                         f"but the file is {path.stat().st_size} bytes (truncated or corrupt)", path=path)
-    expected_bytes = mrc.header.nbytes + int(mrc.header.nsymbt) + mrc.data.nbytes
-    actual = path.stat().st_size
-    if actual < expected_bytes:
-        mrc.close()
-        raise InputError(f"truncated: expected {expected_bytes} bytes, found {actual}", path=path)
-    return mrc
+        raise InputError(f"cannot memory-map the MRC file ({type(err).__name__}: {err})", path=path) from err
 
 
 def stack_shape(path: str | Path) -> tuple[int, int, int]:
-    """``(n, ny, nx)`` from the header only."""
+    """``(n, ny, nx)`` of an MRC stack from its header (a single 2D image gives ``n = 1``).
+
+    The header and the file size are checked as in :func:`open_stack`; no data is read.
+    """
     path = Path(path)
-    try:
-        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-            h = mrc.header
-            return int(h.nz), int(h.ny), int(h.nx)
-    except (OSError, ValueError) as err:
-        raise InputError(f"not a readable MRC file ({err})", path=path) from err
+    shape, _ = _mrc_layout(path)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) != 3:
+        raise InputError(f"expected an image stack, got data of shape {shape}", path=path)
+    return shape
+
+
+def _stack_name(stack) -> str | None:
+    return getattr(getattr(stack, "_iostream", None), "name", None)
 
 
 def read_images(stack, indices) -> np.ndarray:
-    """Images ``indices`` (0-based, any order, repeats allowed) of an open stack as float32.
+    """Images ``indices`` (0-based, any order, repeats allowed) of an open stack, as float32.
 
-    Sorted unique indices are read in contiguous runs, one slice of the memory map each, so a
-    batch of neighbouring particles costs one read.
+    The sorted unique indices are read in contiguous runs, one slice of the memory map each, so a
+    batch of neighbouring particles costs one read and the stack is never loaded whole.
+
+    Args:
+        stack: an object from :func:`open_stack` (or anything with a ``.data`` array, or an array).
+        indices: integer indices.
 
     Returns:
-        ``(len(indices), S, S)`` float32.
+        ``(len(indices), S, S)`` float32, in the requested order.
+
+    Raises:
+        InputError: for an index outside the stack, naming the index and the stack length.
     """
-    data = stack.data
+    data = getattr(stack, "data", stack)
     if data.ndim == 2:
         data = data[None]
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = np.asarray(indices).reshape(-1)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"read_images: indices must be integers, got {idx.dtype}")
+    idx = idx.astype(np.int64)
     n = data.shape[0]
-    if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        bad = int(idx[(idx < 0) | (idx >= n)][0])
-        raise InputError(f"image index {bad} (0-based) is outside the stack of {n} images",
-                         path=getattr(stack, "_iostream", None) and getattr(stack._iostream, "name", None))
+    outside = (idx < 0) | (idx >= n)
+    if outside.any():
+        bad = int(idx[outside][0])
+        raise InputError(f"image index {bad} (0-based) is outside the stack of {n} images (valid: 0 to {n - 1})",
+                         path=_stack_name(stack))
     uniq, inverse = np.unique(idx, return_inverse=True)
     out = np.empty((len(uniq),) + data.shape[1:], dtype=np.float32)
     if len(uniq):
-        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-        start = 0
-        for run in np.split(uniq, breaks):
-            out[start:start + len(run)] = data[run[0]:run[-1] + 1]
-            start += len(run)
-    return out[inverse]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(uniq) != 1) + 1])
+        ends = np.concatenate([starts[1:], [len(uniq)]])
+        for a, b in zip(starts, ends):
+            out[a:b] = data[uniq[a]:uniq[a] + (b - a)]
+    return out[inverse.reshape(-1)]
 
 
 class StackWriter:
-    """Write an MRC stack of known size batch by batch, through a memory map, atomically.
+    """Write an MRC image stack of known size batch by batch, through a memory map, atomically.
 
-    ``with StackWriter(path, n_images, box_size, pixel_size) as w: w.write(start, images)``.
-    The file appears at ``path`` only when the block exits cleanly.
+    ::
+
+        with StackWriter(path, n_images, box_size, pixel_size) as w:
+            w.write(0, images[:256])
+            w.write(256, images[256:])
+
+    The file is made with :func:`mrcfile.new_mmap` under a temporary name; on a clean exit the
+    pixel size (voxel size) and the header statistics (accumulated while writing) are set and the
+    file is renamed to ``path``. Every image must have been written by then (else ValueError). On
+    an exception the temporary file is removed and nothing appears at ``path``.
     """
 
     def __init__(self, path: str | Path, n_images: int, box_size: int, pixel_size: float, dtype=np.float32):
         self.path = Path(path)
+        if int(n_images) < 1 or int(box_size) < 1:
+            raise ValueError(f"StackWriter: need n_images >= 1 and box_size >= 1, got {n_images}, {box_size}")
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise ValueError(f"StackWriter: pixel_size must be positive, got {pixel_size}")
         self.shape = (int(n_images), int(box_size), int(box_size))
         self.pixel_size = float(pixel_size)
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
+        self.mode = mrcfile.utils.mode_from_dtype(self.dtype)  # ValueError for a dtype MRC cannot store
         self._ctx = None
         self._mrc = None
-        self._stats = [np.inf, -np.inf, 0.0, 0.0, 0]  # min, max, sum, sum of squares, count
+        self._written = np.zeros(self.shape[0], bool)
+        self._overlap = False
+        self._stats = [np.inf, -np.inf, 0.0, 0.0]  # min, max, sum, sum of squares
 
     def __enter__(self) -> "StackWriter":
         self._ctx = atomic_write(self.path)
         tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(tmp, shape=self.shape, mrc_mode=2 if self.dtype == np.float32 else None,
-                                     overwrite=True)
-        self._mrc.set_image_stack()
-        self._mrc.voxel_size = self.pixel_size
+        try:
+            self._mrc = mrcfile.new_mmap(tmp, shape=self.shape, mrc_mode=self.mode, overwrite=True)
+            self._mrc.set_image_stack()
+            self._mrc.voxel_size = self.pixel_size
+        except BaseException:
+            self._close_quietly()
+            self._ctx.__exit__(*sys.exc_info())
+            raise
         return self
 
     def write(self, start: int, images: np.ndarray) -> None:
-        images = np.asarray(images, dtype=self.dtype)
+        """Store ``images`` (``(k, S, S)``) as images ``start`` .. ``start + k - 1`` (0-based)."""
+        if self._mrc is None:
+            raise RuntimeError("StackWriter.write outside its with-block")
+        images = np.asarray(images)
+        if images.ndim == 2:
+            images = images[None]
+        start = int(start)
         if images.shape[1:] != self.shape[1:] or start < 0 or start + len(images) > self.shape[0]:
-            raise ValueError(f"StackWriter.write: images {images.shape} at {start} do not fit stack {self.shape}")
+            raise ValueError(f"StackWriter.write: images of shape {images.shape} at index {start} do not fit "
+                             f"the stack {self.shape} ({self.path})")
+        if len(images) == 0:
+            return
+        images = images.astype(self.dtype, copy=False)
+        lo, hi = images.min(), images.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"StackWriter.write: non-finite values in images {start}..{start + len(images) - 1} "
+                             f"({self.path})")
         self._mrc.data[start:start + len(images)] = images
+        if self._written[start:start + len(images)].any():
+            self._overlap = True  # statistics are recomputed from the file at the end
+        self._written[start:start + len(images)] = True
         s = self._stats
-        s[0], s[1] = min(s[0], float(images.min())), max(s[1], float(images.max()))
-        s[2] += float(images.sum(dtype=np.float64))
-        s[3] += float((images.astype(np.float64) ** 2).sum())
-        s[4] += images.size
+        wide = images.astype(np.float64)
+        s[0], s[1] = min(s[0], float(lo)), max(s[1], float(hi))
+        s[2] += float(wide.sum())
+        s[3] += float(np.square(wide).sum())
+
+    def _close_quietly(self) -> None:
+        if self._mrc is not None:
+            with contextlib.suppress(Exception):
+                self._mrc.close()
+            self._mrc = None
+
+    def _recompute_stats(self) -> None:
+        data = self._mrc.data
+        s = [np.inf, -np.inf, 0.0, 0.0]
+        for a in range(0, self.shape[0], 1024):
+            chunk = np.asarray(data[a:a + 1024], dtype=np.float64)
+            s = [min(s[0], chunk.min()), max(s[1], chunk.max()), s[2] + chunk.sum(), s[3] + np.square(chunk).sum()]
+        self._stats = s
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._close_quietly()
+            return self._ctx.__exit__(exc_type, exc, tb)
         try:
-            if exc_type is None:
-                lo, hi, total, sq, count = self._stats
-                header = self._mrc.header
-                if count:
-                    mean = total / count
-                    header.dmin, header.dmax, header.dmean = lo, hi, mean
-                    header.rms = np.sqrt(max(sq / count - mean ** 2, 0.0))
-                self._mrc.flush()
+            missing = np.flatnonzero(~self._written)
+            if len(missing):
+                raise ValueError(f"StackWriter: {len(missing)} of {self.shape[0]} images were never written "
+                                 f"(first: index {missing[0]}); {self.path} not created")
+            if self._overlap:
+                self._recompute_stats()
+            lo, hi, total, sq = self._stats
+            count = float(np.prod(self.shape))
+            mean = total / count
+            header = self._mrc.header
+            header.dmin, header.dmax, header.dmean = lo, hi, mean
+            header.rms = np.sqrt(max(sq / count - mean * mean, 0.0))
+            self._mrc.flush()
             self._mrc.close()
+            self._mrc = None
         except BaseException:
-            self._ctx.__exit__(*__import__("sys").exc_info())
+            self._close_quietly()
+            self._ctx.__exit__(*sys.exc_info())
             raise
-        return self._ctx.__exit__(exc_type, exc, tb)
+        return self._ctx.__exit__(None, None, None)
 
 
 def read_map(path: str | Path) -> tuple[np.ndarray, float]:
-    """A 3D map as float32 ``(D, D, D)`` indexed ``[z, y, x]`` and its pixel size in Å."""
+    """A cubic 3D map as float32 ``(D, D, D)`` indexed ``[z, y, x]``, and its pixel size in Å.
+
+    The pixel size is the header's voxel size (x); it is 0.0 when the header does not set one.
+    """
     path = Path(path)
-    if not path.exists():
-        raise InputError("map file not found", path=path)
+    shape, _ = _mrc_layout(path)
+    if len(shape) != 3 or len(set(shape)) != 1:
+        raise InputError(f"expected a cubic 3D map, got data of shape {shape}", path=path)
     try:
-        with mrcfile.open(path, mode="r", permissive=True) as mrc:
-            if mrc.data is None:
-                raise InputError("MRC header or data invalid (truncated or corrupt)", path=path)
-            return np.asarray(mrc.data, dtype=np.float32).copy(), float(mrc.voxel_size.x)
-    except InputError:
-        raise
+        with mrcfile.open(path, mode="r", permissive=False) as mrc:
+            return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
     except Exception as err:
-        raise InputError(f"not a readable MRC file ({err})", path=path) from err
+        raise InputError(f"not a readable MRC map ({type(err).__name__}: {err})", path=path) from err
 
 
 def write_map(path: str | Path, volume: np.ndarray, pixel_size: float) -> None:
-    """Write a map (``[z, y, x]``) with its pixel size, atomically."""
+    """Write a 3D map (``[z, y, x]``) as float32 with its pixel size (the voxel size), atomically."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"write_map: expected a 3D volume, got shape {volume.shape}")
     with atomic_write(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.asarray(volume, dtype=np.float32))
+            mrc.set_data(volume)
             mrc.voxel_size = float(pixel_size)
 
 
@@ -409,14 +623,16 @@ def write_map(path: str | Path, volume: np.ndarray, pixel_size: float) -> None:
 class Entry:
     """A benchmark entry on disk, in CESPED's Zenodo layout::
 
-        <root>/particles_{h}.star  particles_{h}.mrcs  info_{h}.json   (h = 0, 1)
+        <root>/particles_{h}.star   particles_{h}.mrcs   info_{h}.json     (h = 0, 1)
         <root>/<name>_mask.mrc
-        <root>/<name>_source_map.mrc  (simulated entries: the true density)
+        <root>/<name>_source_map.mrc   (simulated entries only: the true density)
+
+    ``name`` is the folder's name. STAR files are read once and cached.
     """
 
     root: Path
-    halves: tuple[int, int] = (0, 1)
-    _stars: dict = field(default_factory=dict, repr=False, compare=False)
+    halves: ClassVar[tuple[int, int]] = (0, 1)
+    _stars: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -425,16 +641,23 @@ class Entry:
 
     @classmethod
     def from_benchmark(cls, benchmark_dir: str | Path, name: str) -> "Entry":
-        return cls(Path(benchmark_dir) / name)
+        """The entry ``name`` of the benchmark folder ``benchmark_dir``."""
+        root = Path(benchmark_dir) / str(name)
+        if not root.is_dir():
+            have = sorted(p.name for p in Path(benchmark_dir).iterdir() if p.is_dir()) \
+                if Path(benchmark_dir).is_dir() else []
+            raise InputError(f"no entry {name!r} in the benchmark folder (it has: {', '.join(have) or 'nothing'})",
+                             path=root)
+        return cls(root)
 
     @property
     def name(self) -> str:
         return self.root.name
 
-    def _half(self, h: int) -> int:
-        if h not in (0, 1):
+    def _half(self, h) -> int:
+        if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or int(h) not in (0, 1):
             raise InputError(f"half must be 0 or 1, got {h!r}", path=self.root, where="half")
-        return h
+        return int(h)
 
     def star_path(self, h: int) -> Path:
         return self.root / f"particles_{self._half(h)}.star"
@@ -451,27 +674,30 @@ class Entry:
 
     @property
     def ground_truth_map_path(self) -> Path:
+        """The true density of a simulated entry (real entries have none)."""
         return self.root / f"{self.name}_source_map.mrc"
 
     def read_star(self, h: int) -> ParticleStar:
+        h = self._half(h)
         if h not in self._stars:
             self._stars[h] = read_particles_star(self.star_path(h))
         return self._stars[h]
 
     def _info(self, h: int) -> dict:
         path = self.info_path(h)
-        if not path.exists():
-            raise InputError("info file not found (expected {\"symmetry\": ...})", path=path)
+        if not path.is_file():
+            raise InputError('info file not found (expected {"symmetry": "C1"} or similar)', path=path)
         try:
             info = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"not valid JSON ({err})", path=path) from err
         if not isinstance(info, dict) or "symmetry" not in info:
-            raise InputError("expected an object with a \"symmetry\" key", path=path, where="symmetry")
+            raise InputError('expected a JSON object with a "symmetry" key', path=path, where="symmetry")
         return info
 
     @cached_property
     def symmetry(self) -> str:
+        """The point-group symmetry from info_0.json / info_1.json (they must agree), normalised."""
         from .symmetry import parse_symmetry
 
         syms = []
@@ -483,8 +709,8 @@ class Entry:
                     raise InputError(err.problem, path=self.info_path(h), where="symmetry") from err
                 raise
         if syms[0] != syms[1]:
-            raise InputError(f"the halves disagree on the symmetry: {syms[0]} vs {syms[1]}",
-                             path=self.root, where="info_0.json / info_1.json")
+            raise InputError(f"the halves disagree on the symmetry: {syms[0]} (info_0.json) vs {syms[1]} "
+                             "(info_1.json)", path=self.root, where="symmetry")
         return syms[0]
 
     def _optics_value(self, column: str) -> float:
@@ -492,54 +718,61 @@ class Entry:
         for h in self.halves:
             vals = np.unique(self.read_star(h).optics[column].to_numpy(dtype=np.float64))
             if len(vals) != 1:
-                raise InputError(f"optics groups disagree on {column}: {vals.tolist()} (cryopose needs one value "
-                                 "per entry)", path=self.star_path(h), where=f"data_optics, {column}")
+                raise InputError(f"optics groups disagree on {column}: {vals.tolist()} (an entry needs one value)",
+                                 path=self.star_path(h), where=f"data_optics, column {column}")
             values[h] = float(vals[0])
         if abs(values[0] - values[1]) > 1e-6 * max(abs(values[0]), 1.0):
-            raise InputError(f"halves disagree on {column}: {values[0]} vs {values[1]}", path=self.root,
-                             where=column)
+            raise InputError(f"the halves disagree on {column}: {values[0]} (particles_0.star) vs {values[1]} "
+                             "(particles_1.star)", path=self.root, where=column)
         return values[0]
 
     @property
     def pixel_size(self) -> float:
-        """Å per pixel, from rlnImagePixelSize."""
+        """Å per pixel, from rlnImagePixelSize (one value for all optics groups of both halves)."""
         return self._optics_value("rlnImagePixelSize")
 
     @property
     def box_size(self) -> int:
+        """Image side in pixels, from rlnImageSize (one value for all optics groups of both halves)."""
         return int(self._optics_value("rlnImageSize"))
 
     def n_particles(self, h: int) -> int:
         return len(self.read_star(h).particles)
 
     def validate(self) -> None:
-        """Check that every file exists and agrees with the others; raise :class:`InputError` if not."""
+        """Check that the entry's files exist and agree; raise :class:`InputError` naming the problem.
+
+        Checks: the layout files of both halves exist; the symmetry is known and both halves agree;
+        pixel and box sizes agree across optics groups and halves; every stack a STAR file refers
+        to exists, has a valid header and its full data, holds at least the highest image index
+        referenced, and has images of the optics' rlnImageSize; the mask and the ground-truth map,
+        when present, are cubes of that box size.
+        """
         for h in self.halves:
             for p in (self.star_path(h), self.stack_path(h), self.info_path(h)):
-                if not p.exists():
-                    raise InputError("missing file of the entry layout", path=p)
+                if not p.is_file():
+                    raise InputError("missing file of the entry layout (particles_{h}.star, particles_{h}.mrcs, "
+                                     "info_{h}.json for h = 0, 1)", path=p)
         _ = self.symmetry
-        px, box = self.pixel_size, self.box_size
+        _ = self.pixel_size
+        box = self.box_size
         for h in self.halves:
-            star = self.read_star(h)
-            n, ny, nx = stack_shape(self.stack_path(h))
-            if (ny, nx) != (box, box):
-                raise InputError(f"stack images are {ny}×{nx} but {self.star_path(h).name} says rlnImageSize {box}",
-                                 path=self.stack_path(h), where="box size")
-            stacks = {}
-            for row, name in enumerate(star.particles["rlnImageName"]):
-                index, stack = parse_image_name(name, self.star_path(h), row)
-                if stacks.get(stack, -1) < index:
-                    stacks[stack] = index
-            for stack, highest in stacks.items():
-                path = resolve_stack_path(self.star_path(h), stack)
-                count = n if path.resolve() == self.stack_path(h).resolve() else stack_shape(path)[0]
-                if highest >= count:
-                    raise InputError(f"particles refer to image {highest + 1} (1-based) but the stack holds "
-                                     f"{count}", path=self.star_path(h), where=f"rlnImageName ({stack})")
-            open_stack(self.stack_path(h)).close()  # size check against the header
-        if self.mask_path.exists():
-            shape = stack_shape(self.mask_path)
-            if shape != (box, box, box):
-                raise InputError(f"mask is {shape} but the particles' box is {box}", path=self.mask_path)
-        _ = px
+            star_path = self.star_path(h)
+            names = self.read_star(h).particles["rlnImageName"].astype(str)
+            parts = names.str.extract(_IMAGE_NAME.pattern, flags=re.ASCII)
+            highest = parts[0].astype(np.int64).groupby(parts[1], sort=False).max()
+            for stack, top in highest.items():
+                path = resolve_stack_path(star_path, stack)
+                n, ny, nx = stack_shape(path)
+                if (ny, nx) != (box, box):
+                    raise InputError(f"stack images are {ny} x {nx} pixels but {star_path} says rlnImageSize "
+                                     f"{box}", path=path, where="box size")
+                if top > n:
+                    raise InputError(f"particles refer to image {top} (1-based) but the stack {path} holds "
+                                     f"{n} images", path=star_path, where=f"rlnImageName ({stack})")
+        for path, what in ((self.mask_path, "mask"), (self.ground_truth_map_path, "ground-truth map")):
+            if path.exists():
+                shape, _ = _mrc_layout(path)
+                if tuple(shape) != (box, box, box):
+                    raise InputError(f"{what} has shape {shape} but the particles' box is {box} "
+                                     f"(expected {(box, box, box)})", path=path)
