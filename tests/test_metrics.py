@@ -164,9 +164,9 @@ def test_compare_maps_masked_and_unmasked():
     cmp = compare_maps(x, y, 1.5, mask=mask)
     assert cmp.masked_pcc == pytest.approx(1.0, abs=1e-9) and cmp.pcc < 0.8
     assert cmp.masked_resolution[0.143] == pytest.approx(3.0) and cmp.masked_fsc.min() > 0.999
-    flat = cmp.as_dict("GT_V_")
-    assert set(flat) == {"GT_V_PCC", "GT_V_FSCR0.143", "GT_V_FSCR0.5", "GT_V_masked_PCC",
-                         "GT_V_masked_FSCR0.143", "GT_V_masked_FSCR0.5"}
+    flat = cmp.as_dict("(GT,V)")
+    assert set(flat) == {"PCC(GT,V)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "masked_PCC(GT,V)",
+                         "masked_FSCR0.143(GT,V)", "masked_FSCR0.5(GT,V)"}
     assert all(type(v) is float for v in flat.values())
     json.dumps(flat)
     with pytest.raises(ValueError, match="mask shape"):

@@ -66,6 +66,37 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .io import Entry
+
+    entry = Entry.from_benchmark(args.benchmark_dir, args.entry) if args.benchmark_dir else Entry(Path(args.entry))
+    options = {}
+    if args.backend == "relion":
+        if args.relion_launcher:
+            options["launcher"] = args.relion_launcher.split()
+        options["mpi_processes"] = args.mpi_processes
+    elif args.device:
+        options["device"] = args.device
+    result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
+                      use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
+                      ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
+                      **options)
+    m = result.metrics
+    rows = [("MAnE (°)", m["MAnE"]), ("wMAnE (°)", m["wMAnE"]), ("median error (°)", m["median_angular_error"])]
+    for name in ("PCC(GT,V)", "PCC(V0,V1)", "PCC(GT0,GT1)", "delta_PCC", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)",
+                 "FSCR0.143(V0,V1)", "FSCR0.143(GT0,GT1)", "delta_FSCR0.143", "delta_FSCR0.5"):
+        rows.append((name, m[name]))
+        if f"masked_{name}" in m:
+            rows.append((f"masked_{name}", m[f"masked_{name}"]))
+    print(f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})")
+    for name, value in rows:
+        print(f"  {name:<28} {'n/a' if value is None else f'{value:.4g}'}")
+    if args.out:
+        print(f"written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cryopose", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cryopose {__import__('cryopose').__version__}")
@@ -101,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalise", action="store_true", help="skip background normalisation")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("evaluate", help="reconstruct half-maps from predicted poses and score them (metrics.json, "
+                                        "particles.csv, fsc.csv, plots)")
+    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--half0", required=True, help="predictions STAR for half 0 (by the model trained on half 1)")
+    p.add_argument("--half1", required=True, help="predictions STAR for half 1 (by the model trained on half 0)")
+    p.add_argument("--prediction-type", choices=["S2", "SO3", "SO3xR2"], default="SO3",
+                   help="what was predicted; the ground truth fills in the rest (default: %(default)s)")
+    p.add_argument("--backend", choices=["torch", "relion"], default="torch", help="reconstruction backend")
+    p.add_argument("--no-pred-confidence", action="store_true",
+                   help="do not weight particles by rlnParticleFigureOfMerit when reconstructing")
+    p.add_argument("--out", help="folder for metrics.json, particles.csv, fsc.csv, maps and plots")
+    p.add_argument("--ground-truth-dir", help="cache of the ground-truth half-maps (default OUT/ground_truth)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
+    p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
+    p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")

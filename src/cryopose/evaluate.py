@@ -8,6 +8,12 @@ them row by row with the ground truth.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +24,12 @@ import torch
 from . import io
 from .errors import InputError
 from .geometry import euler_to_matrix
+from .masks import mask_from_ground_truth
+from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, pose_error_summary, shift_errors
+from .reconstruct import reconstruct, relion_command
 
-__all__ = ["Predictions", "load_predictions", "PREDICTION_TYPES"]
+__all__ = ["Predictions", "load_predictions", "PREDICTION_TYPES", "evaluate", "ground_truth_maps",
+           "prediction_star", "EvaluationResult"]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
@@ -78,11 +88,20 @@ def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_ty
             raise InputError("missing predicted angle column", path=path, where=col)
     aligned = pred.set_index(ids).loc[expected.to_numpy()].reset_index(drop=True)
     angles = aligned[EULER].to_numpy(dtype=np.float64)
+    needed = 2 if prediction_type == "S2" else 3
+    bad = np.flatnonzero(~np.isfinite(angles[:, :needed]).all(axis=1))
+    if len(bad):
+        raise InputError("predicted angle is NaN or infinite", path=path,
+                         where=f"particle {expected.iloc[bad[0]]}, {', '.join(EULER[:needed])}")
     shifts = None
     if prediction_type == "SO3xR2":
         for col in ORIGIN:
             if col not in aligned.columns:
                 raise InputError("SO3xR2 predictions need predicted origins", path=path, where=col)
+        bad = np.flatnonzero(~np.isfinite(aligned[ORIGIN].to_numpy(dtype=np.float64)).all(axis=1))
+        if len(bad):
+            raise InputError("predicted origin is not finite", path=path,
+                             where=f"particle {expected.iloc[bad[0]]}, rlnOriginXAngst/rlnOriginYAngst")
         shifts = torch.tensor(aligned[ORIGIN].to_numpy(dtype=np.float64))
     confidence = None
     if "rlnParticleFigureOfMerit" in aligned.columns:
@@ -94,3 +113,279 @@ def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_ty
         confidence = torch.tensor(conf)
     return Predictions(rotmats=euler_to_matrix(torch.tensor(angles)), shifts=shifts, confidence=confidence,
                        table=aligned)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol: maps from ground-truth and predicted poses, then metrics
+# ---------------------------------------------------------------------------------------------
+
+def prediction_star(entry: io.Entry, half: int, predictions: Predictions, prediction_type: str,
+                    use_pred_confidence: bool) -> io.ParticleStar:
+    """The entry's STAR for ``half`` with the predicted pose parameters transplanted into it.
+
+    S2 predictions replace rlnAngleRot and rlnAngleTilt (the true rlnAnglePsi is kept); SO3 all
+    three angles; SO3xR2 the angles and rlnOriginX/YAngst. Everything else (CTF, the other shifts)
+    stays the ground truth, as in the paper. With ``use_pred_confidence`` the predicted confidence
+    (1 where none was given) goes in rlnParticleFigureOfMerit for ``--fom_weighting``. Image names
+    become absolute, so the STAR can be reconstructed from any folder.
+    """
+    star = entry.read_star(half)
+    parts = star.particles.copy()
+    table = predictions.table
+    columns = EULER[:2] if prediction_type == "S2" else EULER
+    for col in columns:
+        parts[col] = table[col].to_numpy(dtype=np.float64)
+    if prediction_type == "SO3xR2":
+        for col in ORIGIN:
+            parts[col] = table[col].to_numpy(dtype=np.float64)
+    if use_pred_confidence:
+        conf = predictions.confidence
+        parts["rlnParticleFigureOfMerit"] = 1.0 if conf is None else conf.numpy()
+    elif "rlnParticleFigureOfMerit" in parts.columns:
+        parts = parts.drop(columns="rlnParticleFigureOfMerit")
+    star_path = entry.star_path(half)
+    located = [io.parse_image_name(n, star_path, r) for r, n in enumerate(parts["rlnImageName"].astype(str))]
+    resolved = {stack: io.resolve_stack_path(star_path, stack).resolve() for stack in {s for _, s in located}}
+    parts["rlnImageName"] = [f"{i + 1:06d}@{resolved[s]}" for i, s in located]
+    return io.ParticleStar(star.optics.copy(), parts)
+
+
+def _entry_fingerprint(entry: io.Entry, backend: str, symmetry: str, pad: int) -> dict:
+    digest = hashlib.sha256()
+    for h in entry.halves:
+        digest.update(entry.star_path(h).read_bytes())
+        st = entry.stack_path(h).stat()
+        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return {"entry": entry.name, "backend": backend, "symmetry": symmetry, "pad": pad, "inputs": digest.hexdigest()}
+
+
+def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
+                      progress: bool = True, **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
+    """The half-maps GT0, GT1 reconstructed from the entry's ground-truth poses, cached.
+
+    They are written to ``cache_dir/GT_half{h}.mrc`` with a ``ground_truth.json`` fingerprint of the
+    inputs (STAR contents, stack sizes and times, backend, symmetry, padding), and reused while the
+    fingerprint matches: every method evaluated on an entry shares them.
+
+    Returns:
+        ``(GT0, GT1, pixel_size)``.
+    """
+    cache_dir = Path(cache_dir)
+    fingerprint = _entry_fingerprint(entry, backend, entry.symmetry, pad)
+    record = cache_dir / "ground_truth.json"
+    paths = [cache_dir / f"GT_half{h}.mrc" for h in entry.halves]
+    if record.is_file() and all(p.is_file() for p in paths):
+        try:
+            if json.loads(record.read_text()) == fingerprint:
+                (m0, px), (m1, _) = io.read_map(paths[0]), io.read_map(paths[1])
+                return m0, m1, px
+        except (json.JSONDecodeError, InputError, ValueError):
+            pass  # a damaged cache is rebuilt
+    maps = []
+    for h in entry.halves:
+        vol, px = reconstruct(entry.star_path(h), symmetry=entry.symmetry, backend=backend, pad=pad,
+                              progress=progress, **reconstruct_options)
+        maps.append(vol)
+    for path, vol in zip(paths, maps):
+        io.write_map(path, vol, px)
+    with io.atomic_write(record) as tmp:
+        tmp.write_text(json.dumps(fingerprint, indent=2))
+    return maps[0], maps[1], px
+
+
+def _load_mask(entry: io.Entry, gt: np.ndarray, pixel_size: float) -> tuple[np.ndarray, str]:
+    if entry.mask_path.is_file():
+        mask, mask_px = io.read_map(entry.mask_path)
+        if mask.shape != gt.shape:
+            raise InputError(f"mask has shape {mask.shape} but the maps are {gt.shape}", path=entry.mask_path)
+        if not math.isclose(mask_px, pixel_size, rel_tol=0.01):
+            raise InputError(f"mask pixel size {mask_px:g} Å differs from the particles' {pixel_size:g} Å",
+                             path=entry.mask_path, where="voxel size")
+        if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+            raise InputError("mask values must lie in [0, 1]", path=entry.mask_path)
+        return np.clip(mask, 0, 1), "entry"
+    return mask_from_ground_truth(gt, pixel_size), "ground truth map"
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` computed: ``metrics`` (flat, JSON-ready), ``particles`` (one row per
+    particle of both halves), ``fsc`` (one row per shell) and the maps ``GT0, GT1, V0, V1``."""
+
+    metrics: dict
+    particles: pd.DataFrame
+    fsc: pd.DataFrame
+    maps: dict
+
+
+def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_predictions: str | Path,
+             prediction_type: str = "SO3", backend: str = "torch", use_pred_confidence: bool = True,
+             outdir: str | Path | None = None, ground_truth_dir: str | Path | None = None, pad: int = 2,
+             low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True,
+             **reconstruct_options) -> EvaluationResult:
+    """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
+
+    ``half{h}_predictions`` is a STAR with the predictions for half ``h`` (made by the model trained
+    on the other half). The protocol:
+
+    1. GT0, GT1: half-maps from the ground-truth poses (:func:`ground_truth_maps`, cached), and
+       GT = (GT0 + GT1)/2; V0, V1 from the predicted poses (:func:`prediction_star`, weighted by the
+       predicted confidence when ``use_pred_confidence``), and V = (V0 + V1)/2.
+    2. Maps: PCC and FSC resolution at 0.143 and 0.5 (:func:`cryopose.metrics.fsc_resolution`) of
+       (GT, V), (V0, V1) and (GT0, GT1), unmasked and masked (the entry's mask, else one built from
+       GT: ``mask_source`` says which). ``delta_PCC = PCC(GT0,GT1) − PCC(GT,V)`` (paper eq. 9) and
+       ``delta_FSCR<t> = FSCR<t>(GT,V) − FSCR<t>(GT0,GT1)`` in Å, so both are ≥ 0 when the
+       predictions lose quality; the masked deltas use masked values on both sides.
+    3. Poses: symmetry-aware angular errors; MAnE, wMAnE (weights: rlnMaxValueProbDistribution,
+       1 when absent), median, accuracies, per half and for both; shift errors for SO3xR2.
+
+    With ``outdir`` it writes, each file atomically and only once everything is computed:
+    ``metrics.json``, ``particles.csv``, ``fsc.csv``, ``V_half0.mrc``, ``V_half1.mrc``, ``V.mrc``
+    and (``plots``) ``fsc.png``, ``angular_errors.png``, ``orientations.png``. The ground-truth
+    half-maps go to ``ground_truth_dir`` (default ``outdir/ground_truth``, or a temporary folder).
+
+    Bad input (predictions missing, repeating, adding or swapping particles; non-finite values; a
+    mask of the wrong box; RELION missing for the relion backend) raises :class:`InputError` before
+    any file is written.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(entry, io.Entry):
+        entry = io.Entry(Path(entry))
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
+                         where="prediction_type")
+    if backend not in ("torch", "relion"):
+        raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
+    entry.validate()
+    predictions = [load_predictions(entry, h, p, prediction_type)
+                   for h, p in zip(entry.halves, (half0_predictions, half1_predictions))]
+    if backend == "relion":
+        relion_command(reconstruct_options.get("launcher"), reconstruct_options.get("mpi_processes", 1))
+    if entry.mask_path.is_file():
+        _load_mask(entry, np.zeros((entry.box_size,) * 3, np.float32), entry.pixel_size)  # fail before any work
+    symmetry = entry.symmetry
+
+    with tempfile.TemporaryDirectory(prefix="cryopose-evaluate-") as tmp:
+        gt_dir = Path(ground_truth_dir) if ground_truth_dir else (Path(outdir) / "ground_truth" if outdir
+                                                                  else Path(tmp) / "ground_truth")
+        t0 = time.perf_counter()
+        gt0, gt1, px = ground_truth_maps(entry, gt_dir, backend=backend, pad=pad, progress=progress,
+                                         **reconstruct_options)
+        t_gt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        v = []
+        for h, pred in zip(entry.halves, predictions):
+            star_path = Path(tmp) / f"predicted_half{h}.star"
+            io.write_particles_star(star_path, prediction_star(entry, h, pred, prediction_type, use_pred_confidence))
+            vol, _ = reconstruct(star_path, symmetry=symmetry, backend=backend, use_weights=use_pred_confidence,
+                                 pad=pad, progress=progress, **reconstruct_options)
+            v.append(vol)
+        t_pred = time.perf_counter() - t0
+
+    gt = 0.5 * (gt0 + gt1)
+    vmean = 0.5 * (v[0] + v[1])
+    mask, mask_source = _load_mask(entry, gt, px)
+    pairs = {"(GT,V)": (gt, vmean), "(V0,V1)": (v[0], v[1]), "(GT0,GT1)": (gt0, gt1)}
+    comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom)
+                   for name, (a, b) in pairs.items()}
+
+    particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
+    metrics: dict = {"entry": entry.name, "symmetry": symmetry, "prediction_type": prediction_type,
+                     "backend": backend, "use_pred_confidence": bool(use_pred_confidence),
+                     "mask_source": mask_source, "pixel_size": float(px), "box_size": float(entry.box_size)}
+    metrics.update(pose_metrics)
+    for name, cmp in comparisons.items():
+        metrics.update(cmp.as_dict(name))
+    for prefix in ("", "masked_"):
+        metrics[f"{prefix}delta_PCC"] = metrics[f"{prefix}PCC(GT0,GT1)"] - metrics[f"{prefix}PCC(GT,V)"]
+        for t in FSC_THRESHOLDS:
+            metrics[f"{prefix}delta_FSCR{t:g}"] = (metrics[f"{prefix}FSCR{t:g}(GT,V)"]
+                                                   - metrics[f"{prefix}FSCR{t:g}(GT0,GT1)"])
+    metrics["seconds_ground_truth_reconstruction"] = t_gt
+    metrics["seconds_predicted_reconstruction"] = t_pred
+    metrics["seconds_total"] = time.perf_counter() - t_start
+    metrics = {k: _plain(val) for k, val in metrics.items()}
+
+    fsc = pd.DataFrame({"shell": np.arange(len(comparisons["(GT,V)"].frequencies)),
+                        "frequency_per_A": comparisons["(GT,V)"].frequencies})
+    with np.errstate(divide="ignore"):
+        fsc["resolution_A"] = np.where(fsc["frequency_per_A"] > 0, 1.0 / fsc["frequency_per_A"], np.inf)
+    for name, cmp in comparisons.items():
+        fsc[f"FSC{name}"] = cmp.fsc
+        fsc[f"masked_FSC{name}"] = cmp.masked_fsc
+    result = EvaluationResult(metrics=metrics, particles=particles, fsc=fsc,
+                              maps={"GT0": gt0, "GT1": gt1, "V0": v[0], "V1": v[1]})
+    if outdir is not None:
+        _write_outputs(Path(outdir), result, px, vmean, plots)
+    return result
+
+
+def _plain(value):
+    """JSON-ready: numbers become Python floats, NaN (e.g. the PCC of a constant map) becomes None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.floating, np.integer)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def _pose_metrics(entry: io.Entry, predictions: list[Predictions], prediction_type: str,
+                  symmetry: str) -> tuple[pd.DataFrame, dict]:
+    rows, errors, confidences, metrics = [], [], [], {}
+    all_shift_errors = []
+    for h, pred in zip(entry.halves, predictions):
+        truth = entry.read_star(h).particles
+        true_angles = truth[EULER].to_numpy(dtype=np.float64)
+        pred_angles = pred.table[EULER].to_numpy(dtype=np.float64)
+        if prediction_type == "S2":  # the pose scored is the one reconstructed: predicted cone, true psi
+            pred_angles = np.column_stack([pred_angles[:, :2], true_angles[:, 2]])
+        err = angular_errors(euler_to_matrix(torch.tensor(true_angles)), euler_to_matrix(torch.tensor(pred_angles)),
+                             symmetry)
+        conf = (truth["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
+                if "rlnMaxValueProbDistribution" in truth.columns else np.ones(len(truth)))
+        table = pd.DataFrame({"half": h, "rlnImageName": truth["rlnImageName"].astype(str).to_numpy(),
+                              "angular_error_deg": err.numpy(), "gt_confidence": conf})
+        for j, col in enumerate(EULER):
+            table[f"true_{col}"] = true_angles[:, j]
+            table[f"pred_{col}"] = pred_angles[:, j]
+        if pred.confidence is not None:
+            table["pred_confidence"] = pred.confidence.numpy()
+        if pred.shifts is not None:
+            true_shifts = truth[ORIGIN].to_numpy(dtype=np.float64) if set(ORIGIN) <= set(truth.columns) \
+                else np.zeros((len(truth), 2))
+            table["shift_error_A"] = shift_errors(true_shifts, pred.shifts).numpy()
+            all_shift_errors.append(table["shift_error_A"].to_numpy())
+        summary = pose_error_summary(err, conf)
+        metrics[f"MAnE_half{h}"] = summary["MAnE"]
+        metrics[f"wMAnE_half{h}"] = summary["wMAnE"]
+        rows.append(table)
+        errors.append(err)
+        confidences.append(torch.tensor(conf))
+    metrics.update(pose_error_summary(torch.cat(errors), torch.cat(confidences)))
+    metrics["n_particles"] = metrics.pop("n")
+    if all_shift_errors:
+        s = np.concatenate(all_shift_errors)
+        metrics["shift_error_mean_A"] = float(s.mean())
+        metrics["shift_error_median_A"] = float(np.median(s))
+        metrics["shift_RMSE_A"] = float(np.sqrt(np.mean(s ** 2)))
+    return pd.concat(rows, ignore_index=True), metrics
+
+
+def _write_outputs(outdir: Path, result: EvaluationResult, pixel_size: float, vmean: np.ndarray, plots: bool) -> None:
+    from . import plots as plotting
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    io.write_map(outdir / "V_half0.mrc", result.maps["V0"], pixel_size)
+    io.write_map(outdir / "V_half1.mrc", result.maps["V1"], pixel_size)
+    io.write_map(outdir / "V.mrc", vmean, pixel_size)
+    with io.atomic_write(outdir / "particles.csv") as tmp:
+        result.particles.to_csv(tmp, index=False, float_format="%.6g")
+    with io.atomic_write(outdir / "fsc.csv") as tmp:
+        result.fsc.to_csv(tmp, index=False, float_format="%.6g")
+    if plots:
+        plotting.plot_fsc(result.fsc, result.metrics, outdir / "fsc.png")
+        plotting.plot_angular_errors(result.particles, result.metrics, outdir / "angular_errors.png")
+        plotting.plot_orientations(result.particles, outdir / "orientations.png")
+    # metrics.json last: its presence means the evaluation is complete.
+    with io.atomic_write(outdir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")

@@ -62,7 +62,7 @@ def pose_error_summary(errors_deg, confidence=None,
         confidence-weighted mean and the median error in degrees, and the fraction of particles whose
         error is at most each threshold (in [0, 1]).
     """
-    err = torch.as_tensor(errors_deg, dtype=torch.float64).reshape(-1)
+    err = torch.as_tensor(np.array(errors_deg, dtype=np.float64)).reshape(-1)
     if err.numel() == 0:
         raise ValueError("pose_error_summary: no errors to summarise")
     if not torch.isfinite(err).all():
@@ -70,7 +70,7 @@ def pose_error_summary(errors_deg, confidence=None,
     if confidence is None:
         weights = torch.ones_like(err)
     else:
-        weights = torch.as_tensor(confidence, dtype=torch.float64).reshape(-1)
+        weights = torch.as_tensor(np.array(confidence, dtype=np.float64)).reshape(-1)
         if weights.shape != err.shape:
             raise ValueError(f"pose_error_summary: {weights.numel()} confidences for {err.numel()} errors")
         if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
@@ -307,13 +307,14 @@ class MapComparison:
     masked_fsc: np.ndarray | None = None
     masked_resolution: dict[float, float] | None = None
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Flat ``{name: float}``: ``PCC``, ``FSCR0.143``, ``FSCR0.5`` and their ``masked_`` twins."""
-        out = {f"{prefix}PCC": self.pcc}
-        out.update({f"{prefix}FSCR{t:g}": r for t, r in self.resolution.items()})
+    def as_dict(self, pair: str = "") -> dict[str, float]:
+        """Flat ``{name: float}``: ``PCC<pair>``, ``FSCR0.143<pair>``, ``FSCR0.5<pair>`` and their
+        ``masked_`` twins, e.g. ``as_dict("(GT,V)")["FSCR0.5(GT,V)"]``."""
+        out = {f"PCC{pair}": self.pcc}
+        out.update({f"FSCR{t:g}{pair}": r for t, r in self.resolution.items()})
         if self.masked_pcc is not None:
-            out[f"{prefix}masked_PCC"] = self.masked_pcc
-            out.update({f"{prefix}masked_FSCR{t:g}": r for t, r in self.masked_resolution.items()})
+            out[f"masked_PCC{pair}"] = self.masked_pcc
+            out.update({f"masked_FSCR{t:g}{pair}": r for t, r in self.masked_resolution.items()})
         return out
 
 

@@ -34,7 +34,8 @@ from .errors import InputError
 from .geometry import euler_to_matrix
 from .symmetry import symmetry_matrices
 
-__all__ = ["reconstruct", "reconstruct_torch", "reconstruct_relion", "insert_particles", "RelionNotFound"]
+__all__ = ["reconstruct", "reconstruct_torch", "reconstruct_relion", "insert_particles", "RelionNotFound",
+           "relion_command"]
 
 
 class RelionNotFound(InputError):
@@ -210,10 +211,18 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
     return _finish(acc, s, pad, wiener), px
 
 
-def _relion_command(program: str, launcher: list[str] | None) -> list[str]:
-    cmd = list(launcher or []) + [program]
-    exe = shutil.which(cmd[0])
-    if exe is None:
+def relion_command(launcher: list[str] | None = None, mpi_processes: int = 1) -> list[str]:
+    """The command prefix that runs relion_reconstruct as configured; raises :class:`RelionNotFound`
+    when its first program is not on PATH (so a caller can fail before doing any work).
+
+    ``launcher`` is prepended (e.g. ``["apptainer", "exec", "relion.sif"]``); ``mpi_processes > 1``
+    runs ``mpirun -np N relion_reconstruct_mpi``.
+    """
+    if mpi_processes > 1:
+        cmd = list(launcher or []) + ["mpirun", "-np", str(mpi_processes), "relion_reconstruct_mpi"]
+    else:
+        cmd = list(launcher or []) + ["relion_reconstruct"]
+    if shutil.which(cmd[0]) is None:
         raise RelionNotFound(f"{cmd[0]} not found on PATH (Debian/Ubuntu: apt-get install relion; or configure "
                              f"an Apptainer launcher)", where="relion backend")
     return cmd
@@ -231,13 +240,7 @@ def reconstruct_relion(star_path: str | Path, symmetry: str = "C1", use_weights:
     """
     star_path = Path(star_path).resolve()
     star = io.read_particles_star(star_path)
-    program = "relion_reconstruct_mpi" if mpi_processes > 1 else "relion_reconstruct"
-    if mpi_processes > 1:
-        base = list(launcher or []) + ["mpirun", "-np", str(mpi_processes), program]
-        _relion_command(base[0], None)
-        cmd = base
-    else:
-        cmd = _relion_command(program, launcher)
+    cmd = relion_command(launcher, mpi_processes)
     flipped = "rlnCtfDataArePhaseFlipped" in star.optics.columns and bool((star.optics["rlnCtfDataArePhaseFlipped"] == 1).any())
     with tempfile.TemporaryDirectory(prefix=".reconstruct-", dir=star_path.parent) as tmp:
         out = Path(tmp) / "map.mrc"
