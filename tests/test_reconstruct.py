@@ -8,7 +8,7 @@ from cryopose import io
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix, matrix_to_euler
 from cryopose.metrics import fsc_curve, pearson_correlation
-from cryopose.reconstruct import RelionNotFound, reconstruct, reconstruct_relion
+from cryopose.reconstruct import RelionNotFound, compile_available, reconstruct, reconstruct_relion
 from cryopose.simulate import SimulationSpec, simulate_entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -107,3 +107,13 @@ def test_torch_and_relion_backends_agree(c1, d2):
         freqs, fsc = fsc_curve(vt, vr, px)
         assert fsc[freqs <= 1 / 10.0].min() > 0.9
     assert not list(c1.glob(".reconstruct-*"))  # RELION's scratch folder is cleaned up
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler")
+def test_compiled_insertion_equals_eager(d2):
+    """The torch.compile path (used automatically for large CPU jobs) computes the same map."""
+    star = d2 / "particles_0.star"
+    eager, _ = reconstruct(star, symmetry="D2", progress=False, compile=False)
+    compiled, _ = reconstruct(star, symmetry="D2", progress=False, compile=True, batch_size=100)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4 * float(np.abs(eager).max()))

@@ -10,17 +10,20 @@ The torch backend (paper eq. 2) computes, on a grid padded ``pad`` times,
 
 where each particle i's Fourier transform F_i, re-centred by its origin, is inserted as the
 central slice rotated by ``g·R_i`` for every operator g of the symmetry group (trilinear
-splatting, teamtomo's torch-fourier-slice), w_i are the per-particle weights, and λ a small
+splatting with one scatter per batch into an accumulator stored in 4³-voxel bricks, so that the
+eight corners of neighbouring slice points share cache lines), w_i are the per-particle weights, and λ a small
 Wiener constant relative to the mean CTF² weight; the inverse transform is corrected for the
 trilinear gridding kernel (sinc²) and cropped back to the box.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +56,94 @@ def _slice_points(p: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, pts
 
 
+_BRICK = 4  # accumulator bricks of 4³ voxels: a slice's trilinear corners stay in cache (≈3× faster)
+
+
+def accumulator_shape(p: int) -> tuple[int, int, int]:
+    """Storage extent ``(z, y, x)`` of the accumulator of a padded size ``p``: ``(p, p, p//2+1)``
+    rounded up to whole bricks."""
+    up = lambda n: -(-n // _BRICK) * _BRICK  # noqa: E731
+    return up(p), up(p), up(p // 2 + 1)
+
+
+def _axis_offsets(p: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis parts of a voxel's bricked flat index: ``flat(z, y, x) = Z[z] + Y[y] + X[x]``.
+
+    Tables are indexed by ``coordinate + p//2 + 1`` for coordinates in ``[-p//2 - 1, p//2 + 1]``;
+    z and y wrap modulo ``p`` (FFT order), x is clamped to the last stored column."""
+    _, ny, nx = accumulator_shape(p)
+    b = _BRICK
+    v = torch.arange(-(p // 2) - 1, p // 2 + 2, device=device)
+    z = v % p
+    x = v.clamp(0, p // 2)
+    brick = b * b * b
+    zt = (z // b) * (ny // b) * (nx // b) * brick + (z % b) * b * b
+    yt = (z // b) * (nx // b) * brick + (z % b) * b
+    xt = (x // b) * brick + x % b
+    # int32 halves the traffic of the index arithmetic (accumulators stay far below 2³¹ voxels);
+    # the scatter itself takes int64 (its int32 path is several times slower).
+    return zt.int(), yt.int(), xt.int()
+
+
+def _unbrick(accumulator: torch.Tensor, p: int) -> torch.Tensor:
+    """``(N, C)`` bricked accumulator → ``(C, p, p, p//2+1)``."""
+    nz, ny, nx = accumulator_shape(p)
+    b = _BRICK
+    c = accumulator.shape[-1]
+    grid = accumulator.reshape(nz // b, ny // b, nx // b, b, b, b, c).permute(6, 0, 3, 1, 4, 2, 5)
+    return grid.reshape(c, nz, ny, nx)[:, :p, :p, :p // 2 + 1]
+
+
+_POINTS_PER_SCATTER = 1 << 17
+_COMPILE_MIN_SAMPLES = 2.5e8
+
+
+def _splat(points: torch.Tensor, rotmats: torch.Tensor, channels: torch.Tensor, accumulator: torch.Tensor,
+           zt: torch.Tensor, yt: torch.Tensor, xt: torch.Tensor, p: int) -> None:
+    """Trilinear splatting of slice values into the bricked accumulator, in place.
+
+    ``points``: ``(M, 3)`` slice coordinates (index units); ``rotmats``: ``(b, 3, 3)`` (``g·R``);
+    ``channels``: ``(b, M, 3)`` (Re, Im of w·CTF·F, and w·CTF²); ``zt, yt, xt``:
+    :func:`_axis_offsets` tables.
+    """
+    h = p // 2 + 1
+    coords = points @ rotmats.transpose(-1, -2)  # (b, M, 3) x, y, z
+    flip = coords[..., 0] < 0  # the other half of the transform: use the Friedel mate (conjugate)
+    coords = torch.where(flip[..., None], -coords, coords)
+    channels = torch.stack([channels[..., 0], torch.where(flip, -channels[..., 1], channels[..., 1]),
+                            channels[..., 2]], -1)
+    base = torch.floor(coords)
+    frac = coords - base
+    i0 = base.int() + (p // 2 + 1)  # table rows of the lower corner
+    # The 8 corners as (z, y, x) = (2, 2, 2) broadcasts of separable table lookups and weights.
+    fx, fy, fz = frac.unbind(-1)
+    wx = torch.stack([1 - fx, fx * (i0[..., 0] + 1 < h + p // 2 + 1)], -1)  # x = P/2 + 1: weight 0
+    wy = torch.stack([1 - fy, fy], -1)
+    wz = torch.stack([1 - fz, fz], -1)
+    corner_weight = wz[..., :, None, None] * (wy[..., None, :, None] * wx[..., None, None, :])
+    iz = zt[torch.stack([i0[..., 2], i0[..., 2] + 1], -1)]
+    iy = yt[torch.stack([i0[..., 1], i0[..., 1] + 1], -1)]
+    ix = xt[torch.stack([i0[..., 0], i0[..., 0] + 1], -1)]
+    flat = iz[..., :, None, None] + (iy[..., None, :, None] + ix[..., None, None, :])
+    # All 8 corners of a point side by side in one scatter: neighbouring writes share bricks.
+    accumulator.index_add_(0, flat.reshape(-1).long(),
+                           (channels[..., None, :] * corner_weight.reshape(*channels.shape[:-1], 8, 1)).reshape(-1, 3))
+
+
+@functools.cache
+def _compiled_splat():
+    """:func:`_splat` fused into one parallel loop by ``torch.compile`` (built once per process)."""
+    return torch.compile(_splat, dynamic=False)
+
+
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can build CPU kernels here (it needs a C++ compiler)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+
+
 def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: torch.Tensor, ctf: torch.Tensor,
                      weights: torch.Tensor, symmetry_ops: torch.Tensor, pad: int,
-                     accumulator: torch.Tensor | None = None) -> torch.Tensor:
+                     accumulator: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
     """Insert a batch of particles into a padded 3D Fourier accumulator (trilinear splatting).
 
     Args:
@@ -67,8 +155,11 @@ def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: to
         weights: ``(B,)`` per-particle weights.
         symmetry_ops: ``(G, 3, 3)`` rotations g; each particle is inserted at every ``g·R``.
         pad: integer padding factor.
-        accumulator: ``(P·P·(P//2+1), 3)`` float32 (real and imaginary parts of Σ w·CTF·F, and
-            Σ w·CTF²; z, y in FFT order, x ≥ 0) to add to, or ``None`` to start one.
+        accumulator: ``(prod(accumulator_shape(P)), 3)`` float32 to add to (real and imaginary parts
+            of Σ w·CTF·F, and Σ w·CTF², over z, y in FFT order and x ≥ 0, stored in bricks of
+            4³ voxels), or ``None`` to start one.
+        compiled: run the splatting through ``torch.compile`` (about 2× faster on CPU once built;
+            building takes ~20 s per image size and process).
 
     Returns:
         The accumulator.
@@ -82,45 +173,41 @@ def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: to
     ft = torch.fft.rfft2(torch.fft.ifftshift(padded, dim=(-2, -1)))
     mask, pts = _slice_points(p, dev)
     shift = origins_px.float()
-    # Re-centre each particle: a shift by +origin is a phase ramp (frequencies in cycles per pixel).
-    phase = torch.exp(-2j * torch.pi * (shift[:, None, 0] * pts[None, :, 0] + shift[:, None, 1] * pts[None, :, 1]) / p)
+    # Re-centre each particle: a shift by +origin is a phase ramp, separable in x and y, so two
+    # short exponentials per particle and a gather replace one exponential per slice point.
+    k = torch.fft.fftfreq(p, d=1.0 / p, device=dev)
+    ramp_x = torch.exp(-2j * torch.pi * shift[:, 0, None] * k[None, :h].abs() / p)  # (B, h): k_x ≥ 0
+    ramp_y = torch.exp(-2j * torch.pi * shift[:, 1, None] * k[None, :] / p)  # (B, p), FFT order
+    iy = torch.remainder(pts[:, 1], p).long()
+    ix = pts[:, 0].long()
+    phase = ramp_y[:, iy] * ramp_x[:, ix]
     ctf_m = ctf.float()[:, mask]
     w = weights.float()[:, None]
     value = ft[:, mask] * phase * (ctf_m * w)
     weight = ctf_m * ctf_m * w
     if accumulator is None:
-        accumulator = torch.zeros(p * p * h, 3, dtype=torch.float32, device=dev)
+        accumulator = torch.zeros(int(np.prod(accumulator_shape(p))), 3, dtype=torch.float32, device=dev)
+    zt, yt, xt = _axis_offsets(p, dev)
+    chunk = max(1, _POINTS_PER_SCATTER // pts.shape[0])  # particles per scatter: bounds the temporaries
+    channels = torch.stack([value.real, value.imag, weight], -1)  # (B, M, 3)
+    splat = _compiled_splat() if compiled else _splat
     for g in symmetry_ops.to(device=dev, dtype=torch.float32):
-        coords = pts @ (g @ rotmats.float()).transpose(-1, -2)  # (B, M, 3) x, y, z in index units
-        flip = coords[..., 0] < 0  # the other half of the transform: use the Friedel mate
-        coords = torch.where(flip[..., None], -coords, coords)
-        channels = torch.stack([value.real, torch.where(flip, -value.imag, value.imag), weight], -1)
-        base = torch.floor(coords)
-        frac = coords - base
-        base = base.long()
-        fx, fy, fz = frac.unbind(-1)
-        bx, by, bz = base.unbind(-1)
-        for dz in (0, 1):
-            wz = fz if dz else 1 - fz
-            iz = (bz + dz) % p
-            for dy in (0, 1):
-                wzy = wz * (fy if dy else 1 - fy)
-                izy = (iz * p + (by + dy) % p) * h
-                for dx in (0, 1):
-                    ix = bx + dx
-                    # Beyond the Nyquist column (x = P/2 exactly, at the rim): weight 0, index clamped.
-                    wt = wzy * (fx if dx else 1 - fx) * (ix < h)
-                    flat = izy + ix.clamp(max=h - 1)
-                    accumulator.index_add_(0, flat.reshape(-1), (channels * wt[..., None]).reshape(-1, 3))
+        rotated = g @ rotmats.float()
+        for c0 in range(0, b, chunk):
+            rot_c, ch_c = rotated[c0:c0 + chunk], channels[c0:c0 + chunk]
+            if compiled and rot_c.shape[0] < chunk:  # one shape for the compiled kernel: pad with zeros
+                missing = chunk - rot_c.shape[0]
+                rot_c = torch.cat([rot_c, rot_c.new_zeros(missing, 3, 3)])
+                ch_c = torch.cat([ch_c, ch_c.new_zeros(missing, *ch_c.shape[1:])])
+            splat(pts, rot_c, ch_c, accumulator, zt, yt, xt, p)
     return accumulator
 
 
 def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.ndarray:
     p = pad * s
-    h = p // 2 + 1
-    acc = accumulator.double().T.reshape(3, p, p, h)
+    acc = _unbrick(accumulator, p).double()
     num = torch.complex(acc[0], acc[1])
-    den = acc[2]
+    den = acc[2].clone()
     # The x = 0 plane holds both members of Friedel pairs (k and −k): add each point's mate.
     mirror = lambda a: torch.roll(torch.flip(a, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
     num[..., 0] = num[..., 0] + mirror(num[..., 0]).conj()
@@ -138,7 +225,7 @@ def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.nd
 
 def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: bool = False, pad: int = 2,
                       wiener: float = 1e-3, batch_size: int = 128, device: str | None = None,
-                      progress: bool = True) -> tuple[np.ndarray, float]:
+                      progress: bool = True, compile: bool | None = None) -> tuple[np.ndarray, float]:
     """Direct Fourier inversion of the particles of a STAR file (module docstring).
 
     Args:
@@ -149,6 +236,10 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
         wiener: λ relative to the mean CTF² weight.
         batch_size: particles per insertion batch (memory ~ batch·pad²·S²·16 bytes).
         device: ``"cuda"``/``"cpu"``; default a GPU when there is one.
+        compile: splat through ``torch.compile`` (:func:`insert_particles`); ``None`` does so on
+            the CPU for jobs large enough to repay the ~20 s build (≥ 2.5·10⁸ slice samples, e.g.
+            4,000 particles of 128 px), when a C++ compiler is present; a failed build falls back
+            to the eager code with a warning.
 
     Returns:
         ``(map, pixel_size)``: ``(S, S, S)`` float32 indexed ``[z, y, x]``, Å per voxel.
@@ -183,6 +274,10 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
         raise InputError("weights must be finite and non-negative", path=star_path, where="rlnParticleFigureOfMerit")
     ops = symmetry_matrices(symmetry)
 
+    if compile is None:
+        work = len(table) * len(ops) * (pad * s) ** 2
+        compile = dev.type == "cpu" and work >= _COMPILE_MIN_SAMPLES and compile_available()
+    compiled = bool(compile)
     locations = [io.parse_image_name(n, star_path, r) for r, n in enumerate(table["rlnImageName"])]
     stacks: dict[str, object] = {}
     acc = None
@@ -203,8 +298,16 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
                 bad = int(rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])])
                 raise InputError("image contains NaN or infinity", path=star_path, where=f"row {bad} (0-based)")
             ctf = ctf_from_parameters({k: v[rows] for k, v in params.items()}, pad * s, px, dtype=torch.float32)
-            acc = insert_particles(images.to(dev), rot[rows].to(dev), origins[rows].to(dev), ctf.to(dev),
-                                   weights[rows].to(dev), ops, pad, acc)
+            args = (images.to(dev), rot[rows].to(dev), origins[rows].to(dev), ctf.to(dev), weights[rows].to(dev),
+                    ops, pad, acc)
+            try:
+                acc = insert_particles(*args, compiled=compiled)
+            except Exception as err:  # noqa: BLE001 - any failure to build the kernel: run eagerly
+                if not compiled:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); reconstructing without it")
+                compiled = False
+                acc = insert_particles(*args, compiled=False)
             bar.update(len(rows))
     for mrc in stacks.values():
         mrc.close()

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""A whole evaluation: cryopose.evaluate against the CESPED package's evaluateEntry, same inputs.
+
+    .venv/bin/python benchmarks/evaluate_vs_cesped.py [--n-particles 5000] [--box-size 128] \
+        [--cesped-python /tmp/cesped-venv/bin/python]
+
+Simulates (once) a C1 entry, writes predictions for both halves (the true poses each turned by 8°
+about a random axis, random confidences in [0.5, 1]), then times:
+
+* CESPED's ``evaluate(..., use_gt_mask=True, n_cpus=1)`` (relion_reconstruct, one process; its mask
+  download is replaced by a copy of the entry's mask, since the machine is offline), in its own
+  virtual environment;
+* ``cryopose.evaluate`` with ``backend="relion"`` (the same four relion_reconstruct runs) and with
+  ``backend="torch"``;
+
+each twice: with an empty output folder (the ground-truth half-maps are reconstructed) and again
+with the ground-truth maps cached (the situation of every method after the first on an entry).
+Prints the times, their ratios and the metrics side by side. Nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryopose import io
+from cryopose.evaluate import evaluate
+from cryopose.geometry import euler_to_matrix, matrix_to_euler, rotation_about_axis
+
+EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+
+CESPED = r'''
+import contextlib, io, json, shutil, sys, time
+import cesped.evaluateEntry as ev
+bench, target, p0, p1, mask, outdir = sys.argv[1:7]
+ev.download_mask = lambda name, fname: shutil.copy(mask, fname)  # offline: the entry's own mask
+t = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()):
+    m = ev.evaluate(target, p0, p1, predictionType="SO3", usePredConfidence=True, benchmarkDir=bench,
+                    relionBinDir=shutil.which("relion_reconstruct").rsplit("/", 1)[0], mpirun="mpirun",
+                    relionSingularity=None, rm_prev_reconstructions=True, use_gt_mask=True, n_cpus=1,
+                    outdir=outdir)
+print(json.dumps({"seconds": time.perf_counter() - t, "metrics": {k: float(v) for k, v in m.items()}}))
+'''
+
+# CESPED's metric names and the cryopose ones that compute the same quantity on the same inputs.
+PAIRS = [("meanAngularError", "MAnE"), ("wMeanAngularError", "wMAnE"),
+         ("GT_correlation", "masked_PCC(GT0,GT1)"), ("GT_resolution0143", "masked_FSCR0.143(GT0,GT1)"),
+         ("GT_resolution05", "masked_FSCR0.5(GT0,GT1)"), ("half2half_correlation", "masked_PCC(V0,V1)"),
+         ("half2half_resolution", "masked_FSCR0.143(V0,V1)"), ("half2half_resolution05", "masked_FSCR0.5(V0,V1)"),
+         ("mapVsGT_correlaton_masked", "masked_PCC(GT,V)"), ("mapVsGT_correlaton_unmasked", "PCC(GT,V)"),
+         ("mapVsGT_resolution", "FSCR0.143(GT,V)"), ("mapVsGT_resolution05", "FSCR0.5(GT,V)"),
+         ("mapVsGT_correlaton_diff_masked", "masked_delta_PCC")]
+
+
+def simulate(workdir: Path, n: int, box: int, px: float) -> Path:
+    name = f"ev{box}_{n}"
+    if not (workdir / name / "simulation.json").exists():
+        subprocess.run([sys.executable, "-m", "cryopose", "simulate", "--name", name, "--box-size", str(box),
+                        "--pixel-size", str(px), "--n-particles", str(n), "--snr", "0.1", "--out", str(workdir),
+                        "--quiet"], check=True)
+    return workdir / name
+
+
+def write_predictions(entry: io.Entry, folder: Path) -> list[Path]:
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for h in entry.halves:
+        star = entry.read_star(h)
+        parts = star.particles.copy()
+        rot = euler_to_matrix(torch.tensor(parts[EULER].to_numpy()))
+        axes = torch.nn.functional.normalize(torch.randn(len(parts), 3, generator=gen, dtype=torch.float64), dim=-1)
+        parts[EULER] = matrix_to_euler(rotation_about_axis(axes, 8.0) @ rot).numpy()
+        parts["rlnParticleFigureOfMerit"] = 0.5 + 0.5 * torch.rand(len(parts), generator=gen, dtype=torch.float64).numpy()
+        paths.append(folder / f"predictions_half{h}.star")
+        io.write_particles_star(paths[-1], io.ParticleStar(star.optics, parts))
+    return paths
+
+
+def cesped_layout(entry: io.Entry, folder: Path) -> Path:
+    """CESPED's benchmark folder: the entry's files linked, plus its download markers."""
+    target = folder / entry.name
+    target.mkdir(parents=True)
+    for h in entry.halves:
+        for p in (entry.star_path(h), entry.stack_path(h), entry.info_path(h)):
+            os.symlink(p.resolve(), target / p.name)
+        (target / f"SUCCESSFUL_DOWNLOAD_{h}.txt").write_text("ok\n")
+    return folder
+
+
+def run_cesped(python: str, bench: Path, entry: io.Entry, preds: list[Path], outdir: Path) -> dict:
+    proc = subprocess.run([python, "-c", CESPED, str(bench), entry.name, str(preds[0]), str(preds[1]),
+                           str(entry.mask_path), str(outdir)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"CESPED evaluate failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-particles", type=int, default=5000, help="per half")
+    p.add_argument("--box-size", type=int, default=128)
+    p.add_argument("--pixel-size", type=float, default=1.5)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cryopose-bench"))
+    p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python")
+    p.add_argument("--skip-cesped", action="store_true")
+    args = p.parse_args()
+    entry = io.Entry(simulate(args.workdir, args.n_particles, args.box_size, args.pixel_size))
+    rows, metrics = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        preds = write_predictions(entry, tmp)
+        if not args.skip_cesped:
+            bench = cesped_layout(entry, tmp / "cesped_bench")
+            out = tmp / "cesped_out"
+            for label in ("fresh", "GT cached"):
+                r = run_cesped(args.cesped_python, bench, entry, preds, out)
+                rows.append(("CESPED evaluateEntry (relion)", label, r["seconds"]))
+                metrics["CESPED"] = r["metrics"]
+        for backend in ("relion", "torch"):
+            gt_dir = tmp / f"gt_{backend}"
+            for label in ("fresh", "GT cached"):
+                t = time.perf_counter()
+                res = evaluate(entry, preds[0], preds[1], "SO3", backend=backend, outdir=tmp / f"out_{backend}",
+                               ground_truth_dir=gt_dir, progress=False)
+                rows.append((f"cryopose ({backend})", label, time.perf_counter() - t))
+                metrics[f"cryopose ({backend})"] = res.metrics
+    print(f"entry: {args.n_particles} particles per half × {args.box_size}² px, {args.pixel_size} Å/px, C1, SNR 0.1; "
+          f"predictions: truth turned by 8°; {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"{'implementation':<32} {'run':<10} {'seconds':>8}")
+    for impl, label, secs in rows:
+        print(f"{impl:<32} {label:<10} {secs:>8.1f}")
+    if not args.skip_cesped:
+        for label in ("fresh", "GT cached"):
+            ref = next(s for i, lab, s in rows if i.startswith("CESPED") and lab == label)
+            for backend in ("relion", "torch"):
+                ours = next(s for i, lab, s in rows if i == f"cryopose ({backend})" and lab == label)
+                print(f"{label}: CESPED / cryopose ({backend}) = {ref / ours:.2f}×")
+        print(f"\n{'CESPED metric':<32} {'CESPED':>10} {'cryopose metric':<28} {'relion':>10} {'torch':>10}")
+        for theirs, ours in PAIRS:
+            print(f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
+                  f"{metrics['cryopose (relion)'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
