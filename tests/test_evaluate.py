@@ -248,7 +248,7 @@ def test_relion_backend_evaluation_agrees_with_torch(c4, tmp_path, gt_dir):
     gen = torch.Generator().manual_seed(3)
     axes = torch.nn.functional.normalize(torch.randn(800, 3, generator=gen, dtype=torch.float64), dim=-1)
     p0, p1 = _predictions(c4, tmp_path, lambda r, h: rotation_about_axis(axes[: len(r)], 10.0) @ r, "rel")
-    rel = evaluate(c4, p0, p1, "SO3", backend="relion", ground_truth_dir=tmp_path / "gt_relion", plots=False,
+    rel = evaluate(c4, p0, p1, "SO3", backend="relion", jobs=2, ground_truth_dir=tmp_path / "gt_relion", plots=False,
                    progress=False).metrics
     tor = evaluate(c4, p0, p1, "SO3", ground_truth_dir=gt_dir, plots=False, progress=False).metrics
     assert rel["backend"] == "relion" and rel["MAnE"] == pytest.approx(10.0, abs=1e-4)

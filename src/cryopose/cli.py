@@ -81,7 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
                       use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
                       ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
-                      **options)
+                      jobs=args.jobs, **options)
     m = result.metrics
     rows = [("MAnE (°)", m["MAnE"]), ("wMAnE (°)", m["wMAnE"]), ("median error (°)", m["median_angular_error"])]
     for name in ("PCC(GT,V)", "PCC(V0,V1)", "PCC(GT0,GT1)", "delta_PCC", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)",
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
     p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
     p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="reconstructions at once (2 runs the two halves side by side; useful with relion)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)

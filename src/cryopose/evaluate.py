@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,8 +160,18 @@ def _entry_fingerprint(entry: io.Entry, backend: str, symmetry: str, pad: int) -
     return {"entry": entry.name, "backend": backend, "symmetry": symmetry, "pad": pad, "inputs": digest.hexdigest()}
 
 
+def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tuple[np.ndarray, float]]:
+    """:func:`reconstruct` of several STAR files, ``jobs`` at a time (threads: each relion_reconstruct
+    is its own single-threaded process, so two halves on two cores take the time of one)."""
+    if jobs <= 1 or len(star_paths) == 1:
+        return [reconstruct(p, **options) for p in star_paths]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda p: reconstruct(p, **options), star_paths))
+
+
 def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
-                      progress: bool = True, **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
+                      progress: bool = True, jobs: int = 1,
+                      **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
     """The half-maps GT0, GT1 reconstructed from the entry's ground-truth poses, cached.
 
     They are written to ``cache_dir/GT_half{h}.mrc`` with a ``ground_truth.json`` fingerprint of the
@@ -181,11 +192,10 @@ def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "to
                 return m0, m1, px
         except (json.JSONDecodeError, InputError, ValueError):
             pass  # a damaged cache is rebuilt
-    maps = []
-    for h in entry.halves:
-        vol, px = reconstruct(entry.star_path(h), symmetry=entry.symmetry, backend=backend, pad=pad,
-                              progress=progress, **reconstruct_options)
-        maps.append(vol)
+    results = _reconstruct_each([entry.star_path(h) for h in entry.halves], jobs, symmetry=entry.symmetry,
+                                backend=backend, pad=pad, progress=progress, **reconstruct_options)
+    maps = [vol for vol, _ in results]
+    px = results[0][1]
     for path, vol in zip(paths, maps):
         io.write_map(path, vol, px)
     with io.atomic_write(record) as tmp:
@@ -221,7 +231,7 @@ class EvaluationResult:
 def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_predictions: str | Path,
              prediction_type: str = "SO3", backend: str = "torch", use_pred_confidence: bool = True,
              outdir: str | Path | None = None, ground_truth_dir: str | Path | None = None, pad: int = 2,
-             low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True,
+             low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True, jobs: int = 1,
              **reconstruct_options) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
 
@@ -239,7 +249,9 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     3. Poses: symmetry-aware angular errors; MAnE, wMAnE (weights: rlnMaxValueProbDistribution,
        1 when absent), median, accuracies, per half and for both; shift errors for SO3xR2.
 
-    With ``outdir`` it writes, each file atomically and only once everything is computed:
+    ``jobs`` reconstructions run at once (the two halves; worth 2 with the relion backend on two or
+    more cores, as each relion_reconstruct is single-threaded; memory grows accordingly). With
+    ``outdir`` it writes, each file atomically and only once everything is computed:
     ``metrics.json``, ``particles.csv``, ``fsc.csv``, ``V_half0.mrc``, ``V_half1.mrc``, ``V.mrc``
     and (``plots``) ``fsc.png``, ``angular_errors.png``, ``orientations.png``. The ground-truth
     half-maps go to ``ground_truth_dir`` (default ``outdir/ground_truth``, or a temporary folder).
@@ -269,17 +281,18 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
         gt_dir = Path(ground_truth_dir) if ground_truth_dir else (Path(outdir) / "ground_truth" if outdir
                                                                   else Path(tmp) / "ground_truth")
         t0 = time.perf_counter()
-        gt0, gt1, px = ground_truth_maps(entry, gt_dir, backend=backend, pad=pad, progress=progress,
+        gt0, gt1, px = ground_truth_maps(entry, gt_dir, backend=backend, pad=pad, progress=progress, jobs=jobs,
                                          **reconstruct_options)
         t_gt = time.perf_counter() - t0
         t0 = time.perf_counter()
-        v = []
+        star_paths = []
         for h, pred in zip(entry.halves, predictions):
-            star_path = Path(tmp) / f"predicted_half{h}.star"
-            io.write_particles_star(star_path, prediction_star(entry, h, pred, prediction_type, use_pred_confidence))
-            vol, _ = reconstruct(star_path, symmetry=symmetry, backend=backend, use_weights=use_pred_confidence,
-                                 pad=pad, progress=progress, **reconstruct_options)
-            v.append(vol)
+            star_paths.append(Path(tmp) / f"predicted_half{h}.star")
+            io.write_particles_star(star_paths[-1], prediction_star(entry, h, pred, prediction_type,
+                                                                    use_pred_confidence))
+        v = [vol for vol, _ in _reconstruct_each(star_paths, jobs, symmetry=symmetry, backend=backend,
+                                                 use_weights=use_pred_confidence, pad=pad, progress=progress,
+                                                 **reconstruct_options)]
         t_pred = time.perf_counter() - t0
 
     gt = 0.5 * (gt0 + gt1)
