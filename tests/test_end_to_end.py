@@ -1,5 +1,5 @@
 """The tiny suite through every step that exists so far: simulate → validate → preprocess →
-dataset → reconstruct (both backends where RELION is present)."""
+dataset → reconstruct → evaluate (both backends where RELION is present)."""
 
 import json
 import shutil
@@ -39,3 +39,13 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
             assert px == pytest.approx(spec.pixel_size, rel=1e-4)
             # 300 particles at SNR 0.5 in a 32 px box: a recognisable map, not a fine one.
             assert pearson_correlation(vol, source) > 0.7, (spec.name, backend)  # measured 0.78-0.94
+        # Evaluate ground-truth predictions (the entry's own STAR files) with each backend.
+        for backend in backends:
+            out = tmp_path / "eval" / spec.name / backend
+            assert cli.main(["evaluate", str(entry.root), "--half0", str(entry.star_path(0)), "--half1",
+                             str(entry.star_path(1)), "--backend", backend, "--out", str(out), "--jobs", "2",
+                             "--quiet"]) == 0
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["MAnE"] < 1e-3 and abs(metrics["delta_PCC"]) < 0.1, (spec.name, backend, metrics)
+            assert {"fsc.png", "angular_errors.png", "orientations.png", "particles.csv"} <= \
+                {p.name for p in out.iterdir()}
