@@ -91,7 +91,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             rows.append((f"masked_{name}", m[f"masked_{name}"]))
     print(f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})")
     for name, value in rows:
-        print(f"  {name:<28} {'n/a' if value is None else f'{value:.4g}'}")
+        unit = " Å" if "FSCR" in name and value is not None else ""
+        print(f"  {name:<28} {'n/a' if value is None else f'{value:.4g}'}{unit}")
     if args.out:
         print(f"written to {args.out}")
     return 0
