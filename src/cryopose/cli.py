@@ -81,7 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
                       use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
                       ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
-                      jobs=args.jobs, **options)
+                      jobs=args.jobs, method=args.method, **options)
     m = result.metrics
     rows = [("MAnE (°)", m["MAnE"]), ("wMAnE (°)", m["wMAnE"]), ("median error (°)", m["median_angular_error"])]
     for name in ("PCC(GT,V)", "PCC(V0,V1)", "PCC(GT0,GT1)", "delta_PCC", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)",
@@ -95,6 +95,62 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {name:<28} {'n/a' if value is None else f'{value:.4g}'}{unit}")
     if args.out:
         print(f"written to {args.out}")
+    return 0
+
+
+def _entry(args: argparse.Namespace):
+    from .io import Entry
+
+    return Entry.from_benchmark(args.benchmark_dir, args.entry) if args.benchmark_dir else Entry(Path(args.entry))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .methods import get_method, parse_params
+
+    method = get_method(args.method)
+    entry = _entry(args)
+    entry.validate()
+    method.train(entry, args.half, Path(args.out), parse_params(args.param, method.default_params))
+    print(args.out)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .methods import get_method, parse_params
+
+    method = get_method(args.method)
+    entry = _entry(args)
+    entry.validate()
+    method.predict(Path(args.model), entry, args.half, Path(args.out), parse_params(args.param, method.default_params))
+    print(args.out)
+    return 0
+
+
+def _cmd_ground_truth(args: argparse.Namespace) -> int:
+    from .evaluate import ground_truth_maps
+
+    entry = _entry(args)
+    entry.validate()
+    options = {"launcher": args.relion_launcher.split()} if args.backend == "relion" and args.relion_launcher else {}
+    ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs, **options)
+    print(args.out)
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import benchmark_seconds, leaderboard_table, to_markdown, summary_table, write_leaderboard
+
+    timings: dict = {}
+    for kind in ("train", "predict"):
+        for path in getattr(args, f"{kind}_benchmarks") or []:
+            # results/benchmarks/<kind>/<method>/<entry>/half<h>.tsv
+            p = Path(path)
+            key = (p.parent.parent.name, p.parent.name)
+            timings.setdefault(key, {}).setdefault(f"{kind}_seconds", 0.0)
+            timings[key][f"{kind}_seconds"] += benchmark_seconds(p)
+    table = leaderboard_table(args.metrics, timings)
+    write_leaderboard(table, args.out)
+    print(to_markdown(table, summary_table(table)))
     return 0
 
 
@@ -150,11 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
     p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
     p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
+    p.add_argument("--method", help="name of the method that made the predictions (recorded in metrics.json)")
     p.add_argument("--jobs", type=int, default=1,
                    help="reconstructions at once (2 runs the two halves side by side; useful with relion)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="train a method on one half of an entry")
+    p.add_argument("--method", required=True, help="a registered method (ground_truth, random, ...)")
+    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half to train on")
+    p.add_argument("--out", required=True, help="model folder")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="predict the poses of one half with the model of the other half")
+    p.add_argument("--method", required=True)
+    p.add_argument("--model", required=True, help="model folder written by 'cryopose train' on the other half")
+    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half to predict")
+    p.add_argument("--out", required=True, help="predictions STAR")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("ground-truth", help="reconstruct an entry's ground-truth half-maps once (the cache "
+                                            "'cryopose evaluate --ground-truth-dir' reuses)")
+    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--out", required=True, help="folder for GT_half0.mrc, GT_half1.mrc, ground_truth.json")
+    p.add_argument("--backend", choices=["torch", "relion"], default="torch")
+    p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
+    p.add_argument("--jobs", type=int, default=1, help="reconstructions at once")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_ground_truth)
+
+    p = sub.add_parser("leaderboard", help="gather evaluations into a leaderboard CSV, a summary and Markdown")
+    p.add_argument("metrics", nargs="+", help="metrics.json files of 'cryopose evaluate --method ...'")
+    p.add_argument("--out", required=True, help="leaderboard CSV (summary and .md are written beside it)")
+    p.add_argument("--train-benchmarks", nargs="*", help="Snakemake benchmark files .../train/<method>/<entry>/*.tsv")
+    p.add_argument("--predict-benchmarks", nargs="*", help="Snakemake benchmark files .../predict/<method>/<entry>/*.tsv")
+    p.set_defaults(func=_cmd_leaderboard)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")

@@ -1,0 +1,139 @@
+"""The leaderboard: one row per (method, entry) from the evaluations and the workflow's run times.
+
+Inputs are the ``metrics.json`` files written by :func:`cryopose.evaluate.evaluate` (each names
+its method and entry) and, optionally, Snakemake ``benchmark:`` files of the train and predict
+jobs (tab-separated, first column ``s``: wall seconds). Outputs are the full table, a per-method
+summary (mean and standard deviation over entries, as the paper's Table 1) and a Markdown rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from . import io
+from .errors import InputError
+
+__all__ = ["COLUMNS", "SUMMARY_COLUMNS", "leaderboard_table", "summary_table", "to_markdown", "write_leaderboard",
+           "benchmark_seconds"]
+
+#: Metric columns, in the paper's order (Table 1, Appendix D), then the masked deltas.
+COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "PCC(V0,V1)", "PCC(GT,V)", "PCC(GT0,GT1)",
+           "FSCR0.143(V0,V1)", "FSCR0.5(V0,V1)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "FSCR0.143(GT0,GT1)",
+           "FSCR0.5(GT0,GT1)", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
+           "masked_delta_FSCR0.5", "masked_delta_FSCR0.143", "shift_error_mean_A"]
+#: The columns of the per-method summary (Table 1).
+SUMMARY_COLUMNS = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
+                   "train_seconds", "predict_seconds"]
+
+
+def benchmark_seconds(path: str | Path) -> float:
+    """Wall seconds recorded in a Snakemake benchmark file (first data row, column ``s``)."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"cannot read a Snakemake benchmark table ({err})", path=path) from err
+    if "s" not in table.columns or table.empty:
+        raise InputError("expected a tab-separated benchmark table with an 's' column and one row", path=path,
+                         where="s")
+    return float(table["s"].iloc[0])
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read evaluation metrics ({err})", path=path) from err
+    for key in ("method", "entry", "MAnE"):
+        if metrics.get(key) is None:
+            raise InputError("not an evaluation's metrics.json (evaluate with a method name)", path=path, where=key)
+    return metrics
+
+
+def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, str], dict] | None = None
+                      ) -> pd.DataFrame:
+    """One row per (method, entry), sorted by method then entry.
+
+    Args:
+        metrics_files: ``metrics.json`` paths.
+        timings: optional ``{(method, entry): {"train_seconds": s, "predict_seconds": s}}`` (both
+            halves summed); ``predict_particles_per_s`` is derived from the entry's particles.
+    """
+    rows = []
+    seen = set()
+    for path in map(Path, metrics_files):
+        m = _read_metrics(path)
+        key = (m["method"], m["entry"])
+        if key in seen:
+            raise InputError(f"a second evaluation of method {key[0]!r} on entry {key[1]!r}", path=path)
+        seen.add(key)
+        row = {"method": m["method"], "entry": m["entry"], "symmetry": m.get("symmetry"),
+               "backend": m.get("backend"), "n_particles": m.get("n_particles")}
+        row.update({c: m.get(c) for c in COLUMNS})
+        t = (timings or {}).get(key, {})
+        row["train_seconds"] = t.get("train_seconds")
+        row["predict_seconds"] = t.get("predict_seconds")
+        n = row["n_particles"]
+        row["predict_particles_per_s"] = (n / row["predict_seconds"]
+                                          if n and row["predict_seconds"] else None)
+        rows.append(row)
+    if not rows:
+        raise InputError("no evaluations to rank", where="metrics files")
+    table = pd.DataFrame(rows).sort_values(["method", "entry"]).reset_index(drop=True)
+    return table
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method: the number of entries and the mean and standard deviation over entries of
+    :data:`SUMMARY_COLUMNS` (std is NaN with one entry)."""
+    out = []
+    for method, group in table.groupby("method", sort=True):
+        row = {"method": method, "entries": len(group)}
+        for col in SUMMARY_COLUMNS:
+            values = pd.to_numeric(group[col], errors="coerce")
+            row[f"{col}_mean"] = values.mean()
+            row[f"{col}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
+    """The leaderboard and the per-method summary as Markdown tables."""
+    shown = ["method", "entry", "MAnE", "wMAnE", "PCC(GT,V)", "FSCR0.143(GT,V)", "delta_PCC", "delta_FSCR0.5",
+             "delta_FSCR0.143", "train_seconds", "predict_seconds"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in shown) + " |")
+    lines += ["", "Per method, mean ± std over entries:", ""]
+    cols = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143"]
+    lines += ["| method | entries | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+    for _, r in summary.iterrows():
+        cells = [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}" for c in cols]
+        lines.append(f"| {r['method']} | {r['entries']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(table: pd.DataFrame, out_csv: str | Path) -> tuple[Path, Path, Path]:
+    """Write ``out_csv``, ``<stem>_summary.csv`` and ``<stem>.md`` beside it, each atomically."""
+    out_csv = Path(out_csv)
+    summary = summary_table(table)
+    paths = (out_csv, out_csv.with_name(f"{out_csv.stem}_summary.csv"), out_csv.with_suffix(".md"))
+    with io.atomic_write(paths[1]) as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    with io.atomic_write(paths[2]) as tmp:
+        tmp.write_text(to_markdown(table, summary))
+    with io.atomic_write(paths[0]) as tmp:  # the rule's declared output last
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return paths

@@ -1,0 +1,110 @@
+"""The Snakemake workflow: lint, config validation, dry runs of every shipped config, and a real
+end-to-end run of the tiny config (slow)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
+
+
+def _workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow's files (not results/ or resources/), so runs start from nothing."""
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    block = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", block, re.M)}
+
+
+def test_lint_is_clean(tmp_path):
+    out = snakemake(_workdir(tmp_path), "--lint")
+    text = out.stdout + out.stderr
+    assert "Lints for" not in text and "good condition" in text
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_dry_run_schedules_every_job(tmp_path, config):
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    e, m = len(cfg["entries"]), len(cfg["methods"])
+    out = snakemake(_workdir(tmp_path), "-n", "--configfile", f"config/{config.name}")
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts == {"simulate_entry": e, "ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
+                      "evaluate": e * m, "leaderboard": 1, "all": 1, "total": 2 * e + 5 * e * m + 2}, counts
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.replace("threads:", "threadz:"), "'threadz' was unexpected"),
+    (lambda c: c.replace("  random:", "  randm:"), "unknown method(s) randm"),
+    (lambda c: c.replace("backend: torch", "backend: cryosparc"), "cryosparc"),
+    (lambda c: c.replace("n_particles: 300", "n_particles: many", 1), "many"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, edit, message):
+    work = _workdir(tmp_path)
+    bad = work / "config" / "bad.yaml"
+    bad.write_text(edit((work / "config" / "tiny.yaml").read_text()))
+    out = snakemake(work, "-n", "--configfile", "config/bad.yaml", check=False)
+    assert out.returncode != 0 and message in out.stdout + out.stderr
+    assert not (work / "resources").exists() and not (work / "results").exists()
+
+
+@pytest.mark.slow
+def test_tiny_workflow_end_to_end(tmp_path):
+    work = _workdir(tmp_path)
+    snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
+    board = pd.read_csv(work / "results" / "leaderboard.csv")
+    assert len(board) == 6 and set(board["method"]) == {"ground_truth", "random"}
+    gt, rnd = board[board.method == "ground_truth"], board[board.method == "random"]
+    # The oracle: zero error, V = GT, so ΔPCC = PCC(GT0,GT1) − 1 (small half-maps: clearly < 0).
+    assert (gt["MAnE"] < 1e-3).all() and (gt["PCC(GT,V)"] > 0.99999).all()
+    # The floor: far from it on every entry.
+    merged = gt.merge(rnd, on="entry", suffixes=("_gt", "_rnd"))
+    assert (merged["MAnE_rnd"] > 40).all()
+    assert (merged["delta_PCC_rnd"] > merged["delta_PCC_gt"] + 0.1).all()
+    assert (merged["delta_FSCR0.5_rnd"] > merged["delta_FSCR0.5_gt"]).all()
+    assert board["train_seconds"].notna().all() and (board["predict_particles_per_s"] > 0).all()
+    summary = pd.read_csv(work / "results" / "leaderboard_summary.csv")
+    assert set(summary["method"]) == {"ground_truth", "random"} and (summary["entries"] == 3).all()
+    assert "| ground_truth |" in (work / "results" / "leaderboard.md").read_text()
+    metrics = json.loads((work / "results/evaluation/random/tiny_c2/metrics.json").read_text())
+    assert metrics["method"] == "random" and metrics["entry"] == "tiny_c2"
+
+    # Up to date: a second invocation does nothing.
+    again = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # Deleting one metric file re-runs exactly that evaluation and the leaderboard.
+    (work / "results/evaluation/random/tiny_c2/metrics.json").unlink()
+    dry = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
+    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "all": 1, "total": 3}
+    snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
+    assert (work / "results/evaluation/random/tiny_c2/metrics.json").is_file()
+
+    # The report builds, with the leaderboard and the plots in it.
+    snakemake(work, "--configfile", "config/tiny.yaml", "--report", "report.html")
+    report = (work / "report.html").read_text(errors="replace")
+    assert (work / "report.html").stat().st_size > 10_000 and "leaderboard" in report.lower()

@@ -1,0 +1,55 @@
+# Stage 4b: predicted half-maps V0, V1 and the metrics of one (method, entry).
+
+
+rule evaluate:
+    input:
+        entry=entry_dir,
+        half0="results/predictions/{method}/{entry}/half0.star",
+        half1="results/predictions/{method}/{entry}/half1.star",
+        gt0="results/ground_truth/{entry}/GT_half0.mrc",
+        gt1="results/ground_truth/{entry}/GT_half1.mrc",
+        record="results/ground_truth/{entry}/ground_truth.json",
+    output:
+        metrics="results/evaluation/{method}/{entry}/metrics.json",
+        particles="results/evaluation/{method}/{entry}/particles.csv",
+        fsc="results/evaluation/{method}/{entry}/fsc.csv",
+        fsc_plot=report(
+            "results/evaluation/{method}/{entry}/fsc.png",
+            caption="../report/fsc.rst",
+            category="FSC curves",
+            labels={"method": "{method}", "entry": "{entry}"},
+        ),
+        error_plot=report(
+            "results/evaluation/{method}/{entry}/angular_errors.png",
+            caption="../report/angular_errors.rst",
+            category="Angular errors",
+            labels={"method": "{method}", "entry": "{entry}"},
+        ),
+        orientation_plot=report(
+            "results/evaluation/{method}/{entry}/orientations.png",
+            caption="../report/orientations.rst",
+            category="Orientation coverage",
+            labels={"method": "{method}", "entry": "{entry}"},
+        ),
+    params:
+        backend=RECON["backend"],
+        relion=relion_options(),
+        jobs=RECON["jobs"],
+        outdir=lambda wc, output: os.path.dirname(output.metrics),
+        gtdir=lambda wc, input: os.path.dirname(input.record),
+        prediction_type=lambda wc: __import__("cryopose.methods").methods.get_method(wc.method).prediction_type,
+        confidence=lambda wc: "" if config["evaluation"]["use_pred_confidence"] else "--no-pred-confidence",
+    log:
+        "logs/evaluate/{method}/{entry}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{method}/{entry}.tsv"
+    threads: config["threads"]["reconstruct"]
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose evaluate {input.entry} --half0 {input.half0} --half1 {input.half1} "
+        "--method {wildcards.method} --prediction-type {params.prediction_type} --backend {params.backend} "
+        "{params.confidence} {params.relion} --jobs {params.jobs} --ground-truth-dir {params.gtdir} "
+        "--out {params.outdir} --quiet > {log} 2>&1"

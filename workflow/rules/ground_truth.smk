@@ -1,0 +1,28 @@
+# Stage 4a: the ground-truth half-maps GT0, GT1 of each entry, reconstructed once and shared by
+# every method's evaluation.
+
+
+rule ground_truth_maps:
+    input:
+        entry=entry_dir,
+    output:
+        gt0="results/ground_truth/{entry}/GT_half0.mrc",
+        gt1="results/ground_truth/{entry}/GT_half1.mrc",
+        record="results/ground_truth/{entry}/ground_truth.json",
+    params:
+        backend=RECON["backend"],
+        relion=relion_options(),
+        jobs=RECON["jobs"],
+        outdir=lambda wc, output: os.path.dirname(output.record),
+    log:
+        "logs/ground_truth/{entry}.log",
+    benchmark:
+        "results/benchmarks/ground_truth/{entry}.tsv"
+    threads: config["threads"]["reconstruct"]
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose ground-truth {input.entry} --out {params.outdir} --backend {params.backend} "
+        "--jobs {params.jobs} {params.relion} --quiet > {log} 2>&1"

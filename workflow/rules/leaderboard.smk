@@ -1,0 +1,28 @@
+# Stage 5: every (method, entry) in one table, a per-method summary, and a Markdown rendering.
+
+
+rule leaderboard:
+    input:
+        metrics=expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
+        train=expand(
+            "results/benchmarks/train/{method}/{entry}/half{half}.tsv", method=METHODS, entry=ENTRIES, half=[0, 1]
+        ),
+        predict=expand(
+            "results/benchmarks/predict/{method}/{entry}/half{half}.tsv", method=METHODS, entry=ENTRIES, half=[0, 1]
+        ),
+    output:
+        table=report("results/leaderboard.csv", caption="../report/leaderboard.rst", category="Leaderboard"),
+        summary="results/leaderboard_summary.csv",
+        markdown="results/leaderboard.md",
+    log:
+        "logs/leaderboard.log",
+    benchmark:
+        "results/benchmarks/leaderboard.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose leaderboard {input.metrics} --train-benchmarks {input.train} "
+        "--predict-benchmarks {input.predict} --out {output.table} > {log} 2>&1 && cat {output.markdown}"

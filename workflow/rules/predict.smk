@@ -1,0 +1,24 @@
+# Stage 3: cross-prediction: the model trained on half 1-h predicts half h.
+
+
+rule predict:
+    input:
+        entry=entry_dir,
+        model=lambda wc: f"results/models/{wc.method}/{wc.entry}/half{1 - int(wc.half)}",
+    output:
+        star="results/predictions/{method}/{entry}/half{half}.star",
+    params:
+        options=method_params,
+    log:
+        "logs/predict/{method}/{entry}/half{half}.log",
+    benchmark:
+        "results/benchmarks/predict/{method}/{entry}/half{half}.tsv"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=8000,
+        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose predict --method {wildcards.method} --model {input.model} --entry {input.entry} "
+        "--half {wildcards.half} --out {output.star} {params.options} > {log} 2>&1"
