@@ -108,3 +108,11 @@ def test_tiny_workflow_end_to_end(tmp_path):
     snakemake(work, "--configfile", "config/tiny.yaml", "--report", "report.html")
     report = (work / "report.html").read_text(errors="replace")
     assert (work / "report.html").stat().st_size > 10_000 and "leaderboard" in report.lower()
+
+
+def test_preprocess_stage_is_wired(tmp_path):
+    """Methods that need preprocessed particles get them from the preprocess rule; the oracles
+    train on the raw entry, so the default DAG schedules no preprocessing."""
+    out = snakemake(_workdir(tmp_path), "-n", "results/preprocessed/tiny_c2", "--configfile", "config/tiny.yaml")
+    assert job_counts(out.stdout + out.stderr) == {"simulate_entry": 1, "preprocess_entry": 1, "total": 2}
+    assert "cryopose preprocess resources/benchmark/tiny_c2 --out results/preprocessed" in out.stdout + out.stderr

@@ -40,6 +40,9 @@ class Method:
     train: Callable[[io.Entry, int, Path, dict], None]
     predict: Callable[[Path, io.Entry, int, Path, dict], None]
     default_params: dict
+    #: Train and predict on the workflow's preprocessed copy of the entry (normalised,
+    #: CTF-corrected, resized: ``cryopose preprocess``) rather than on the raw particles.
+    needs_preprocessing: bool = False
 
 
 def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, params: dict,

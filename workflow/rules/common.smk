@@ -40,6 +40,15 @@ def entry_dir(wildcards):
     return f"{BENCHMARK_DIR}/{wildcards.entry}"
 
 
+def method_entry_dir(wildcards):
+    """The entry a method trains and predicts on: the preprocessed copy when it asks for one."""
+    from cryopose.methods import get_method
+
+    if get_method(wildcards.method).needs_preprocessing:
+        return f"results/preprocessed/{wildcards.entry}"
+    return entry_dir(wildcards)
+
+
 def method_params(wildcards):
     """`--param key=value` options of a method from the config (values as JSON)."""
     params = METHODS[wildcards.method] or {}

@@ -3,7 +3,7 @@
 
 rule predict:
     input:
-        entry=entry_dir,
+        entry=method_entry_dir,
         model=lambda wc: f"results/models/{wc.method}/{wc.entry}/half{1 - int(wc.half)}",
     output:
         star="results/predictions/{method}/{entry}/half{half}.star",

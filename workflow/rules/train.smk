@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        entry=entry_dir,
+        entry=method_entry_dir,
     output:
         model=directory("results/models/{method}/{entry}/half{half}"),
     params:

@@ -1,0 +1,28 @@
+# Stage 1b: a preprocessed copy of an entry (background-normalised, CTF-corrected, resized), for
+# the methods that declare `needs_preprocessing`; the oracles use the raw entry.
+
+
+rule preprocess_entry:
+    input:
+        entry=entry_dir,
+    output:
+        entry=directory("results/preprocessed/{entry}"),
+    params:
+        outdir=lambda wc, output: os.path.dirname(output.entry),
+        image_size=lambda wc: (
+            f"--image-size {config['preprocessing']['image_size']}" if config["preprocessing"]["image_size"] else ""
+        ),
+        crop_fraction=config["preprocessing"]["crop_fraction"],
+        ctf_correction=config["preprocessing"]["ctf_correction"],
+    log:
+        "logs/preprocess/{entry}.log",
+    benchmark:
+        "results/benchmarks/preprocess/{entry}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose preprocess {input.entry} --out {params.outdir} {params.image_size} "
+        "--crop-fraction {params.crop_fraction} --ctf-correction {params.ctf_correction} --quiet > {log} 2>&1"
