@@ -1,6 +1,5 @@
 """HEALPix SO(3) grids and nearest-cell labels, with symmetry on the correct side."""
 
-import numpy as np
 import pytest
 import torch
 

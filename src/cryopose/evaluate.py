@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
