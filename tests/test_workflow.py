@@ -146,3 +146,18 @@ def test_interrupted_run_resumes(tmp_path):
     assert "rule simulate_entry" not in text
     board = pd.read_csv(work / "results" / "leaderboard.csv")
     assert len(board) == 6 and board["MAnE"].notna().all()
+
+
+def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
+    work = _workdir(tmp_path)
+    cfg = work / "config" / "relion.yaml"
+    cfg.write_text((work / "config" / "tiny.yaml").read_text().replace(
+        'backend: torch\n  jobs: 1\n  relion_launcher: ""',
+        'backend: relion\n  jobs: 2\n  relion_launcher: "apptainer exec relion.sif"'))
+    out = snakemake(work, "-n", "--configfile", "config/relion.yaml")
+    text = out.stdout + out.stderr
+    commands = [line.split("cryopose", 1)[1] for line in text.splitlines()
+                if "cryopose ground-truth" in line or "cryopose evaluate" in line]
+    assert len(commands) == 3 + 6
+    assert all("--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
+               for c in commands), commands
