@@ -66,18 +66,27 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .io import Entry
+def _entry(args: argparse.Namespace):
+    from .data import resolve_entry
 
-    entry = Entry.from_benchmark(args.benchmark_dir, args.entry) if args.benchmark_dir else Entry(Path(args.entry))
-    options = {}
+    return resolve_entry(args.entry, args.benchmark_dir)
+
+
+def _reconstruct_options(args: argparse.Namespace) -> dict:
+    """Backend options of `reconstruct` from the shared reconstruction arguments."""
     if args.backend == "relion":
+        options = {"mpi_processes": args.mpi_processes}
         if args.relion_launcher:
             options["launcher"] = args.relion_launcher.split()
-        options["mpi_processes"] = args.mpi_processes
-    elif args.device:
-        options["device"] = args.device
+        return options
+    return {"device": args.device} if args.device else {}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    entry = _entry(args)
+    options = _reconstruct_options(args)
     result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
                       use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
                       ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
@@ -96,12 +105,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         print(f"written to {args.out}")
     return 0
-
-
-def _entry(args: argparse.Namespace):
-    from .io import Entry
-
-    return Entry.from_benchmark(args.benchmark_dir, args.entry) if args.benchmark_dir else Entry(Path(args.entry))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -131,8 +134,8 @@ def _cmd_ground_truth(args: argparse.Namespace) -> int:
 
     entry = _entry(args)
     entry.validate()
-    options = {"launcher": args.relion_launcher.split()} if args.backend == "relion" and args.relion_launcher else {}
-    ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs, **options)
+    ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs,
+                      **_reconstruct_options(args))
     print(args.out)
     return 0
 
@@ -152,6 +155,22 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     write_leaderboard(table, args.out)
     print(to_markdown(table, summary_table(table)))
     return 0
+
+
+def _add_reconstruction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["torch", "relion"], default="torch", help="reconstruction backend")
+    p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
+    p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
+    p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+
+
+def _add_method_args(p: argparse.ArgumentParser, half_help: str) -> None:
+    p.add_argument("--method", required=True, help="a registered method (ground_truth, random, ...)")
+    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--half", type=int, choices=[0, 1], required=True, help=half_help)
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,15 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half1", required=True, help="predictions STAR for half 1 (by the model trained on half 0)")
     p.add_argument("--prediction-type", choices=["S2", "SO3", "SO3xR2"], default="SO3",
                    help="what was predicted; the ground truth fills in the rest (default: %(default)s)")
-    p.add_argument("--backend", choices=["torch", "relion"], default="torch", help="reconstruction backend")
+    _add_reconstruction_args(p)
     p.add_argument("--no-pred-confidence", action="store_true",
                    help="do not weight particles by rlnParticleFigureOfMerit when reconstructing")
     p.add_argument("--out", help="folder for metrics.json, particles.csv, fsc.csv, maps and plots")
     p.add_argument("--ground-truth-dir", help="cache of the ground-truth half-maps (default OUT/ground_truth)")
-    p.add_argument("--benchmark-dir", help="where entry names are looked up")
-    p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
-    p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
-    p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
     p.add_argument("--method", help="name of the method that made the predictions (recorded in metrics.json)")
     p.add_argument("--jobs", type=int, default=1,
                    help="reconstructions at once (2 runs the two halves side by side; useful with relion)")
@@ -214,32 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train", help="train a method on one half of an entry")
-    p.add_argument("--method", required=True, help="a registered method (ground_truth, random, ...)")
-    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
-    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half to train on")
+    _add_method_args(p, "the half to train on")
     p.add_argument("--out", required=True, help="model folder")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
-    p.add_argument("--benchmark-dir", help="where entry names are looked up")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="predict the poses of one half with the model of the other half")
-    p.add_argument("--method", required=True)
+    _add_method_args(p, "the half to predict")
     p.add_argument("--model", required=True, help="model folder written by 'cryopose train' on the other half")
-    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
-    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half to predict")
     p.add_argument("--out", required=True, help="predictions STAR")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
-    p.add_argument("--benchmark-dir", help="where entry names are looked up")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("ground-truth", help="reconstruct an entry's ground-truth half-maps once (the cache "
                                             "'cryopose evaluate --ground-truth-dir' reuses)")
     p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
     p.add_argument("--out", required=True, help="folder for GT_half0.mrc, GT_half1.mrc, ground_truth.json")
-    p.add_argument("--backend", choices=["torch", "relion"], default="torch")
-    p.add_argument("--relion-launcher", help="command prefix for RELION, e.g. 'apptainer exec relion.sif'")
+    _add_reconstruction_args(p)
     p.add_argument("--jobs", type=int, default=1, help="reconstructions at once")
-    p.add_argument("--benchmark-dir", help="where entry names are looked up")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_ground_truth)
 

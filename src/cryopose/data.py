@@ -34,7 +34,9 @@ EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
 
 
-def _resolve_entry(entry, benchmark_dir) -> io.Entry:
+def resolve_entry(entry, benchmark_dir=None) -> io.Entry:
+    """An :class:`~cryopose.io.Entry` from an Entry, an entry folder, or a name in ``benchmark_dir``
+    (default ``resources/benchmark``)."""
     if isinstance(entry, io.Entry):
         return entry
     path = Path(entry)
@@ -84,7 +86,7 @@ class ParticlesDataset(Dataset):
             raise TypeError("ParticlesDataset needs an entry (name, folder or Entry) and a halfset (0 or 1)")
         if isinstance(ctf_correction, str) and ctf_correction.lower() == "none":
             ctf_correction = None
-        self.entry = _resolve_entry(entry, benchmark_dir)
+        self.entry = resolve_entry(entry, benchmark_dir)
         self.halfset = halfset
         self.star_path = self.entry.star_path(halfset)
         star = self.entry.read_star(halfset)
@@ -352,7 +354,7 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
 
     from .preprocess import center_crop, fourier_resize_map
 
-    src = _resolve_entry(entry, benchmark_dir)
+    src = resolve_entry(entry, benchmark_dir)
     dest = Path(out_dir) / src.name
     dest.mkdir(parents=True, exist_ok=True)
     total = sum(src.n_particles(h) for h in src.halves)

@@ -202,18 +202,20 @@ def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "to
     return maps[0], maps[1], px
 
 
-def _load_mask(entry: io.Entry, gt: np.ndarray, pixel_size: float) -> tuple[np.ndarray, str]:
-    if entry.mask_path.is_file():
-        mask, mask_px = io.read_map(entry.mask_path)
-        if mask.shape != gt.shape:
-            raise InputError(f"mask has shape {mask.shape} but the maps are {gt.shape}", path=entry.mask_path)
-        if not math.isclose(mask_px, pixel_size, rel_tol=0.01):
-            raise InputError(f"mask pixel size {mask_px:g} Å differs from the particles' {pixel_size:g} Å",
-                             path=entry.mask_path, where="voxel size")
-        if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
-            raise InputError("mask values must lie in [0, 1]", path=entry.mask_path)
-        return np.clip(mask, 0, 1), "entry"
-    return mask_from_ground_truth(gt, pixel_size), "ground truth map"
+def _read_entry_mask(entry: io.Entry) -> np.ndarray | None:
+    """The entry's own mask, checked against its box and pixel size, or ``None`` when it has none."""
+    if not entry.mask_path.is_file():
+        return None
+    mask, mask_px = io.read_map(entry.mask_path)
+    box = (entry.box_size,) * 3
+    if mask.shape != box:
+        raise InputError(f"mask has shape {mask.shape} but the maps are {box}", path=entry.mask_path)
+    if not math.isclose(mask_px, entry.pixel_size, rel_tol=0.01):
+        raise InputError(f"mask pixel size {mask_px:g} Å differs from the particles' {entry.pixel_size:g} Å",
+                         path=entry.mask_path, where="voxel size")
+    if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+        raise InputError("mask values must lie in [0, 1]", path=entry.mask_path)
+    return np.clip(mask, 0, 1)
 
 
 @dataclass
@@ -273,8 +275,7 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
                    for h, p in zip(entry.halves, (half0_predictions, half1_predictions))]
     if backend == "relion":
         relion_command(reconstruct_options.get("launcher"), reconstruct_options.get("mpi_processes", 1))
-    if entry.mask_path.is_file():
-        _load_mask(entry, np.zeros((entry.box_size,) * 3, np.float32), entry.pixel_size)  # fail before any work
+    mask = _read_entry_mask(entry)  # read and checked before any work
     symmetry = entry.symmetry
 
     with tempfile.TemporaryDirectory(prefix="cryopose-evaluate-") as tmp:
@@ -297,7 +298,9 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
 
     gt = 0.5 * (gt0 + gt1)
     vmean = 0.5 * (v[0] + v[1])
-    mask, mask_source = _load_mask(entry, gt, px)
+    mask_source = "entry" if mask is not None else "ground truth map"
+    if mask is None:
+        mask = mask_from_ground_truth(gt, px)
     pairs = {"(GT,V)": (gt, vmean), "(V0,V1)": (v[0], v[1]), "(GT0,GT1)": (gt0, gt1)}
     comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom)
                    for name, (a, b) in pairs.items()}
@@ -352,8 +355,8 @@ def _pose_metrics(entry: io.Entry, predictions: list[Predictions], prediction_ty
         pred_angles = pred.table[EULER].to_numpy(dtype=np.float64)
         if prediction_type == "S2":  # the pose scored is the one reconstructed: predicted cone, true psi
             pred_angles = np.column_stack([pred_angles[:, :2], true_angles[:, 2]])
-        err = angular_errors(euler_to_matrix(torch.tensor(true_angles)), euler_to_matrix(torch.tensor(pred_angles)),
-                             symmetry)
+        pred_rot = euler_to_matrix(torch.tensor(pred_angles)) if prediction_type == "S2" else pred.rotmats
+        err = angular_errors(euler_to_matrix(torch.tensor(true_angles)), pred_rot, symmetry)
         conf = (truth["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
                 if "rlnMaxValueProbDistribution" in truth.columns else np.ones(len(truth)))
         table = pd.DataFrame({"half": h, "rlnImageName": truth["rlnImageName"].astype(str).to_numpy(),

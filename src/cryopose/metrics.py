@@ -105,7 +105,7 @@ def shift_errors(true_shifts_angst, pred_shifts_angst) -> torch.Tensor:
 # Maps
 # ---------------------------------------------------------------------------------------------
 
-def _as_map(volume, name: str) -> torch.Tensor:
+def _as_map(volume) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(volume))
     if not t.is_floating_point():
         t = t.to(torch.float32)
@@ -131,13 +131,13 @@ def pearson_correlation(map1, map2, mask=None) -> float:
     Returns:
         The correlation, or NaN when a map is constant.
     """
-    a = _as_map(map1, "map1")
-    b = _as_map(map2, "map2")
+    a = _as_map(map1)
+    b = _as_map(map2)
     if a.shape != b.shape:
         raise ValueError(f"pearson_correlation: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
     m = None
     if mask is not None:
-        m = _as_map(mask, "mask")
+        m = _as_map(mask)
         if m.shape != a.shape:
             raise ValueError(f"pearson_correlation: mask shape {tuple(m.shape)} differs from the maps' {tuple(a.shape)}")
         m = m.reshape(-1)
@@ -192,13 +192,13 @@ def _shell_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare_pair(map1, map2, pixel_size: float, mask, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = _as_map(map1, "map1")
-    b = _as_map(map2, "map2")
+    a = _as_map(map1)
+    b = _as_map(map2)
     _check_pair(a, b, caller)
     if not pixel_size > 0:
         raise ValueError(f"{caller}: pixel size must be > 0, got {pixel_size}")
     if mask is not None:
-        m = _as_map(mask, "mask")
+        m = _as_map(mask)
         if m.shape != a.shape:
             raise ValueError(f"{caller}: mask shape {tuple(m.shape)} differs from the maps' {tuple(a.shape)}")
         a, b = a * m, b * m

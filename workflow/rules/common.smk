@@ -55,8 +55,10 @@ def method_params(wildcards):
     return " ".join(f"--param {k}={json.dumps(v)}" for k, v in sorted(params.items()))
 
 
-def other_half(wildcards):
-    return 1 - int(wildcards.half)
+def prediction_type(wildcards):
+    from cryopose.methods import get_method
+
+    return get_method(wildcards.method).prediction_type
 
 
 def relion_options():

@@ -37,7 +37,7 @@ rule evaluate:
         jobs=RECON["jobs"],
         outdir=lambda wc, output: os.path.dirname(output.metrics),
         gtdir=lambda wc, input: os.path.dirname(input.record),
-        prediction_type=lambda wc: __import__("cryopose.methods").methods.get_method(wc.method).prediction_type,
+        prediction_type=prediction_type,
         confidence=lambda wc: "" if config["evaluation"]["use_pred_confidence"] else "--no-pred-confidence",
     log:
         "logs/evaluate/{method}/{entry}.log",
