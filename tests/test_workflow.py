@@ -18,6 +18,7 @@ CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 
 def _workdir(tmp_path: Path) -> Path:
     """A copy of the workflow's files (not results/ or resources/), so runs start from nothing."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
@@ -50,12 +51,18 @@ def test_lint_is_clean(tmp_path):
 def test_dry_run_schedules_every_job(tmp_path, config):
     import yaml
 
+    from cryopose.methods import get_method
+
     cfg = yaml.safe_load(config.read_text())
     e, m = len(cfg["entries"]), len(cfg["methods"])
+    p = e if any(get_method(name).needs_preprocessing for name in cfg["methods"]) else 0
     out = snakemake(_workdir(tmp_path), "-n", "--configfile", f"config/{config.name}")
     counts = job_counts(out.stdout + out.stderr)
-    assert counts == {"simulate_entry": e, "ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
-                      "evaluate": e * m, "leaderboard": 1, "all": 1, "total": 2 * e + 5 * e * m + 2}, counts
+    expected = {"simulate_entry": e, "ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
+                "evaluate": e * m, "leaderboard": 1, "all": 1, "total": 2 * e + p + 5 * e * m + 2}
+    if p:
+        expected["preprocess_entry"] = p
+    assert counts == expected, counts
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -63,6 +70,7 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     (lambda c: c.replace("  random:", "  randm:"), "unknown method(s) randm"),
     (lambda c: c.replace("backend: torch", "backend: cryosparc"), "cryosparc"),
     (lambda c: c.replace("n_particles: 300", "n_particles: many", 1), "many"),
+    (lambda c: c.replace("    lmax: 3", "    lmaxx: 3"), "image2sphere: unknown parameter(s) lmaxx"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     work = _workdir(tmp_path)
@@ -78,7 +86,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     work = _workdir(tmp_path)
     snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
     board = pd.read_csv(work / "results" / "leaderboard.csv")
-    assert len(board) == 6 and set(board["method"]) == {"ground_truth", "random"}
+    assert len(board) == 9 and set(board["method"]) == {"ground_truth", "random", "image2sphere"}
     gt, rnd = board[board.method == "ground_truth"], board[board.method == "random"]
     # The oracle: zero error, V = GT, so ΔPCC = PCC(GT0,GT1) − 1 (small half-maps: clearly < 0).
     assert (gt["MAnE"] < 1e-3).all() and (gt["PCC(GT,V)"] > 0.99999).all()
@@ -89,7 +97,13 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (merged["delta_FSCR0.5_rnd"] > merged["delta_FSCR0.5_gt"]).all()
     assert board["train_seconds"].notna().all() and (board["predict_particles_per_s"] > 0).all()
     summary = pd.read_csv(work / "results" / "leaderboard_summary.csv")
-    assert set(summary["method"]) == {"ground_truth", "random"} and (summary["entries"] == 3).all()
+    assert set(summary["method"]) == {"ground_truth", "random", "image2sphere"} and (summary["entries"] == 3).all()
+    # Image2Sphere went through preprocessing, training (with a log and resumable checkpoints kept
+    # outside the model folder) and cross-prediction; at CI size its accuracy is not the point.
+    i2s = board[board.method == "image2sphere"]
+    assert i2s["MAnE"].between(0, 180).all() and i2s["train_seconds"].notna().all()
+    assert (work / "results/models/image2sphere/tiny_d2/half1/train_log.csv").is_file()
+    assert (work / "results/checkpoints/image2sphere/tiny_d2/half1/checkpoint.pt").is_file()
     assert "| ground_truth |" in (work / "results" / "leaderboard.md").read_text()
     metrics = json.loads((work / "results/evaluation/random/tiny_c2/metrics.json").read_text())
     assert metrics["method"] == "random" and metrics["entry"] == "tiny_c2"
@@ -111,11 +125,17 @@ def test_tiny_workflow_end_to_end(tmp_path):
 
 
 def test_preprocess_stage_is_wired(tmp_path):
-    """Methods that need preprocessed particles get them from the preprocess rule; the oracles
-    train on the raw entry, so the default DAG schedules no preprocessing."""
+    """Methods that need preprocessed particles (image2sphere) get them from the preprocess rule;
+    the oracles train on the raw entry."""
     out = snakemake(_workdir(tmp_path), "-n", "results/preprocessed/tiny_c2", "--configfile", "config/tiny.yaml")
     assert job_counts(out.stdout + out.stderr) == {"simulate_entry": 1, "preprocess_entry": 1, "total": 2}
     assert "cryopose preprocess resources/benchmark/tiny_c2 --out results/preprocessed" in out.stdout + out.stderr
+    out = snakemake(_workdir(tmp_path / "b"), "-n", "-p", "results/predictions/image2sphere/tiny_c2/half0.star",
+                    "results/predictions/random/tiny_c2/half0.star", "--configfile", "config/tiny.yaml")
+    text = out.stdout + out.stderr
+    assert "--method image2sphere --entry results/preprocessed/tiny_c2" in text
+    assert "--method random --entry resources/benchmark/tiny_c2" in text
+    assert "--work-dir results/checkpoints/image2sphere/tiny_c2/half1" in text
 
 
 @pytest.mark.slow

@@ -113,7 +113,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     entry = _entry(args)
     entry.validate()
-    method.train(entry, args.half, Path(args.out), parse_params(args.param, method.default_params))
+    method.train(entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
+                 Path(args.work_dir) if args.work_dir else None)
     print(args.out)
     return 0
 
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on one half of an entry")
     _add_method_args(p, "the half to train on")
+    p.add_argument("--work-dir", help="where checkpoints are kept so an interrupted run resumes (default: --out)")
     p.add_argument("--out", required=True, help="model folder")
     p.set_defaults(func=_cmd_train)
 

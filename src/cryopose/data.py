@@ -377,6 +377,10 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
                 optics["rlnCtfDataArePhaseFlipped"] = 1 if ctf_correction == "phase_flip" else \
                     optics["rlnCtfDataArePhaseFlipped"]
             table = ds.metadata
+            # Predictions must name the particles as the source entry does: keep the original name
+            # (RELION's own label for this), and the first one when a copy is preprocessed again.
+            if "rlnImageOriginalName" not in table.columns:
+                table["rlnImageOriginalName"] = table["rlnImageName"]
             table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
             io.write_particles_star(dest / f"particles_{h}.star", io.ParticleStar(optics=optics, particles=table))
             with io.atomic_write(dest / f"info_{h}.json") as tmp:

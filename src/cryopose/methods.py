@@ -2,14 +2,16 @@
 
 A method is a name plus a ``train`` and a ``predict`` step with one contract:
 
-* ``train(entry, half, model_dir, params)`` learns from half ``half`` of the entry and writes
-  whatever it needs into ``model_dir`` (always a ``model.json`` that says what was trained on what);
+* ``train(entry, half, model_dir, params, work_dir)`` learns from half ``half`` of the entry and
+  writes whatever it needs into ``model_dir`` (always a ``model.json`` that says what was trained on
+  what); ``work_dir`` (or ``None``) holds state worth keeping across an interrupted run (checkpoints);
 * ``predict(model_dir, entry, half, out_star, params)`` writes the predictions STAR for half
   ``half``, which must be the *other* half than the model's.
 
 The oracle rows ship here: ``ground_truth`` (predicts the true poses: its ΔPCC and ΔFSCR
-calibrate zero) and ``random`` (uniform random rotations: the floor). Learned methods register
-themselves the same way and the workflow needs no change.
+calibrate zero) and ``random`` (uniform random rotations: the floor); and the paper's baseline
+``image2sphere`` (:mod:`cryopose.models.image2sphere`, :mod:`cryopose.train`,
+:mod:`cryopose.predict`), whose heavy imports wait until it is used.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Method:
     name: str
     description: str
     prediction_type: str  # "S2", "SO3" or "SO3xR2": what evaluate() takes from the predictions
-    train: Callable[[io.Entry, int, Path, dict], None]
+    train: Callable[[io.Entry, int, Path, dict, Path | None], None]
     predict: Callable[[Path, io.Entry, int, Path, dict], None]
     default_params: dict
     #: Train and predict on the workflow's preprocessed copy of the entry (normalised,
@@ -85,7 +87,7 @@ def _predictions_from_truth(entry: io.Entry, half: int, out_star: Path, rotmats:
 
 
 def _train_oracle(name: str):
-    def train(entry: io.Entry, half: int, model_dir: Path, params: dict) -> None:
+    def train(entry: io.Entry, half: int, model_dir: Path, params: dict, work_dir: Path | None = None) -> None:
         write_model_record(Path(model_dir), name, entry, half, params)
     return train
 
@@ -103,11 +105,67 @@ def _predict_random(model_dir: Path, entry: io.Entry, half: int, out_star: Path,
     _predictions_from_truth(entry, half, Path(out_star), random_rotations(entry.n_particles(half), generator=gen))
 
 
+def _image2sphere_settings(params: dict):
+    from .models.image2sphere import Image2SphereConfig
+    from .train import TrainConfig
+
+    model_keys, train_keys = set(Image2SphereConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
+    try:
+        model = Image2SphereConfig(**{k: v for k, v in params.items() if k in model_keys})
+        train = TrainConfig(**{k: v for k, v in params.items() if k in train_keys})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"image2sphere parameters: {err}", where="--param") from err
+    return model, train
+
+
+def _train_image2sphere(entry: io.Entry, half: int, model_dir: Path, params: dict,
+                        work_dir: Path | None = None) -> None:
+    from .train import train_image2sphere
+
+    model_config, train_config = _image2sphere_settings(params)
+    rows = train_image2sphere(entry, half, model_dir, model_config, train_config, work_dir=work_dir)
+    best = min(rows, key=lambda r: r["val_loss"])
+    write_model_record(Path(model_dir), "image2sphere", entry, half, params,
+                       {"epochs": len(rows), "best_epoch": best["epoch"],
+                        "val_median_error_deg": best["val_median_error_deg"]})
+
+
+def _predict_image2sphere(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
+    from .data import ParticlesDataset
+    from .predict import predict_image2sphere, write_predictions_star
+    from .train import load_model, select_device
+
+    read_model_record(model_dir, "image2sphere", entry, half)
+    _, train_config = _image2sphere_settings(params)
+    device = select_device(train_config.device)
+    model, _ = load_model(Path(model_dir) / "model.pt", device)
+    dataset = ParticlesDataset(entry, half, image_size=model.config.image_size)
+    rotmats, confidence = predict_image2sphere(model, dataset, batch_size=2 * train_config.batch_size, device=device,
+                                               refine_steps=int(params.get("refine_steps", 0)))
+    write_predictions_star(dataset, rotmats, confidence, out_star)
+
+
+#: The CPU-sized default (64 px, ResNet18, lmax 6, output order 3): a few minutes per half on
+#: 2 cores. ``config/cesped.yaml`` holds the paper's configuration.
+IMAGE2SPHERE_DEFAULTS = {
+    "image_size": 64, "resnet": "resnet18", "encoder_weights": None, "drop_maxpool": True, "sphere_channels": 256,
+    "projector_order": 2, "projector_fraction": 0.5, "lmax": 6, "s2_channels": 16, "s2_kernel_order": 2,
+    "activation_resolution": 6, "output_order": 3, "gaussian_sigmas": [1.0, 2.0],
+    "so3_kernel_max_beta": 0.39269908169872414, "so3_kernel_n_alpha": 8, "so3_kernel_n_beta": 3,
+    "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-5, "max_epochs": 6, "lr_patience": 2,
+    "early_stop_patience": 4, "grad_clip": 5.0, "val_fraction": 0.1, "augment": True, "seed": 0,
+    "max_minutes": None, "device": "auto", "refine_steps": 0,
+}
+
 METHODS: dict[str, Method] = {
     "ground_truth": Method("ground_truth", "oracle: predicts the refined poses (calibrates ΔPCC and ΔFSCR to 0)",
                            "SO3", _train_oracle("ground_truth"), _predict_ground_truth, {}),
     "random": Method("random", "floor: uniformly random rotations, true shifts", "SO3", _train_oracle("random"),
                      _predict_random, {"seed": 0}),
+    "image2sphere": Method("image2sphere", "Image2Sphere (Klee et al. 2023; the CESPED paper's baseline): ResNet → "
+                           "hemisphere → S² and SO(3) convolutions → SO(3) grid classifier", "SO3",
+                           _train_image2sphere, _predict_image2sphere, IMAGE2SPHERE_DEFAULTS,
+                           needs_preprocessing=True),
 }
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -23,6 +24,20 @@ def _check_config():
         raise WorkflowError(
             f"config: methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(REGISTERED))}"
         )
+    for name, params in METHODS.items():
+        extra = sorted(set(params or {}) - set(REGISTERED[name].default_params))
+        if extra:
+            raise WorkflowError(
+                f"config: methods: {name}: unknown parameter(s) {', '.join(extra)}; "
+                f"{name} takes: {', '.join(sorted(REGISTERED[name].default_params)) or 'none'}"
+            )
+    for name, e in ENTRIES.items():
+        if "simulate" not in e and not os.path.isdir(f"{BENCHMARK_DIR}/{name}"):
+            raise WorkflowError(
+                f"config: entries: {name} has no 'simulate' parameters, so it must be a real entry in "
+                f"{BENCHMARK_DIR}/{name} (particles_{{0,1}}.star, .mrcs, info_{{0,1}}.json, {name}_mask.mrc), "
+                f"and that folder does not exist"
+            )
     if len(ENTRIES) != len(config["entries"]):
         raise WorkflowError("config: entries: two entries share a name")
 
@@ -52,7 +67,7 @@ def method_entry_dir(wildcards):
 def method_params(wildcards):
     """`--param key=value` options of a method from the config (values as JSON)."""
     params = METHODS[wildcards.method] or {}
-    return " ".join(f"--param {k}={json.dumps(v)}" for k, v in sorted(params.items()))
+    return " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(params.items()))
 
 
 def prediction_type(wildcards):

@@ -3,6 +3,9 @@
 
 
 rule simulate_entry:
+    wildcard_constraints:
+        # Only entries with simulation parameters; real entries are never overwritten.
+        entry="|".join(re.escape(n) for n, e in ENTRIES.items() if "simulate" in e) or "(?!)",
     output:
         entry=directory(f"{BENCHMARK_DIR}/{{entry}}"),
     params:

@@ -1,4 +1,5 @@
-# Stage 2: one model per (method, entry, half).
+# Stage 2: one model per (method, entry, half). Checkpoints live outside the output folder, which
+# Snakemake deletes when a job fails, so that rerunning an interrupted training resumes it.
 
 
 rule train:
@@ -8,6 +9,7 @@ rule train:
         model=directory("results/models/{method}/{entry}/half{half}"),
     params:
         options=method_params,
+        work_dir="results/checkpoints/{method}/{entry}/half{half}",
     log:
         "logs/train/{method}/{entry}/half{half}.log",
     benchmark:
@@ -20,4 +22,4 @@ rule train:
         "../../envs/cryopose.yaml"
     shell:
         "cryopose train --method {wildcards.method} --entry {input.entry} --half {wildcards.half} "
-        "--out {output.model} {params.options} > {log} 2>&1"
+        "--out {output.model} --work-dir {params.work_dir} {params.options} > {log} 2>&1"

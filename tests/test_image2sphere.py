@@ -1,0 +1,182 @@
+"""Image2Sphere: equivariance conventions, symmetric targets, training (resume), prediction STAR."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from cryopose import io
+from cryopose.augment import inplane_rotation
+from cryopose.data import ParticlesDataset, write_preprocessed_entry
+from cryopose.errors import InputError
+from cryopose.evaluate import load_predictions
+from cryopose.geometry import random_rotations
+from cryopose.grids import nearest_grid_index, so3_healpix_grid, symmetric_grid_target
+from cryopose.methods import get_method, parse_params
+from cryopose.metrics import angular_errors
+from cryopose.models import Image2Sphere, Image2SphereConfig
+from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.symmetry import symmetry_matrices
+from cryopose.train import TrainConfig, load_model, train_image2sphere
+
+# Small enough to build and train in seconds on 2 cores.
+TINY = dict(image_size=32, resnet="resnet18", sphere_channels=16, projector_order=2, lmax=3, s2_channels=4,
+            s2_kernel_order=1, activation_resolution=4, so3_kernel_n_alpha=4, so3_kernel_n_beta=2, output_order=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CRYOPOSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Image2Sphere(Image2SphereConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    spec = SimulationSpec(name="i2s_c2", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=160, snr=2.0,
+                          seed=7)
+    raw = simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False)
+    return io.Entry(write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False))
+
+
+def test_head_is_equivariant_with_the_label_convention(model):
+    """Turning the feature map by 90° (image rotation φ = +90°) must move the logit of pose R to the
+    grid cell of R·Rz(−90°), the pose the augmentation assigns to the turned image. A transposed
+    Wigner table or the other side of multiplication breaks this by far more than the activation
+    grid's approximation error."""
+    torch.manual_seed(1)
+    fmap = torch.randn(3, TINY["sphere_channels"], 4, 4)
+    with torch.no_grad():
+        before = model.grid_logits(model.head(model.projector(fmap)))
+        after = model.grid_logits(model.head(model.projector(torch.rot90(fmap, -1, dims=(-2, -1)))))
+    grid = model.grid.double()
+    scale = before.abs().max()
+
+    def mismatch(mapped):
+        return float((after[:, nearest_grid_index(mapped, grid)] - before).abs().max() / scale)
+
+    assert mismatch(grid @ inplane_rotation(torch.tensor(-90.0))) < 0.05
+    assert mismatch(grid @ inplane_rotation(torch.tensor(90.0))) > 0.3
+    assert mismatch(inplane_rotation(torch.tensor(-90.0)) @ grid) > 0.3
+
+
+def test_logits_off_the_grid_agree_with_the_grid(model):
+    torch.manual_seed(2)
+    signal = model.head(model.projector(torch.randn(2, TINY["sphere_channels"], 4, 4))).detach()
+    cells = torch.tensor([[0, 5, 77], [100, 200, 575]])
+    at = model.logits_at(signal, model.grid[cells])
+    torch.testing.assert_close(at, model.grid_logits(signal).gather(1, cells), rtol=1e-4, atol=1e-4)
+
+
+def test_symmetric_targets_are_views_of_the_same_image(entry):
+    """On a simulated C2 entry, the grid cells that carry target mass (mates g·R) project the map
+    to the same image as the true pose; right-multiplied 'mates' R·g do not."""
+    from torch_fourier_slice import project_3d_to_2d
+
+    volume = torch.from_numpy(io.read_map(entry.ground_truth_map_path)[0]).float()
+    poses = ParticlesDataset(entry, 0)._rotmats[:6].double()
+    grid = so3_healpix_grid(4, torch.float64)
+    target = symmetric_grid_target(poses, grid, "C2")
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    truth = project_3d_to_2d(volume, poses.float())
+    for i in range(len(poses)):
+        cells = torch.nonzero(target[i]).flatten()
+        assert len(cells) == 2
+        views = project_3d_to_2d(volume, grid[cells].float())
+        assert min(corr(truth[i], v) for v in views) > 0.995
+    g = symmetry_matrices("C2")[1]
+    wrong = project_3d_to_2d(volume, (poses @ g).float())
+    # An in-plane half-turn of a 32 px blob still correlates well, but clearly less than a mate.
+    assert max(corr(truth[i], wrong[i]) for i in range(len(poses))) < 0.985
+
+
+def _train(entry, out, work=None, epochs=2, **overrides):
+    cfg = TrainConfig(batch_size=16, max_epochs=epochs, lr_patience=1, early_stop_patience=5, seed=3, device="cpu",
+                      **overrides)
+    return train_image2sphere(entry, 0, out, Image2SphereConfig(**TINY), cfg, work_dir=work, progress=False)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(entry, tmp_path):
+    straight = _train(entry, tmp_path / "a", epochs=3)
+    _train(entry, tmp_path / "b", tmp_path / "work", epochs=1)  # "killed" after epoch 1 ...
+    resumed = _train(entry, tmp_path / "b", tmp_path / "work", epochs=3)  # ... and run again
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(tmp_path / "b" / "train_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and float(rows[-1]["val_median_error_deg"]) >= 0
+    # No Wigner tables in checkpoints: they are rebuilt from the cache.
+    assert not any("wigner" in k or k.endswith(".D") for k in a)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(entry, tmp_path):
+    _train(entry, tmp_path / "m", tmp_path / "w", epochs=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        _train(entry, tmp_path / "m", tmp_path / "w", epochs=1, lr=5e-4)
+
+
+def test_method_cross_predicts_with_original_particle_names(entry, tmp_path):
+    method = get_method("image2sphere")
+    params = parse_params([f"{k}={v}" for k, v in TINY.items()] + ["max_epochs=1", "batch_size=16", "device=cpu", "refine_steps=2"], method.default_params)
+    method.train(entry, 1, tmp_path / "model", params, tmp_path / "work")
+    record = (tmp_path / "model" / "model.json").read_text()
+    assert '"trained_on_half": 1' in record
+    out = tmp_path / "half0.star"
+    method.predict(tmp_path / "model", entry, 0, out, params)
+    star = io.read_particles_star(out).particles
+    assert "rlnImageOriginalName" not in star.columns
+    assert (star["rlnImageName"] == entry.read_star(0).particles["rlnImageOriginalName"]).all()
+    fom = star["rlnParticleFigureOfMerit"].to_numpy()
+    assert np.all((fom > 0) & (fom <= 1))
+    with pytest.raises(InputError, match="other half"):
+        method.predict(tmp_path / "model", entry, 1, tmp_path / "x.star", params)
+
+
+def test_bad_parameters_name_the_problem(entry, tmp_path):
+    method = get_method("image2sphere")
+    with pytest.raises(InputError, match="resnet"):
+        method.train(entry, 0, tmp_path, parse_params(["resnet=resnet7"], method.default_params))
+    with pytest.raises(InputError, match="unknown parameter"):
+        parse_params(["lmaxx=3"], method.default_params)
+
+
+def test_model_file_round_trip(entry, tmp_path):
+    _train(entry, tmp_path, epochs=1)
+    model, saved = load_model(tmp_path / "model.pt")
+    assert saved["epoch"] == 1 and model.config == Image2SphereConfig(**TINY)
+    x = ParticlesDataset(entry, 1, image_size=32).get_batch([0, 1])[1]
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # evaluation is deterministic (all projector points)
+
+
+@pytest.mark.slow
+def test_training_learns_poses(tmp_path):
+    """A few minutes of CPU training on a clean C1 entry gets far below random's error."""
+    spec = SimulationSpec(name="learn_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=2000, snr=1.0,
+                          seed=5)
+    entry = io.Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
+                                              progress=False))
+    model_cfg = Image2SphereConfig(image_size=32, output_order=2)
+    train_image2sphere(entry, 0, tmp_path / "m", model_cfg,
+                       TrainConfig(max_epochs=8, lr_patience=3, early_stop_patience=8, device="cpu"), progress=False)
+    from cryopose.predict import predict_image2sphere
+
+    model, _ = load_model(tmp_path / "m" / "model.pt")
+    ds = ParticlesDataset(entry, 1, image_size=32)
+    rot, _ = predict_image2sphere(model, ds, progress=False)
+    err = angular_errors(ds._rotmats.double(), rot, "C1")
+    random_err = angular_errors(ds._rotmats.double(), random_rotations(len(ds), generator=torch.Generator()
+                                                                       .manual_seed(0)).double(), "C1")
+    assert err.median() < 0.4 * random_err.median()
