@@ -56,10 +56,17 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     cfg = yaml.safe_load(config.read_text())
     e, m = len(cfg["entries"]), len(cfg["methods"])
     p = e if any(get_method(name).needs_preprocessing for name in cfg["methods"]) else 0
-    out = snakemake(_workdir(tmp_path), "-n", "--configfile", f"config/{config.name}")
+    work = _workdir(tmp_path)
+    real = [x["name"] for x in cfg["entries"] if "simulate" not in x]
+    for name in real:  # real entries are never simulated: they must be on disk (a dry run needs the folder only)
+        (work / cfg["benchmark_dir"] / name).mkdir(parents=True)
+    out = snakemake(work, "-n", "--configfile", f"config/{config.name}")
     counts = job_counts(out.stdout + out.stderr)
-    expected = {"simulate_entry": e, "ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
-                "evaluate": e * m, "leaderboard": 1, "all": 1, "total": 2 * e + p + 5 * e * m + 2}
+    s = e - len(real)
+    expected = {"ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
+                "evaluate": e * m, "leaderboard": 1, "all": 1, "total": s + e + p + 5 * e * m + 2}
+    if s:
+        expected["simulate_entry"] = s
     if p:
         expected["preprocess_entry"] = p
     assert counts == expected, counts
@@ -79,6 +86,16 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     out = snakemake(work, "-n", "--configfile", "config/bad.yaml", check=False)
     assert out.returncode != 0 and message in out.stdout + out.stderr
     assert not (work / "resources").exists() and not (work / "results").exists()
+
+
+def test_a_real_entry_must_be_on_disk(tmp_path):
+    """config/cesped.yaml names real entries (no simulation parameters): without their folders the
+    run stops before any job and says which folder it expected."""
+    work = _workdir(tmp_path)
+    out = snakemake(work, "-n", "--configfile", "config/cesped.yaml", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "entries: TEST has no 'simulate' parameters" in text
+    assert "resources/benchmark/TEST" in text and not (work / "results").exists()
 
 
 @pytest.mark.slow
@@ -182,6 +199,6 @@ def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
     text = out.stdout + out.stderr
     commands = [line.split("cryopose", 1)[1] for line in text.splitlines()
                 if "cryopose ground-truth" in line or "cryopose evaluate" in line]
-    assert len(commands) == 3 + 6
+    assert len(commands) == 3 + 3 * 3  # ground truth of 3 entries; 3 methods × 3 entries
     assert all("--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
                for c in commands), commands

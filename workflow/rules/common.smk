@@ -67,7 +67,8 @@ def method_entry_dir(wildcards):
 def method_params(wildcards):
     """`--param key=value` options of a method from the config (values as JSON)."""
     params = METHODS[wildcards.method] or {}
-    return " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(params.items()))
+    quoted = (shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(params.items()))
+    return " ".join(f"--param {q}" for q in quoted)
 
 
 def prediction_type(wildcards):
