@@ -1,4 +1,5 @@
-"""Figures of an evaluation: FSC curves, angular-error histogram, orientation coverage.
+"""Figures of an evaluation (FSC curves, angular-error histogram, orientation coverage) and of a
+training run (loss and validation error per epoch).
 
 Each function takes the tables :func:`cryopose.evaluate.evaluate` produces and writes one PNG
 atomically. matplotlib runs headless (Agg); healpy draws the Mollweide maps.
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from . import io  # noqa: E402
 from .geometry import euler_to_matrix  # noqa: E402
 
-__all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions"]
+__all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training"]
 
 _PAIRS = {"(GT,V)": ("GT vs V (predicted)", "C0"), "(V0,V1)": ("V0 vs V1 (predicted halves)", "C1"),
           "(GT0,GT1)": ("GT0 vs GT1 (ground-truth halves)", "C2")}
@@ -103,3 +104,22 @@ def plot_orientations(particles: pd.DataFrame, path: str | Path, nside: int = 8)
         hp.graticule(dpar=30, dmer=60, alpha=0.3)
     _save(fig, Path(path))
 
+
+
+def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Training and validation loss (left axis) and validation median angular error (right axis)
+    per epoch, from the rows of ``train_log.csv``."""
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    ax.plot(epochs, [r["val_loss"] for r in rows], "s-", color="C1", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted cross-entropy (eq. 11)")
+    right = ax.twinx()
+    right.plot(epochs, [r["val_median_error_deg"] for r in rows], "^--", color="C2", label="validation median error")
+    right.set_ylabel("validation median angular error (°)")
+    right.set_ylim(0, 180)
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    ax.set_title(title or "training")
+    _save(fig, Path(path))

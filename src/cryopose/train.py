@@ -12,7 +12,7 @@ written (atomically) after every epoch, so a run killed at any moment and resume
 checkpoint ends with the same weights as an uninterrupted run (bit-exact on a CPU).
 
 Files in ``work_dir``: ``checkpoint.pt`` (last epoch: weights, optimiser, scheduler, counters);
-in ``out_dir``: ``model.pt`` (best validation loss), ``train_log.csv``.
+in ``out_dir``: ``model.pt`` (best validation loss), ``train_log.csv``, ``training.png``.
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimiser.step()
             total += float(loss.detach())
-            bar.set_postfix(loss=f"{total / (b + 1):.3f}")
+            bar.set_postfix(loss=f"{total / (b + 1):.3f}",
+                            val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-")
         bar.close()
         val_loss, val_err = _validate(model, val_set, val_idx, config.batch_size, device)
         scheduler.step(val_loss)
@@ -258,4 +259,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
     if not (out_dir / "model.pt").is_file():
         raise RuntimeError("training ended without a model (no epoch finished)")
     _write_log(out_dir / "train_log.csv", rows)
+    from .plots import plot_training
+
+    plot_training(rows, out_dir / "training.png", f"{fingerprint['entry']} half {half}: Image2Sphere training")
     return rows
