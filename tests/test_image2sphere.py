@@ -163,20 +163,23 @@ def test_model_file_round_trip(entry, tmp_path):
 
 @pytest.mark.slow
 def test_training_learns_poses(tmp_path):
-    """A few minutes of CPU training on a clean C1 entry gets far below random's error."""
-    spec = SimulationSpec(name="learn_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=2000, snr=1.0,
-                          seed=5)
-    entry = io.Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
-                                              progress=False))
-    model_cfg = Image2SphereConfig(image_size=32, output_order=2)
-    train_image2sphere(entry, 0, tmp_path / "m", model_cfg,
-                       TrainConfig(max_epochs=8, lr_patience=3, early_stop_patience=8, device="cpu"), progress=False)
+    """Six epochs (~4 min on 2 cores) on the default suite's C4 entry (SNR 0.1, 3,000 particles per
+    half, 30 % preferred views) bring the cross-predicted median error far below random's (94°)."""
     from cryopose.predict import predict_image2sphere
+    from cryopose.simulate import SUITES
 
+    spec = next(s for s in SUITES["default"] if s.name == "sim_c4")
+    entry = io.Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
+                                              image_size=32, progress=False))
+    train_image2sphere(entry, 0, tmp_path / "m", Image2SphereConfig(image_size=32),
+                       TrainConfig(max_epochs=6, lr_patience=3, early_stop_patience=5, device="cpu"), progress=False)
     model, _ = load_model(tmp_path / "m" / "model.pt")
     ds = ParticlesDataset(entry, 1, image_size=32)
-    rot, _ = predict_image2sphere(model, ds, progress=False)
-    err = angular_errors(ds._rotmats.double(), rot, "C1")
-    random_err = angular_errors(ds._rotmats.double(), random_rotations(len(ds), generator=torch.Generator()
-                                                                       .manual_seed(0)).double(), "C1")
-    assert err.median() < 0.4 * random_err.median()
+    rot, confidence = predict_image2sphere(model, ds, progress=False)
+    err = angular_errors(ds._rotmats.double(), rot, "C4")
+    guess = random_rotations(len(ds), generator=torch.Generator().manual_seed(0)).double()
+    random_err = angular_errors(ds._rotmats.double(), guess, "C4")
+    assert err.median() < 0.6 * random_err.median()
+    # The confidence means something: the more confident half of the particles is the more accurate.
+    confident = confidence > confidence.median()
+    assert err[confident].median() < err[~confident].median()

@@ -186,7 +186,7 @@ def test_interrupted_run_resumes(tmp_path):
     text = out.stdout + out.stderr
     assert not any(f"output: resources/benchmark/{name}\n" in text for name in done)
     board = pd.read_csv(work / "results" / "leaderboard.csv")
-    assert len(board) == 6 and board["MAnE"].notna().all()
+    assert len(board) == 9 and board["MAnE"].notna().all()
 
 
 def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
