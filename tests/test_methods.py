@@ -53,7 +53,7 @@ def test_random_predictions_depend_on_the_seed(entry, tmp_path):
 
 
 def test_registry_and_params():
-    with pytest.raises(InputError, match="known methods: ground_truth, image2sphere, random"):
+    with pytest.raises(InputError, match="known methods: ground_truth, image2sphere, projection_matching, random"):
         get_method("image2spher")
     assert parse_params(["seed=3"], {"seed": 0}) == {"seed": 3}
     with pytest.raises(InputError, match="unknown parameter 'lr'"):

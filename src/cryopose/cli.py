@@ -130,6 +130,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from .matching import RefineConfig, config_from_params, refine_entry
+    from .methods import parse_params, refine_defaults
+
+    entry = _entry(args)
+    entry.validate()
+    config = config_from_params(RefineConfig, parse_params(args.param, refine_defaults()))
+    refine_entry(entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config,
+                 progress=not args.quiet)
+    print(args.out)
+    return 0
+
+
 def _cmd_ground_truth(args: argparse.Namespace) -> int:
     from .evaluate import ground_truth_maps
 
@@ -240,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder written by 'cryopose train' on the other half")
     p.add_argument("--out", required=True, help="predictions STAR")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("refine", help="refine predicted poses and shifts of one half locally against a reference "
+                                      "map (the other half's reconstruction)")
+    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir (raw particles)")
+    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half the predictions are for")
+    p.add_argument("--predictions", required=True, help="predictions STAR to refine")
+    p.add_argument("--reference", required=True, help="reference map on the particles' pixel grid (MRC)")
+    p.add_argument("--out", required=True, help="refined predictions STAR (with rlnOriginX/YAngst)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="refinement parameter (repeatable): local_resolution, local_step, local_rounds, "
+                        "local_max_shift, local_batch_size, local_device")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_refine)
 
     p = sub.add_parser("ground-truth", help="reconstruct an entry's ground-truth half-maps once (the cache "
                                             "'cryopose evaluate --ground-truth-dir' reuses)")

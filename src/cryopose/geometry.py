@@ -30,6 +30,7 @@ __all__ = [
     "geodesic_angle",
     "random_rotations",
     "rotation_about_axis",
+    "axis_turns",
     "is_rotation_matrix",
 ]
 
@@ -186,3 +187,17 @@ def is_rotation_matrix(matrices: torch.Tensor, atol: float = 1e-4) -> torch.Tens
     orth = (m @ m.transpose(-1, -2) - eye).abs().amax(dim=(-1, -2)) < atol
     det = (torch.linalg.det(m) - 1).abs() < atol
     return orth & det & torch.isfinite(m).all(dim=-1).all(dim=-1)
+
+
+def axis_turns(step_deg: float) -> torch.Tensor:
+    """``(7, 3, 3)`` float64: the identity and turns of ±``step_deg`` about x, y and z (the moves of a
+    local search on SO(3): ``R·δ`` for each δ)."""
+    a = math.radians(step_deg)
+    out = [torch.eye(3, dtype=torch.float64)]
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            k = torch.zeros(3, 3, dtype=torch.float64)
+            i, j = [(1, 2), (2, 0), (0, 1)][axis]
+            k[i, j], k[j, i] = -sign * a, sign * a
+            out.append(torch.linalg.matrix_exp(k))
+    return torch.stack(out)

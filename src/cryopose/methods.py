@@ -11,13 +11,15 @@ A method is a name plus a ``train`` and a ``predict`` step with one contract:
 The oracle rows ship here: ``ground_truth`` (predicts the true poses: its ΔPCC and ΔFSCR
 calibrate zero) and ``random`` (uniform random rotations: the floor); and the paper's baseline
 ``image2sphere`` (:mod:`cryopose.models.image2sphere`, :mod:`cryopose.train`,
-:mod:`cryopose.predict`), whose heavy imports wait until it is used.
+:mod:`cryopose.predict`), whose heavy imports wait until it is used; the classical anchor
+``projection_matching`` (:mod:`cryopose.matching`); and, for any of them, ``<method>+refine``:
+its poses refined locally against the training half's map.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,7 @@ import torch
 from . import io
 from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
+from .matching import MatchingConfig
 
 __all__ = ["Method", "METHODS", "get_method", "parse_params", "read_model_record", "write_model_record"]
 
@@ -145,6 +148,80 @@ def _predict_image2sphere(model_dir: Path, entry: io.Entry, half: int, out_star:
     write_predictions_star(dataset, rotmats, confidence, out_star)
 
 
+def _matching_config(cls, params: dict):
+    from .matching import config_from_params
+
+    try:
+        return config_from_params(cls, params)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{cls.__name__} parameters: {err}", where="--param") from err
+
+
+def _train_projection_matching(entry: io.Entry, half: int, model_dir: Path, params: dict,
+                               work_dir: Path | None = None) -> None:
+    """The "model" is the reference: the training half reconstructed from its refined poses."""
+    from .reconstruct import reconstruct_torch
+
+    volume, px = reconstruct_torch(entry.star_path(half), symmetry=entry.symmetry, progress=False)
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    io.write_map(model_dir / "reference.mrc", volume, px)
+    write_model_record(model_dir, "projection_matching", entry, half, params)
+
+
+def _predict_projection_matching(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
+    from .matching import MatchingConfig, match_entry
+
+    read_model_record(model_dir, "projection_matching", entry, half)
+    match_entry(entry, half, Path(model_dir) / "reference.mrc", out_star, _matching_config(MatchingConfig, params))
+
+
+#: Local refinement (:mod:`cryopose.matching`), for the ``<method>+refine`` variants.
+REFINE_SUFFIX = "+refine"
+
+
+def refine_defaults() -> dict:
+    from .matching import RefineConfig
+
+    return RefineConfig().to_dict()
+
+
+def _refined(base: Method) -> Method:
+    """``base`` followed by a local refinement of its poses and shifts against the training half's
+    map (paper Appendix F). Its model folder holds the base model in ``base/`` and ``reference.mrc``."""
+    name = base.name + REFINE_SUFFIX
+    refine_keys = set(refine_defaults())
+
+    def split(params: dict) -> tuple[dict, dict]:
+        return ({k: v for k, v in params.items() if k not in refine_keys},
+                {k: v for k, v in params.items() if k in refine_keys})
+
+    def train(entry, half, model_dir, params, work_dir=None):
+        base_params, _ = split(params)
+        # A base that asks for a preprocessed copy gets the same images from the raw entry:
+        # ParticlesDataset preprocesses on the fly what the copy holds precomputed.
+        base.train(entry, half, Path(model_dir) / "base", base_params, work_dir)
+        _train_projection_matching(entry, half, Path(model_dir), {}, None)
+        write_model_record(Path(model_dir), name, entry, half, params)
+
+    def predict(model_dir, entry, half, out_star, params):
+        import tempfile
+
+        from .matching import RefineConfig, refine_entry
+
+        read_model_record(model_dir, name, entry, half)
+        base_params, refine_params = split(params)
+        with tempfile.TemporaryDirectory() as tmp:
+            first = Path(tmp) / "base.star"
+            base.predict(Path(model_dir) / "base", entry, half, first, base_params)
+            refine_entry(entry, half, first, Path(model_dir) / "reference.mrc", out_star,
+                         _matching_config(RefineConfig, refine_params))
+
+    return Method(name, f"{base.name}, then local refinement of its poses and shifts against the training "
+                  "half's map", "SO3xR2", train, predict, {**base.default_params, **refine_defaults()},
+                  needs_preprocessing=False)
+
+
 #: The CPU-sized default (64 px, ResNet18, lmax 6, output order 3): a few minutes per half on
 #: 2 cores. ``config/cesped.yaml`` holds the paper's configuration.
 IMAGE2SPHERE_DEFAULTS = {
@@ -166,13 +243,21 @@ METHODS: dict[str, Method] = {
                            "hemisphere → S² and SO(3) convolutions → SO(3) grid classifier", "SO3",
                            _train_image2sphere, _predict_image2sphere, IMAGE2SPHERE_DEFAULTS,
                            needs_preprocessing=True),
+    "projection_matching": Method("projection_matching", "classical anchor (paper eq. 1): CTF-modulated projections "
+                                  "of the training half's map over an SO(3) grid and shifts, coarse to fine",
+                                  "SO3xR2", _train_projection_matching, _predict_projection_matching,
+                                  asdict(MatchingConfig()), needs_preprocessing=False),
 }
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; :class:`InputError` listing the known ones otherwise."""
+    """The registered method ``name``, or ``<method>+refine`` (that method followed by local
+    refinement); :class:`InputError` listing the known ones otherwise."""
+    if name.endswith(REFINE_SUFFIX) and name[:-len(REFINE_SUFFIX)] in METHODS:
+        return _refined(METHODS[name[:-len(REFINE_SUFFIX)]])
     if name not in METHODS:
-        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", where="method")
+        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} (and "
+                         f"<method>{REFINE_SUFFIX} for any of them)", where="method")
     return METHODS[name]
 
 

@@ -8,7 +8,6 @@ Optionally the pose is refined off the grid by a local ascent of the network's o
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,13 @@ import torch
 
 from . import io
 from .data import ParticlesDataset
+from .geometry import axis_turns as local_offsets
 from .geometry import matrix_to_euler
 
 __all__ = ["predict_image2sphere", "write_predictions_star", "local_offsets"]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
-
-
-def local_offsets(step_deg: float) -> torch.Tensor:
-    """``(7, 3, 3)``: the identity and turns of ±``step_deg`` about x, y and z."""
-    a = math.radians(step_deg)
-    out = [torch.eye(3, dtype=torch.float64)]
-    for axis in range(3):
-        for sign in (1.0, -1.0):
-            k = torch.zeros(3, 3, dtype=torch.float64)
-            i, j = [(1, 2), (2, 0), (0, 1)][axis]
-            k[i, j], k[j, i] = -sign * a, sign * a
-            out.append(torch.linalg.matrix_exp(k))
-    return torch.stack(out)
 
 
 @torch.no_grad()
