@@ -98,7 +98,8 @@ def test_local_refinement_corrects_small_errors(volume):
     g = torch.Generator().manual_seed(4)
     start = rot @ rotation_about_axis(torch.randn(24, 3, generator=g, dtype=torch.float64),
                                       torch.full((24,), 7.0, dtype=torch.float64))
-    config = matching.RefineConfig(local_resolution=7.0, local_max_shift=9.0, local_device="cpu")
+    config = matching.RefineConfig(local_resolution=7.0, local_step=4.0, local_rounds=6, local_max_shift=9.0,
+                                   local_device="cpu")
     new_rot, new_shift, score = matching.refine_poses(images, ctf, 24, volume, PX, start, torch.zeros(24, 2,
                                                       dtype=torch.float64), config, progress=False)
     assert symmetry_aware_angle(rot, start, "C1").min() > 6.9
@@ -156,7 +157,7 @@ def test_refine_entry_improves_perturbed_predictions(entry, tmp_path):
     parts = parts.drop(columns=ORIGIN)  # a rotation-only prediction: shifts start at zero
     parts["rlnParticleFigureOfMerit"] = np.linspace(0.1, 1, len(parts))
     io.write_particles_star(tmp_path / "start.star", io.ParticleStar(star.optics, parts))
-    config = matching.RefineConfig(local_resolution=9.0)
+    config = matching.RefineConfig(local_resolution=9.0, local_step=4.0, local_rounds=6)
     matching.refine_entry(entry, 0, tmp_path / "start.star", tmp_path / "ref.mrc", tmp_path / "out.star", config,
                           progress=False)
     pred = load_predictions(entry, 0, tmp_path / "out.star", "SO3xR2")
