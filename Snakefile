@@ -1,6 +1,7 @@
 # cryopose: supervised pose estimation benchmark (CESPED protocol).
 #   snakemake results/leaderboard.csv            # the embedded synthetic default, on this machine
 #   snakemake --configfile config/tiny.yaml      # the CI-sized suite
+#   snakemake results/generalisation.csv         # the generalisation experiment alone
 # Logic lives in the `cryopose` package; rules call its command line.
 
 from snakemake.utils import min_version
@@ -16,9 +17,11 @@ include: "workflow/rules/entries.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/refine.smk"
 include: "workflow/rules/ground_truth.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/leaderboard.smk"
+include: "workflow/rules/generalisation.smk"
 
 
 rule all:
@@ -28,4 +31,5 @@ rule all:
     input:
         "results/leaderboard.csv",
         expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
+        ["results/generalisation.csv"] if TRANSFERS else [],
     default_target: True

@@ -1,5 +1,6 @@
 """The methods registry: the oracle rows and the train/predict contract."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -60,3 +61,39 @@ def test_registry_and_params():
         parse_params(["lr=0.1"], {"seed": 0})
     with pytest.raises(InputError, match="key=value"):
         parse_params(["seed"], {"seed": 0})
+
+
+def test_transfer_prediction_needs_a_model_of_another_entry(entry, tmp_path):
+    spec = SimulationSpec(name="other", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=50, snr=1.0, seed=9,
+                          molecule_seed=4)
+    other = io.Entry(simulate_entry(spec, tmp_path / "b", progress=False))
+    method = get_method("ground_truth")
+    method.train(entry, 0, tmp_path / "m0", {})
+    # Any half of another entry; the model's own entry is refused as a transfer.
+    for half in (0, 1):
+        method.predict(tmp_path / "m0", other, half, tmp_path / f"t{half}.star", {}, transfer=True)
+        assert len(io.read_particles_star(tmp_path / f"t{half}.star").particles) == 50
+    with pytest.raises(InputError, match="model is for entry 'me'"):
+        method.predict(tmp_path / "m0", other, 1, tmp_path / "x.star", {})
+    with pytest.raises(InputError, match="transfer predicts another entry"):
+        method.predict(tmp_path / "m0", entry, 1, tmp_path / "x.star", {}, transfer=True)
+
+
+def test_generalisation_table(tmp_path):
+    import json
+
+    from cryopose.leaderboard import generalisation_table, write_generalisation
+
+    files = []
+    for method, entry_name, trained_on, mane in [("a", "e", "e", 10.0), ("a", "f", "e", 30.0), ("b", "e", None, 50.0)]:
+        path = tmp_path / f"{method}_{entry_name}.json"
+        record = {"method": method, "entry": entry_name, "MAnE": mane, "delta_FSCR0.5": mane / 10}
+        if trained_on:
+            record["trained_on"] = trained_on
+        path.write_text(json.dumps(record))
+        files.append(path)
+    table = generalisation_table(files)
+    assert table[["method", "entry", "setting"]].values.tolist() == [
+        ["a", "e", "in-distribution"], ["a", "f", "transfer"], ["b", "e", "in-distribution"]]
+    write_generalisation(table, tmp_path / "g.csv")
+    assert (tmp_path / "g.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "g.csv")) == 3

@@ -223,3 +223,18 @@ def test_cli_simulate_and_info(tmp_path, capsys):
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert cli.main(["simulate", "--name", "x", "--symmetry", "Q2", "--out", str(tmp_path), "--quiet"]) == 2
     assert "Q2" in capsys.readouterr().err
+
+
+def test_molecule_seed_keeps_the_molecule_and_changes_the_particles(tmp_path):
+    base = SimulationSpec(name="a", symmetry="C2", box_size=24, pixel_size=4.0, n_particles=8, snr=1.0, seed=5)
+    other = SimulationSpec(name="b", symmetry="C2", box_size=24, pixel_size=4.0, n_particles=8, snr=0.5, seed=6,
+                           molecule_seed=5, defocus_range=(2.0, 3.0))
+    a, b = simulate.simulate_entry(base, tmp_path, progress=False), simulate.simulate_entry(other, tmp_path,
+                                                                                              progress=False)
+    map_a, map_b = (mrcfile.read(p / f"{p.name}_source_map.mrc") for p in (a, b))
+    assert np.array_equal(map_a, map_b)
+    assert not np.array_equal(read_images(open_stack(a / "particles_0.mrcs"), [0]),
+                              read_images(open_stack(b / "particles_0.mrcs"), [0]))
+    # Without the key a spec is written as before, so existing entries stay valid.
+    assert "molecule_seed" not in base.to_json() and other.to_json()["molecule_seed"] == 5
+    assert SimulationSpec.from_dict(other.to_json()) == other

@@ -55,7 +55,9 @@ def test_dry_run_schedules_every_job(tmp_path, config):
 
     cfg = yaml.safe_load(config.read_text())
     e, m = len(cfg["entries"]), len(cfg["methods"])
-    p = e if any(get_method(name).needs_preprocessing for name in cfg["methods"]) else 0
+    trained = [name for name in cfg["methods"] if not name.endswith("+refine")]
+    t, v = len(trained), m - len(trained)
+    p = e if any(get_method(name).needs_preprocessing for name in trained) else 0
     work = _workdir(tmp_path)
     real = [x["name"] for x in cfg["entries"] if "simulate" not in x]
     for name in real:  # real entries are never simulated: they must be on disk (a dry run needs the folder only)
@@ -63,12 +65,27 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     out = snakemake(work, "-n", "--configfile", f"config/{config.name}")
     counts = job_counts(out.stdout + out.stderr)
     s = e - len(real)
-    expected = {"ground_truth_maps": e, "train": 2 * e * m, "predict": 2 * e * m,
-                "evaluate": e * m, "leaderboard": 1, "all": 1, "total": s + e + p + 5 * e * m + 2}
+    expected = {"ground_truth_maps": e, "train": 2 * e * t, "predict": 2 * e * t,
+                "evaluate": e * m, "leaderboard": 1, "all": 1}
+    if v:
+        expected["refine_predictions"] = 2 * e * v
+    # The generalisation experiment: each transfer entry is simulated, preprocessed when a method
+    # needs it, reconstructed, predicted by the source entry's models and evaluated.
+    transfers = cfg.get("generalisation", [])
+    for x in transfers:
+        used = x.get("methods", trained)
+        s += 1
+        expected["ground_truth_maps"] += 1
+        p += any(get_method(name).needs_preprocessing for name in used)
+        expected["predict_transfer"] = expected.get("predict_transfer", 0) + 2 * len(used)
+        expected["evaluate_transfer"] = expected.get("evaluate_transfer", 0) + len(used)
+    if transfers:
+        expected["generalisation"] = 1
     if s:
         expected["simulate_entry"] = s
     if p:
         expected["preprocess_entry"] = p
+    expected["total"] = sum(expected.values())
     assert counts == expected, counts
 
 
@@ -78,12 +95,16 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     (lambda c: c.replace("backend: torch", "backend: cryosparc"), "cryosparc"),
     (lambda c: c.replace("n_particles: 300", "n_particles: many", 1), "many"),
     (lambda c: c.replace("    lmax: 3", "    lmaxx: 3"), "image2sphere: unknown parameter(s) lmaxx"),
+    (lambda c: c.replace("  random:\n    seed: 0\n", "").replace("  image2sphere+refine:", "  random+refine:"),
+     "random+refine refines the predictions of random, which is not in methods"),
+    (lambda c: c.replace("    local_rounds: 3", "    local_round: 3"), "image2sphere+refine: unknown parameter(s) local_round"),
+    (lambda c: c.replace("    trained_on: tiny_c2", "    trained_on: tiny_c9"), "trained_on 'tiny_c9' is not an entry"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     work = _workdir(tmp_path)
-    bad = work / "config" / "bad.yaml"
-    bad.write_text(edit((work / "config" / "tiny.yaml").read_text()))
-    out = snakemake(work, "-n", "--configfile", "config/bad.yaml", check=False)
+    # The edited tiny config replaces the default one: a --configfile would be merged into it.
+    (work / "config" / "config.yaml").write_text(edit((work / "config" / "tiny.yaml").read_text()))
+    out = snakemake(work, "-n", check=False)
     assert out.returncode != 0 and message in out.stdout + out.stderr
     assert not (work / "resources").exists() and not (work / "results").exists()
 
@@ -103,7 +124,8 @@ def test_tiny_workflow_end_to_end(tmp_path):
     work = _workdir(tmp_path)
     snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
     board = pd.read_csv(work / "results" / "leaderboard.csv")
-    assert len(board) == 9 and set(board["method"]) == {"ground_truth", "random", "image2sphere"}
+    methods = {"ground_truth", "random", "image2sphere", "projection_matching", "image2sphere+refine"}
+    assert len(board) == 15 and set(board["method"]) == methods
     gt, rnd = board[board.method == "ground_truth"], board[board.method == "random"]
     # The oracle: zero error, V = GT, so ΔPCC = PCC(GT0,GT1) − 1 (small half-maps: clearly < 0).
     assert (gt["MAnE"] < 1e-3).all() and (gt["PCC(GT,V)"] > 0.99999).all()
@@ -114,7 +136,19 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (merged["delta_FSCR0.5_rnd"] > merged["delta_FSCR0.5_gt"]).all()
     assert board["train_seconds"].notna().all() and (board["predict_particles_per_s"] > 0).all()
     summary = pd.read_csv(work / "results" / "leaderboard_summary.csv")
-    assert set(summary["method"]) == {"ground_truth", "random", "image2sphere"} and (summary["entries"] == 3).all()
+    assert set(summary["method"]) == methods and (summary["entries"] == 3).all()
+    # Projection matching and the refined variant predict shifts; the variant's time includes its base's.
+    pm, ref = board[board.method == "projection_matching"], board[board.method == "image2sphere+refine"]
+    assert (pm["MAnE"] < merged["MAnE_rnd"].min()).all() and pm["shift_error_mean_A"].notna().all()
+    assert ref["shift_error_mean_A"].notna().all() and board[board.method == "random"]["shift_error_mean_A"].isna().all()
+    i2s_time = board[board.method == "image2sphere"].set_index("entry")
+    assert (ref.set_index("entry")["predict_seconds"] > i2s_time["predict_seconds"]).all()
+    assert (ref.set_index("entry")["train_seconds"] == i2s_time["train_seconds"]).all()
+    # The generalisation experiment: tiny_c2's models on tiny_c2_far, beside their own entry.
+    gen = pd.read_csv(work / "results" / "generalisation.csv")
+    assert set(gen["setting"]) == {"in-distribution", "transfer"} and (gen["trained_on"] == "tiny_c2").all()
+    assert set(gen[gen.setting == "transfer"]["entry"]) == {"tiny_c2_far"} and len(gen) == 8
+    assert (work / "results" / "generalisation.png").stat().st_size > 10_000
     # Image2Sphere went through preprocessing, training (with a log and resumable checkpoints kept
     # outside the model folder) and cross-prediction; at CI size its accuracy is not the point.
     i2s = board[board.method == "image2sphere"]
@@ -186,7 +220,7 @@ def test_interrupted_run_resumes(tmp_path):
     text = out.stdout + out.stderr
     assert not any(f"output: resources/benchmark/{name}\n" in text for name in done)
     board = pd.read_csv(work / "results" / "leaderboard.csv")
-    assert len(board) == 9 and board["MAnE"].notna().all()
+    assert len(board) == 15 and board["MAnE"].notna().all()
 
 
 def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
@@ -199,6 +233,8 @@ def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
     text = out.stdout + out.stderr
     commands = [line.split("cryopose", 1)[1] for line in text.splitlines()
                 if "cryopose ground-truth" in line or "cryopose evaluate" in line]
-    assert len(commands) == 3 + 3 * 3  # ground truth of 3 entries; 3 methods × 3 entries
+    # Ground truth of 3 entries and the transfer entry; 5 methods × 3 entries; 4 trained methods on
+    # the transfer entry.
+    assert len(commands) == 4 + 5 * 3 + 4
     assert all("--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
                for c in commands), commands

@@ -90,7 +90,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
                       use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
                       ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
-                      jobs=args.jobs, method=args.method, **options)
+                      jobs=args.jobs, method=args.method, trained_on=args.trained_on, **options)
     m = result.metrics
     rows = [("MAnE (°)", m["MAnE"]), ("wMAnE (°)", m["wMAnE"]), ("median error (°)", m["median_angular_error"])]
     for name in ("PCC(GT,V)", "PCC(V0,V1)", "PCC(GT0,GT1)", "delta_PCC", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)",
@@ -125,7 +125,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     entry = _entry(args)
     entry.validate()
-    method.predict(Path(args.model), entry, args.half, Path(args.out), parse_params(args.param, method.default_params))
+    method.predict(Path(args.model), entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
+                   transfer=args.transfer)
     print(args.out)
     return 0
 
@@ -158,16 +159,32 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import benchmark_seconds, leaderboard_table, to_markdown, summary_table, write_leaderboard
 
     timings: dict = {}
-    for kind in ("train", "predict"):
+    for kind in ("train", "predict", "refine"):
         for path in getattr(args, f"{kind}_benchmarks") or []:
             # results/benchmarks/<kind>/<method>/<entry>/half<h>.tsv
             p = Path(path)
             key = (p.parent.parent.name, p.parent.name)
             timings.setdefault(key, {}).setdefault(f"{kind}_seconds", 0.0)
             timings[key][f"{kind}_seconds"] += benchmark_seconds(p)
+    # A refined variant costs its base's training, and its base's prediction plus the refinement.
+    for (method, entry_name), t in timings.items():
+        base = timings.get((method.removesuffix("+refine"), entry_name), {})
+        if method.endswith("+refine") and "refine_seconds" in t:
+            t["train_seconds"] = base.get("train_seconds")
+            if base.get("predict_seconds") is not None:
+                t["predict_seconds"] = base["predict_seconds"] + t["refine_seconds"]
     table = leaderboard_table(args.metrics, timings)
     write_leaderboard(table, args.out)
     print(to_markdown(table, summary_table(table)))
+    return 0
+
+
+def _cmd_generalisation(args: argparse.Namespace) -> int:
+    from .leaderboard import generalisation_table, write_generalisation
+
+    table = generalisation_table(args.metrics)
+    write_generalisation(table, args.out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
@@ -236,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json, particles.csv, fsc.csv, maps and plots")
     p.add_argument("--ground-truth-dir", help="cache of the ground-truth half-maps (default OUT/ground_truth)")
     p.add_argument("--method", help="name of the method that made the predictions (recorded in metrics.json)")
+    p.add_argument("--trained-on", help="entry the models were trained on, when not this one (generalisation)")
     p.add_argument("--jobs", type=int, default=1,
                    help="reconstructions at once (2 runs the two halves side by side; useful with relion)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -251,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict the poses of one half with the model of the other half")
     _add_method_args(p, "the half to predict")
     p.add_argument("--model", required=True, help="model folder written by 'cryopose train' on the other half")
+    p.add_argument("--transfer", action="store_true",
+                   help="the model was trained on another entry (generalisation): any half may be predicted")
     p.add_argument("--out", required=True, help="predictions STAR")
     p.set_defaults(func=_cmd_predict)
 
@@ -282,7 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="leaderboard CSV (summary and .md are written beside it)")
     p.add_argument("--train-benchmarks", nargs="*", help="Snakemake benchmark files .../train/<method>/<entry>/*.tsv")
     p.add_argument("--predict-benchmarks", nargs="*", help="Snakemake benchmark files .../predict/<method>/<entry>/*.tsv")
+    p.add_argument("--refine-benchmarks", nargs="*",
+                   help="Snakemake benchmark files .../refine/<method>+refine/<entry>/*.tsv (added to the base "
+                        "method's prediction time)")
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("generalisation", help="compare evaluations of models on their own entry and on another "
+                                              "entry (metrics.json of 'cryopose evaluate --trained-on')")
+    p.add_argument("metrics", nargs="+", help="metrics.json files, in-distribution and transfer")
+    p.add_argument("--out", required=True, help="table CSV (a bar chart .png is written beside it)")
+    p.set_defaults(func=_cmd_generalisation)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")

@@ -233,7 +233,7 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
              prediction_type: str = "SO3", backend: str = "torch", use_pred_confidence: bool = True,
              outdir: str | Path | None = None, ground_truth_dir: str | Path | None = None, pad: int = 2,
              low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True, jobs: int = 1,
-             method: str | None = None, **reconstruct_options) -> EvaluationResult:
+             method: str | None = None, trained_on: str | None = None, **reconstruct_options) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
 
     ``half{h}_predictions`` is a STAR with the predictions for half ``h`` (made by the model trained
@@ -250,7 +250,9 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     3. Poses: symmetry-aware angular errors; MAnE, wMAnE (weights: rlnMaxValueProbDistribution,
        1 when absent), median, accuracies, per half and for both; shift errors for SO3xR2.
 
-    ``method`` names the predictions' method in ``metrics.json`` (the leaderboard's key).
+    ``method`` names the predictions' method in ``metrics.json`` (the leaderboard's key);
+    ``trained_on`` the entry its models learnt from (default this entry; another one in the
+    generalisation experiment).
     ``jobs`` reconstructions run at once (the two halves; worth 2 with the relion backend on two or
     more cores, as each relion_reconstruct is single-threaded; memory grows accordingly). With
     ``outdir`` it writes, each file atomically and only once everything is computed:
@@ -306,7 +308,8 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
                    for name, (a, b) in pairs.items()}
 
     particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
-    metrics: dict = {"method": method, "entry": entry.name, "symmetry": symmetry, "prediction_type": prediction_type,
+    metrics: dict = {"method": method, "entry": entry.name, "trained_on": trained_on or entry.name,
+                     "symmetry": symmetry, "prediction_type": prediction_type,
                      "backend": backend, "use_pred_confidence": bool(use_pred_confidence),
                      "mask_source": mask_source, "pixel_size": float(px), "box_size": float(entry.box_size)}
     metrics.update(pose_metrics)

@@ -18,7 +18,7 @@ from . import io
 from .errors import InputError
 
 __all__ = ["COLUMNS", "SUMMARY_COLUMNS", "leaderboard_table", "summary_table", "to_markdown", "write_leaderboard",
-           "benchmark_seconds"]
+           "benchmark_seconds", "generalisation_table", "write_generalisation", "GENERALISATION_COLUMNS"]
 
 #: Metric columns, in the paper's order (Table 1, Appendix D), then the masked deltas.
 COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "PCC(V0,V1)", "PCC(GT,V)", "PCC(GT0,GT1)",
@@ -27,7 +27,7 @@ COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "PCC(V0,V1)", "
            "masked_delta_FSCR0.5", "masked_delta_FSCR0.143", "shift_error_mean_A"]
 #: The columns of the per-method summary (Table 1).
 SUMMARY_COLUMNS = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
-                   "train_seconds", "predict_seconds"]
+                   "shift_error_mean_A", "train_seconds", "predict_seconds"]
 
 
 def benchmark_seconds(path: str | Path) -> float:
@@ -77,6 +77,7 @@ def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, 
         t = (timings or {}).get(key, {})
         row["train_seconds"] = t.get("train_seconds")
         row["predict_seconds"] = t.get("predict_seconds")
+        row["refine_seconds"] = t.get("refine_seconds")
         n = row["n_particles"]
         row["predict_particles_per_s"] = (n / row["predict_seconds"]
                                           if n and row["predict_seconds"] else None)
@@ -112,7 +113,7 @@ def _fmt(value) -> str:
 def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
     """The leaderboard and the per-method summary as Markdown tables."""
     shown = ["method", "entry", "MAnE", "wMAnE", "PCC(GT,V)", "FSCR0.143(GT,V)", "delta_PCC", "delta_FSCR0.5",
-             "delta_FSCR0.143", "train_seconds", "predict_seconds"]
+             "delta_FSCR0.143", "shift_error_mean_A", "train_seconds", "predict_seconds"]
     lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in shown) + " |")
@@ -137,3 +138,35 @@ def write_leaderboard(table: pd.DataFrame, out_csv: str | Path) -> tuple[Path, P
     with io.atomic_write(paths[0]) as tmp:  # the rule's declared output last
         table.to_csv(tmp, index=False, float_format="%.6g")
     return paths
+
+
+#: The columns of the generalisation table.
+GENERALISATION_COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "delta_PCC", "delta_FSCR0.5",
+                          "delta_FSCR0.143", "shift_error_mean_A"]
+
+
+def generalisation_table(metrics_files: list[str | Path]) -> pd.DataFrame:
+    """The generalisation experiment (paper section 3.3): one row per evaluation, ``setting``
+    ``in-distribution`` when the models were trained on the evaluated entry (``trained_on`` in
+    ``metrics.json``) and ``transfer`` when on another one; sorted by method, source entry, setting."""
+    rows = []
+    for path in map(Path, metrics_files):
+        m = _read_metrics(path)
+        trained_on = m.get("trained_on") or m["entry"]
+        rows.append({"method": m["method"], "trained_on": trained_on, "entry": m["entry"],
+                     "setting": "in-distribution" if trained_on == m["entry"] else "transfer",
+                     **{c: m.get(c) for c in GENERALISATION_COLUMNS}})
+    if not rows:
+        raise InputError("no evaluations to compare", where="metrics files")
+    return pd.DataFrame(rows).sort_values(["method", "trained_on", "setting"]).reset_index(drop=True)
+
+
+def write_generalisation(table: pd.DataFrame, out_csv: str | Path) -> Path:
+    """``out_csv`` and a bar chart ``<stem>.png`` beside it, each atomically."""
+    from .plots import plot_generalisation
+
+    out_csv = Path(out_csv)
+    plot_generalisation(table, out_csv.with_suffix(".png"))
+    with io.atomic_write(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return out_csv

@@ -5,8 +5,9 @@ A method is a name plus a ``train`` and a ``predict`` step with one contract:
 * ``train(entry, half, model_dir, params, work_dir)`` learns from half ``half`` of the entry and
   writes whatever it needs into ``model_dir`` (always a ``model.json`` that says what was trained on
   what); ``work_dir`` (or ``None``) holds state worth keeping across an interrupted run (checkpoints);
-* ``predict(model_dir, entry, half, out_star, params)`` writes the predictions STAR for half
-  ``half``, which must be the *other* half than the model's.
+* ``predict(model_dir, entry, half, out_star, params, transfer=False)`` writes the predictions
+  STAR for half ``half``, which must be the *other* half than the model's; with ``transfer``, the
+  model is of another entry (the generalisation experiment) and any half may be predicted.
 
 The oracle rows ship here: ``ground_truth`` (predicts the true poses: its ΔPCC and ΔFSCR
 calibrate zero) and ``random`` (uniform random rotations: the floor); and the paper's baseline
@@ -43,7 +44,7 @@ class Method:
     description: str
     prediction_type: str  # "S2", "SO3" or "SO3xR2": what evaluate() takes from the predictions
     train: Callable[[io.Entry, int, Path, dict, Path | None], None]
-    predict: Callable[[Path, io.Entry, int, Path, dict], None]
+    predict: Callable[..., None]  # (model_dir, entry, half, out_star, params, transfer=False)
     default_params: dict
     #: Train and predict on the workflow's preprocessed copy of the entry (normalised,
     #: CTF-corrected, resized: ``cryopose preprocess``) rather than on the raw particles.
@@ -60,9 +61,10 @@ def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int,
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def read_model_record(model_dir: Path, method: str, entry: io.Entry, half: int) -> dict:
+def read_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, transfer: bool = False) -> dict:
     """Read ``model.json`` and check that it is ``method``'s model of ``entry``, trained on the
-    other half than ``half`` (cross-prediction: never predict the half a model saw)."""
+    other half than ``half`` (cross-prediction: never predict the half a model saw); with
+    ``transfer``, that it is a model of *another* entry (the generalisation experiment)."""
     path = Path(model_dir) / "model.json"
     if not path.is_file():
         raise InputError("model record not found (was the method's train step run?)", path=path)
@@ -70,9 +72,15 @@ def read_model_record(model_dir: Path, method: str, entry: io.Entry, half: int) 
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"not valid JSON ({err})", path=path) from err
-    for key, expected in (("method", method), ("entry", entry.name)):
-        if record.get(key) != expected:
-            raise InputError(f"model is for {key} {record.get(key)!r}, not {expected!r}", path=path, where=key)
+    if record.get("method") != method:
+        raise InputError(f"model is for method {record.get('method')!r}, not {method!r}", path=path, where="method")
+    if transfer:
+        if record.get("entry") == entry.name:
+            raise InputError(f"a transfer predicts another entry than the model's, and this model was trained on "
+                             f"{entry.name!r}", path=path, where="entry")
+        return record
+    if record.get("entry") != entry.name:
+        raise InputError(f"model is for entry {record.get('entry')!r}, not {entry.name!r}", path=path, where="entry")
     if record.get("trained_on_half") != 1 - half:
         raise InputError(f"a model trained on half {record.get('trained_on_half')} cannot predict half {half}: "
                          f"predictions must come from the model of the other half", path=path,
@@ -95,13 +103,15 @@ def _train_oracle(name: str):
     return train
 
 
-def _predict_ground_truth(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
-    read_model_record(model_dir, "ground_truth", entry, half)
+def _predict_ground_truth(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
+                          transfer: bool = False) -> None:
+    read_model_record(model_dir, "ground_truth", entry, half, transfer)
     _predictions_from_truth(entry, half, Path(out_star), None)
 
 
-def _predict_random(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
-    read_model_record(model_dir, "random", entry, half)
+def _predict_random(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
+                    transfer: bool = False) -> None:
+    read_model_record(model_dir, "random", entry, half, transfer)
     seed = int(params.get("seed", 0))
     # A seed per (entry, half) so that the two halves are independent draws.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + half * 7919 + sum(map(ord, entry.name)))
@@ -133,12 +143,13 @@ def _train_image2sphere(entry: io.Entry, half: int, model_dir: Path, params: dic
                         "val_median_error_deg": best["val_median_error_deg"]})
 
 
-def _predict_image2sphere(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
+def _predict_image2sphere(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
+                          transfer: bool = False) -> None:
     from .data import ParticlesDataset
     from .predict import predict_image2sphere, write_predictions_star
     from .train import load_model, select_device
 
-    read_model_record(model_dir, "image2sphere", entry, half)
+    read_model_record(model_dir, "image2sphere", entry, half, transfer)
     _, train_config = _image2sphere_settings(params)
     device = select_device(train_config.device)
     model, _ = load_model(Path(model_dir) / "model.pt", device)
@@ -169,10 +180,11 @@ def _train_projection_matching(entry: io.Entry, half: int, model_dir: Path, para
     write_model_record(model_dir, "projection_matching", entry, half, params)
 
 
-def _predict_projection_matching(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict) -> None:
+def _predict_projection_matching(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
+                                 transfer: bool = False) -> None:
     from .matching import MatchingConfig, match_entry
 
-    read_model_record(model_dir, "projection_matching", entry, half)
+    read_model_record(model_dir, "projection_matching", entry, half, transfer)
     match_entry(entry, half, Path(model_dir) / "reference.mrc", out_star, _matching_config(MatchingConfig, params))
 
 
@@ -204,16 +216,16 @@ def _refined(base: Method) -> Method:
         _train_projection_matching(entry, half, Path(model_dir), {}, None)
         write_model_record(Path(model_dir), name, entry, half, params)
 
-    def predict(model_dir, entry, half, out_star, params):
+    def predict(model_dir, entry, half, out_star, params, transfer=False):
         import tempfile
 
         from .matching import RefineConfig, refine_entry
 
-        read_model_record(model_dir, name, entry, half)
+        read_model_record(model_dir, name, entry, half, transfer)
         base_params, refine_params = split(params)
         with tempfile.TemporaryDirectory() as tmp:
             first = Path(tmp) / "base.star"
-            base.predict(Path(model_dir) / "base", entry, half, first, base_params)
+            base.predict(Path(model_dir) / "base", entry, half, first, base_params, transfer=transfer)
             refine_entry(entry, half, first, Path(model_dir) / "reference.mrc", out_star,
                          _matching_config(RefineConfig, refine_params))
 

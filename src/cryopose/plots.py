@@ -1,5 +1,5 @@
-"""Figures of an evaluation (FSC curves, angular-error histogram, orientation coverage) and of a
-training run (loss and validation error per epoch).
+"""Figures of an evaluation (FSC curves, angular-error histogram, orientation coverage) of a
+training run (loss and validation error per epoch), and of the generalisation experiment.
 
 Each function takes the tables :func:`cryopose.evaluate.evaluate` produces and writes one PNG
 atomically. matplotlib runs headless (Agg); healpy draws the Mollweide maps.
@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from . import io  # noqa: E402
 from .geometry import euler_to_matrix  # noqa: E402
 
-__all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training"]
+__all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training",
+           "plot_generalisation"]
 
 _PAIRS = {"(GT,V)": ("GT vs V (predicted)", "C0"), "(V0,V1)": ("V0 vs V1 (predicted halves)", "C1"),
           "(GT0,GT1)": ("GT0 vs GT1 (ground-truth halves)", "C2")}
@@ -122,4 +123,30 @@ def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
     lines = ax.get_lines() + right.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
     ax.set_title(title or "training")
+    _save(fig, Path(path))
+
+
+def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
+    """Per method and source entry, MAnE and ΔFSCR0.5 in distribution (the source entry's own other
+    half) next to transfer (another entry), from :func:`cryopose.leaderboard.generalisation_table`."""
+    groups = list(table.groupby(["method", "trained_on"], sort=True))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(groups) + 3), 4))
+    colours = {"in-distribution": "C0", "transfer": "C3"}
+    x = np.arange(len(groups))
+    for ax, col, label in zip(axes, ("MAnE", "delta_FSCR0.5"), ("MAnE (°)", "ΔFSCR0.5 (Å)")):
+        for k, setting in enumerate(("in-distribution", "transfer")):
+            rows = [g[g["setting"] == setting] for _, g in groups]
+            values = [float(pd.to_numeric(r[col], errors="coerce").mean()) if len(r) else np.nan for r in rows]
+            names = [", ".join(r["entry"].astype(str)) for r in rows]
+            bars = ax.bar(x + (k - 0.5) * 0.38, values, width=0.38, color=colours[setting], label=setting)
+            for bar, name in zip(bars, names):
+                if name:
+                    ax.annotate(name, (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 2),
+                                textcoords="offset points", ha="center", va="bottom", rotation=90, fontsize=7,
+                                color="white")
+        ax.set_xticks(x, [f"{m}\n(trained on {t})" for (m, t), _ in groups], fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Generalisation: models applied to another entry of the same molecule")
     _save(fig, Path(path))

@@ -82,6 +82,9 @@ class SimulationSpec:
     preferred_fraction: float = 0.0  # share of particles drawn near top views (tilt ~ 0)
     preferred_sigma: float = 20.0  # degrees, spread of the tilt of those particles
     contrast_sigma: float = 0.2  # spread of the per-particle contrast factor a (mean 1)
+    #: Seed of the pseudo-molecule when it differs from ``seed``: two entries with the same
+    #: molecule_seed show the same molecule under other conditions (the generalisation experiment).
+    molecule_seed: int | None = None
 
     def validate(self, where: str = "simulation spec") -> None:
         problems = []
@@ -119,6 +122,8 @@ class SimulationSpec:
         d = dataclasses.asdict(self)
         d["defocus_range"] = list(self.defocus_range)
         d["spec_version"] = SPEC_VERSION
+        if d["molecule_seed"] is None:  # entries simulated before the key existed stay identical
+            del d["molecule_seed"]
         return d
 
     @classmethod
@@ -450,7 +455,8 @@ def map_from_mrc(path: str | Path, box_size: int, pixel_size: float) -> np.ndarr
 def source_density(spec: SimulationSpec) -> np.ndarray:
     """The true map of a spec: built-in pseudo-molecule, or the user's map or model."""
     if spec.source == "pseudo":
-        return pseudo_molecule(spec.box_size, spec.pixel_size, spec.symmetry, spec.seed, spec.molecule_diameter)
+        seed = spec.seed if spec.molecule_seed is None else spec.molecule_seed
+        return pseudo_molecule(spec.box_size, spec.pixel_size, spec.symmetry, seed, spec.molecule_diameter)
     path = Path(spec.source)
     if not path.exists():
         raise InputError("source file not found (expected 'pseudo', an .mrc map or a .pdb/.cif model)", path=path)

@@ -11,27 +11,62 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 ENTRIES = {e["name"]: e for e in config["entries"]}
+# Generalisation experiment: entries that only models of another entry predict (not ranked).
+TRANSFERS = {t["name"]: t for t in config.get("generalisation", [])}
+ALL_ENTRIES = {**ENTRIES, **TRANSFERS}
 METHODS = config["methods"]
 BENCHMARK_DIR = config["benchmark_dir"]
 RECON = config["reconstruction"]
 
 
-def _check_config():
-    from cryopose.methods import METHODS as REGISTERED
+def name_pattern(names):
+    """A wildcard constraint matching exactly ``names`` (a pattern that matches nothing when empty)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
 
-    unknown = sorted(set(METHODS) - set(REGISTERED))
+
+# "<method>+refine": that method's predictions refined locally (rule refine_predictions).
+from cryopose.methods import REFINE_SUFFIX
+
+REFINED = {m: m.removesuffix(REFINE_SUFFIX) for m in METHODS if m.endswith(REFINE_SUFFIX)}
+TRAINED = [m for m in METHODS if m not in REFINED]
+
+
+def _check_config():
+    from cryopose.methods import METHODS as REGISTERED, refine_defaults
+
+    unknown = sorted(set(METHODS) - set(REGISTERED) - set(REFINED))
     if unknown:
         raise WorkflowError(
-            f"config: methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(REGISTERED))}"
+            f"config: methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(REGISTERED))}, "
+            "and <method>+refine for any of them"
         )
     for name, params in METHODS.items():
-        extra = sorted(set(params or {}) - set(REGISTERED[name].default_params))
+        if name in REFINED:
+            if REFINED[name] not in METHODS:
+                raise WorkflowError(
+                    f"config: methods: {name} refines the predictions of {REFINED[name]}, which is not in methods"
+                )
+            accepted = refine_defaults()
+        else:
+            accepted = REGISTERED[name].default_params
+        extra = sorted(set(params or {}) - set(accepted))
         if extra:
             raise WorkflowError(
                 f"config: methods: {name}: unknown parameter(s) {', '.join(extra)}; "
-                f"{name} takes: {', '.join(sorted(REGISTERED[name].default_params)) or 'none'}"
+                f"{name} takes: {', '.join(sorted(accepted)) or 'none'}"
             )
-    for name, e in ENTRIES.items():
+    for name, t in TRANSFERS.items():
+        if name in ENTRIES:
+            raise WorkflowError(f"config: generalisation: {name} is also a ranked entry; give it its own name")
+        if t["trained_on"] not in ENTRIES:
+            raise WorkflowError(f"config: generalisation: {name}: trained_on {t['trained_on']!r} is not an entry")
+        missing = sorted(set(t.get("methods", TRAINED)) - set(TRAINED))
+        if missing:
+            raise WorkflowError(
+                f"config: generalisation: {name}: method(s) {', '.join(missing)} are not trained methods in "
+                f"methods ({', '.join(TRAINED)})"
+            )
+    for name, e in ALL_ENTRIES.items():
         if "simulate" not in e and not os.path.isdir(f"{BENCHMARK_DIR}/{name}"):
             raise WorkflowError(
                 f"config: entries: {name} has no 'simulate' parameters, so it must be a real entry in "
@@ -46,7 +81,7 @@ _check_config()
 
 
 wildcard_constraints:
-    entry="|".join(map(re.escape, ENTRIES)) if ENTRIES else "[^/]+",
+    entry=name_pattern(ALL_ENTRIES),
     method="|".join(map(re.escape, METHODS)) if METHODS else "[^/]+",
     half="[01]",
 
@@ -80,3 +115,14 @@ def prediction_type(wildcards):
 def relion_options():
     launcher = RECON.get("relion_launcher", "")
     return f"--relion-launcher '{launcher}'" if RECON["backend"] == "relion" and launcher else ""
+
+
+def transfer_targets():
+    """The generalisation experiment's metrics: each transfer entry × its methods, and the same
+    methods on the source entry (in distribution) for comparison."""
+    out = []
+    for name, t in TRANSFERS.items():
+        for m in t.get("methods", TRAINED):
+            out.append(f"results/generalisation/{m}/{t['trained_on']}/{name}/metrics.json")
+            out.append(f"results/evaluation/{m}/{t['trained_on']}/metrics.json")
+    return sorted(set(out))

@@ -5,11 +5,11 @@
 rule simulate_entry:
     wildcard_constraints:
         # Only entries with simulation parameters; real entries are never overwritten.
-        entry="|".join(re.escape(n) for n, e in ENTRIES.items() if "simulate" in e) or "(?!)",
+        entry=name_pattern([n for n, e in ALL_ENTRIES.items() if "simulate" in e]),
     output:
         entry=directory(f"{BENCHMARK_DIR}/{{entry}}"),
     params:
-        spec=lambda wc: json.dumps({"name": wc.entry, **ENTRIES[wc.entry]["simulate"]}),
+        spec=lambda wc: json.dumps({"name": wc.entry, **ALL_ENTRIES[wc.entry]["simulate"]}),
         benchmark_dir=lambda wc, output: os.path.dirname(output.entry),
     log:
         "logs/simulate/{entry}.log",

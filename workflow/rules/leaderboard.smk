@@ -5,10 +5,13 @@ rule leaderboard:
     input:
         metrics=expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
         train=expand(
-            "results/benchmarks/train/{method}/{entry}/half{half}.tsv", method=METHODS, entry=ENTRIES, half=[0, 1]
+            "results/benchmarks/train/{method}/{entry}/half{half}.tsv", method=TRAINED, entry=ENTRIES, half=[0, 1]
         ),
         predict=expand(
-            "results/benchmarks/predict/{method}/{entry}/half{half}.tsv", method=METHODS, entry=ENTRIES, half=[0, 1]
+            "results/benchmarks/predict/{method}/{entry}/half{half}.tsv", method=TRAINED, entry=ENTRIES, half=[0, 1]
+        ),
+        refine=expand(
+            "results/benchmarks/refine/{method}/{entry}/half{half}.tsv", method=REFINED, entry=ENTRIES, half=[0, 1]
         ),
     output:
         table=report("results/leaderboard.csv", caption="../report/leaderboard.rst", category="Leaderboard"),
@@ -25,4 +28,4 @@ rule leaderboard:
         "../../envs/cryopose.yaml"
     shell:
         "cryopose leaderboard {input.metrics} --train-benchmarks {input.train} "
-        "--predict-benchmarks {input.predict} --out {output.table} > {log} 2>&1 && cat {output.markdown}"
+        "--predict-benchmarks {input.predict} --refine-benchmarks {input.refine} --out {output.table} > {log} 2>&1 && cat {output.markdown}"

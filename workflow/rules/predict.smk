@@ -2,6 +2,8 @@
 
 
 rule predict:
+    wildcard_constraints:
+        method=name_pattern(TRAINED),
     input:
         entry=method_entry_dir,
         model=lambda wc: f"results/models/{wc.method}/{wc.entry}/half{1 - int(wc.half)}",

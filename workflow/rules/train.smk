@@ -3,6 +3,8 @@
 
 
 rule train:
+    wildcard_constraints:
+        method=name_pattern(TRAINED),
     input:
         entry=method_entry_dir,
     output:

@@ -1,0 +1,91 @@
+# Generalisation experiment (paper section 3.3): the models of an entry predict both halves of
+# another entry of the same molecule under other conditions (config `generalisation`); the
+# evaluation is the benchmark's, and the table sets it beside the source entry's own score.
+
+
+rule predict_transfer:
+    wildcard_constraints:
+        method=name_pattern(TRAINED),
+        source=name_pattern(ENTRIES),
+        entry=name_pattern(TRANSFERS),
+    input:
+        entry=method_entry_dir,
+        model=lambda wc: f"results/models/{wc.method}/{wc.source}/half{1 - int(wc.half)}",
+    output:
+        star="results/generalisation/{method}/{source}/{entry}/predictions_half{half}.star",
+    params:
+        options=method_params,
+    log:
+        "logs/generalisation/predict/{method}/{source}/{entry}/half{half}.log",
+    benchmark:
+        "results/benchmarks/generalisation/{method}/{source}/{entry}/half{half}.tsv"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=8000,
+        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose predict --transfer --method {wildcards.method} --model {input.model} --entry {input.entry} "
+        "--half {wildcards.half} --out {output.star} {params.options} > {log} 2>&1"
+
+
+rule evaluate_transfer:
+    wildcard_constraints:
+        method=name_pattern(TRAINED),
+        source=name_pattern(ENTRIES),
+        entry=name_pattern(TRANSFERS),
+    input:
+        entry=entry_dir,
+        half0="results/generalisation/{method}/{source}/{entry}/predictions_half0.star",
+        half1="results/generalisation/{method}/{source}/{entry}/predictions_half1.star",
+        gt0="results/ground_truth/{entry}/GT_half0.mrc",
+        gt1="results/ground_truth/{entry}/GT_half1.mrc",
+        record="results/ground_truth/{entry}/ground_truth.json",
+    output:
+        metrics="results/generalisation/{method}/{source}/{entry}/metrics.json",
+    params:
+        backend=RECON["backend"],
+        relion=relion_options(),
+        jobs=RECON["jobs"],
+        outdir=lambda wc, output: os.path.dirname(output.metrics),
+        gtdir=lambda wc, input: os.path.dirname(input.record),
+        prediction_type=prediction_type,
+        confidence=lambda wc: "" if config["evaluation"]["use_pred_confidence"] else "--no-pred-confidence",
+    log:
+        "logs/generalisation/evaluate/{method}/{source}/{entry}.log",
+    benchmark:
+        "results/benchmarks/generalisation/evaluate/{method}/{source}/{entry}.tsv"
+    threads: config["threads"]["reconstruct"]
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose evaluate {input.entry} --half0 {input.half0} --half1 {input.half1} "
+        "--method {wildcards.method} --trained-on {wildcards.source} --prediction-type {params.prediction_type} "
+        "--backend {params.backend} {params.confidence} {params.relion} --jobs {params.jobs} "
+        "--ground-truth-dir {params.gtdir} --out {params.outdir} --quiet > {log} 2>&1"
+
+
+rule generalisation:
+    input:
+        metrics=transfer_targets(),
+    output:
+        table=report(
+            "results/generalisation.csv", caption="../report/generalisation.rst", category="Generalisation"
+        ),
+        plot=report(
+            "results/generalisation.png", caption="../report/generalisation.rst", category="Generalisation"
+        ),
+    log:
+        "logs/generalisation.log",
+    benchmark:
+        "results/benchmarks/generalisation.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose generalisation {input.metrics} --out {output.table} > {log} 2>&1"

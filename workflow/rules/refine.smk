@@ -1,0 +1,28 @@
+# Stage 3b: "<method>+refine": the method's cross-predictions refined locally (poses and shifts)
+# against the training half's ground-truth map, which is the reference a practitioner would have.
+
+
+rule refine_predictions:
+    wildcard_constraints:
+        method=name_pattern(REFINED),
+    input:
+        entry=entry_dir,
+        predictions=lambda wc: f"results/predictions/{REFINED[wc.method]}/{wc.entry}/half{wc.half}.star",
+        reference=lambda wc: f"results/ground_truth/{wc.entry}/GT_half{1 - int(wc.half)}.mrc",
+    output:
+        star="results/predictions/{method}/{entry}/half{half}.star",
+    params:
+        options=method_params,
+    log:
+        "logs/refine/{method}/{entry}/half{half}.log",
+    benchmark:
+        "results/benchmarks/refine/{method}/{entry}/half{half}.tsv"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=4000,
+        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+    conda:
+        "../../envs/cryopose.yaml"
+    shell:
+        "cryopose refine --entry {input.entry} --half {wildcards.half} --predictions {input.predictions} "
+        "--reference {input.reference} --out {output.star} {params.options} --quiet > {log} 2>&1"
