@@ -50,7 +50,9 @@ FINITE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst
 INT_COLUMNS = ("rlnOpticsGroup", "rlnRandomSubset", "rlnClassNumber")
 #: Per-particle optics of RELION 3.0 files, moved into the optics table on reading.
 _RELION30_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
-_IMAGE_NAME = re.compile(r"^\s*(\d+)@(\S(?:.*\S)?)\s*$", re.ASCII)
+# ASCII classes spelt out rather than re.ASCII: pandas 3's string methods reject that flag.
+_IMAGE_NAME_PATTERN = r"^[ \t\n\r\f\v]*([0-9]+)@([^ \t\n\r\f\v](?:.*[^ \t\n\r\f\v])?)[ \t\n\r\f\v]*$"
+_IMAGE_NAME = re.compile(_IMAGE_NAME_PATTERN)
 
 
 @contextlib.contextmanager
@@ -158,9 +160,9 @@ def _check_image_names(particles: pd.DataFrame, path: Path, block: str) -> None:
         raise InputError("missing column: every particle needs rlnImageName (<index from 1>@<stack file>)",
                          path=path, where=f"{block}, rlnImageName")
     names = particles["rlnImageName"].astype(str)
-    ok = names.str.match(_IMAGE_NAME.pattern, flags=re.ASCII).to_numpy(dtype=bool, na_value=False)
+    ok = names.str.match(_IMAGE_NAME_PATTERN).to_numpy(dtype=bool, na_value=False)
     if ok.all():
-        ok = names.str.extract(_IMAGE_NAME.pattern, flags=re.ASCII)[0].astype(np.int64).to_numpy() >= 1
+        ok = names.str.extract(_IMAGE_NAME_PATTERN)[0].astype(np.int64).to_numpy() >= 1
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
         raise InputError(f"{names.iloc[row]!r} is not of the form <index from 1>@<stack file>", path=path,
@@ -759,7 +761,7 @@ class Entry:
         for h in self.halves:
             star_path = self.star_path(h)
             names = self.read_star(h).particles["rlnImageName"].astype(str)
-            parts = names.str.extract(_IMAGE_NAME.pattern, flags=re.ASCII)
+            parts = names.str.extract(_IMAGE_NAME_PATTERN)
             highest = parts[0].astype(np.int64).groupby(parts[1], sort=False).max()
             for stack, top in highest.items():
                 path = resolve_stack_path(star_path, stack)
