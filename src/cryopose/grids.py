@@ -16,7 +16,8 @@ import torch
 from .geometry import euler_to_matrix, matrix_to_quaternion
 from .symmetry import symmetry_matrices
 
-__all__ = ["so3_grid_size", "so3_healpix_grid", "nearest_grid_index", "symmetric_grid_target"]
+__all__ = ["so3_grid_size", "so3_healpix_grid", "nearest_grid_index", "symmetric_grid_target", "symmetric_grid_cells",
+           "target_from_cells"]
 
 
 def so3_grid_size(order: int) -> int:
@@ -77,10 +78,19 @@ def symmetric_grid_target(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: s
     Returns:
         ``(N, M)`` float32, each row summing to 1. (Dense: size it to a batch, not a dataset.)
     """
+    return target_from_cells(symmetric_grid_cells(rotmats, grid, symmetry), grid.shape[0])
+
+
+def symmetric_grid_cells(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str) -> torch.Tensor:
+    """``(N, |G|)`` int64: the grid cell of each symmetry mate ``g·R`` (the sparse form of
+    :func:`symmetric_grid_target`, small enough to keep for a whole validation set)."""
     rotmats = torch.as_tensor(rotmats).double()
     ops = symmetry_matrices(symmetry)
     mates = (ops[None] @ rotmats[:, None]).reshape(-1, 3, 3)  # (N·|G|, 3, 3): g·R
-    idx = nearest_grid_index(mates, grid).reshape(rotmats.shape[0], ops.shape[0])
-    target = torch.zeros(rotmats.shape[0], grid.shape[0], dtype=torch.float32)
-    target.scatter_add_(1, idx, torch.full(idx.shape, 1.0 / ops.shape[0]))
-    return target
+    return nearest_grid_index(mates, grid).reshape(rotmats.shape[0], ops.shape[0])
+
+
+def target_from_cells(cells: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """``(N, n_cells)`` float32 targets, ``1/|G|`` on each of the ``cells (N, |G|)`` (mates in one cell add up)."""
+    target = torch.zeros(cells.shape[0], n_cells, dtype=torch.float32, device=cells.device)
+    return target.scatter_add_(1, cells, torch.full(cells.shape, 1.0 / cells.shape[1], device=cells.device))

@@ -18,10 +18,15 @@ from .data import ParticlesDataset
 from .geometry import axis_turns as local_offsets
 from .geometry import matrix_to_euler
 
-__all__ = ["predict_image2sphere", "write_predictions_star", "local_offsets"]
+__all__ = ["predict_image2sphere", "write_predictions_star", "local_offsets", "bf16_autocast"]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
+
+
+def bf16_autocast(device: torch.device):
+    """bf16 autocast on a GPU (the encoder's convolutions), a no-op on the CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -51,7 +56,7 @@ def predict_image2sphere(model, dataset: ParticlesDataset, batch_size: int = 64,
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
         _, images, _, _ = dataset.get_batch(idx)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             signal = model.signal(images.to(device))
         signal = signal.float()
         prob = torch.softmax(model.grid_logits(signal), dim=-1)

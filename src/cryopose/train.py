@@ -29,9 +29,10 @@ import torch
 from . import io
 from .augment import AugmentConfig
 from .data import ParticlesDataset
-from .grids import symmetric_grid_target
+from .grids import symmetric_grid_cells, symmetric_grid_target, target_from_cells
 from .metrics import angular_errors
 from .models.image2sphere import Image2Sphere, Image2SphereConfig
+from .predict import bf16_autocast
 
 __all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS"]
 
@@ -121,23 +122,23 @@ def _write_log(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def _validate(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarray, batch_size: int,
-              device: torch.device) -> tuple[float, np.ndarray]:
+              device: torch.device, cells: dict[int, torch.Tensor]) -> tuple[float, np.ndarray]:
+    """Validation loss and errors; ``cells`` keeps each batch's target cells across epochs (the
+    validation set is fixed and not augmented, so they are computed once)."""
     model.eval()
     grid = model.grid.to(device)
     losses, errors = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         _, images, (rot, _, conf), _ = dataset.get_batch(idx)
-        with _autocast(device):
+        with bf16_autocast(device):
             signal = model.signal(images.to(device))
         logits = model.grid_logits(signal.float())
-        target = symmetric_grid_target(rot, model.grid.cpu(), dataset.symmetry).to(device)
+        if start not in cells:
+            cells[start] = symmetric_grid_cells(rot, model.grid.cpu(), dataset.symmetry)
+        target = target_from_cells(cells[start], grid.shape[0]).to(device)
         losses.append(float(_weighted_loss(logits, target, conf.to(device))) * len(idx))
         pred = grid[logits.argmax(-1)].cpu()
         errors.append(angular_errors(rot, pred, dataset.symmetry).numpy())
@@ -205,6 +206,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
 
     started = time.monotonic() - sum(r["seconds"] for r in rows)
     n_batches = len(train_idx) // config.batch_size  # drop the last partial batch
+    val_cells: dict[int, torch.Tensor] = {}
     for epoch in range(start_epoch, config.max_epochs):
         if stopped:
             break
@@ -220,7 +222,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             _, images, (rot, _, conf), _ = train_set.get_batch(idx)
             target = symmetric_grid_target(rot, grid_cpu, train_set.symmetry).to(device)
-            with _autocast(device):
+            with bf16_autocast(device):
                 signal = model.signal(images.to(device), projector_gen)
             loss = _weighted_loss(model.grid_logits(signal.float()), target, conf.to(device))
             optimiser.zero_grad(set_to_none=True)
@@ -231,7 +233,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             bar.set_postfix(loss=f"{total / (b + 1):.3f}",
                             val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-")
         bar.close()
-        val_loss, val_err = _validate(model, val_set, val_idx, config.batch_size, device)
+        val_loss, val_err = _validate(model, val_set, val_idx, config.batch_size, device, val_cells)
         scheduler.step(val_loss)
         row = {"epoch": epoch + 1, "train_loss": total / n_batches, "val_loss": val_loss,
                "val_median_error_deg": float(np.median(val_err)), "val_mean_error_deg": float(val_err.mean()),

@@ -295,39 +295,37 @@ class HemisphereProjector(nn.Module):
         return torch.einsum("bcp,pi->bci", sampled, harmonics.to(sampled.dtype)) / harmonics.shape[0]
 
 
-class S2Convolution(nn.Module):
-    """Group convolution of an S² signal with a learned kernel of global support: S² → SO(3)."""
+class GroupConvolution(nn.Module):
+    """Group convolution with a learned kernel, S² → SO(3) or SO(3) → SO(3).
 
-    def __init__(self, f_in: int, f_out: int, lmax: int, kernel_order: int):
+    The kernel is a weighted sum of basis functions (spherical harmonics or Wigner D) sampled at
+    ``n`` kernel points, ``kernel_table (n, dim)``; e3nn's Linear applies it in the harmonic domain.
+    """
+
+    def __init__(self, kernel_table: torch.Tensor, irreps_in, irreps_out, f_in: int, f_out: int):
         super().__init__()
         from e3nn import o3
 
-        kernel_harmonics = _sphere_harmonics(lmax, _healpix_xyz(kernel_order))
-        self.register_buffer("kernel_harmonics", kernel_harmonics, persistent=False)
-        self.weight = nn.Parameter(torch.randn(f_in, f_out, kernel_harmonics.shape[0]))
-        self.linear = o3.Linear(_s2_irreps(lmax), _so3_irreps(lmax), f_in=f_in, f_out=f_out, internal_weights=False)
+        self.register_buffer("kernel_table", kernel_table, persistent=False)  # rebuilt, never saved
+        self.weight = nn.Parameter(torch.randn(f_in, f_out, kernel_table.shape[0]))
+        self.linear = o3.Linear(irreps_in, irreps_out, f_in=f_in, f_out=f_out, internal_weights=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        psi = torch.einsum("ni,xyn->xyi", self.kernel_harmonics, self.weight) / self.kernel_harmonics.shape[0] ** 0.5
+        psi = torch.einsum("ni,xyn->xyi", self.kernel_table, self.weight) / self.kernel_table.shape[0] ** 0.5
         return self.linear(x, weight=psi)
 
 
-class SO3Convolution(nn.Module):
-    """Group convolution on SO(3) with a learned kernel of local support (near the identity)."""
+def s2_convolution(f_in: int, f_out: int, lmax: int, kernel_order: int) -> GroupConvolution:
+    """S² → SO(3), the kernel of global support sampled at the HEALPix points of ``kernel_order``."""
+    kernel = _sphere_harmonics(lmax, _healpix_xyz(kernel_order))
+    return GroupConvolution(kernel, _s2_irreps(lmax), _so3_irreps(lmax), f_in, f_out)
 
-    def __init__(self, f_in: int, f_out: int, lmax: int, kernel_rotmats: torch.Tensor):
-        super().__init__()
-        from e3nn import o3
 
-        key = hashlib.sha1(kernel_rotmats.double().numpy().tobytes()).hexdigest()[:12]
-        kernel_wigner = _cached(f"kernel_wigner|lmax={lmax}|{key}", lambda: wigner_table(lmax, kernel_rotmats))
-        self.register_buffer("kernel_wigner", kernel_wigner, persistent=False)
-        self.weight = nn.Parameter(torch.randn(f_in, f_out, kernel_wigner.shape[0]))
-        self.linear = o3.Linear(_so3_irreps(lmax), _so3_irreps(lmax), f_in=f_in, f_out=f_out, internal_weights=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        psi = torch.einsum("ni,xyn->xyi", self.kernel_wigner, self.weight) / self.kernel_wigner.shape[0] ** 0.5
-        return self.linear(x, weight=psi)
+def so3_convolution(f_in: int, f_out: int, lmax: int, kernel_rotmats: torch.Tensor) -> GroupConvolution:
+    """SO(3) → SO(3), the kernel of local support sampled at ``kernel_rotmats`` (near the identity)."""
+    key = hashlib.sha1(kernel_rotmats.double().numpy().tobytes()).hexdigest()[:12]
+    kernel = _cached(f"kernel_wigner|lmax={lmax}|{key}", lambda: wigner_table(lmax, kernel_rotmats))
+    return GroupConvolution(kernel, _so3_irreps(lmax), _so3_irreps(lmax), f_in, f_out)
 
 
 class Image2Sphere(nn.Module):
@@ -344,10 +342,10 @@ class Image2Sphere(nn.Module):
         self.encoder, enc_channels = resnet_encoder(c.resnet, c.encoder_weights, c.drop_maxpool)
         self.reduce = nn.Conv2d(enc_channels, c.sphere_channels, kernel_size=1)
         self.projector = HemisphereProjector(c.projector_order, c.lmax, c.projector_fraction)
-        self.s2_conv = S2Convolution(c.sphere_channels, c.s2_channels, c.lmax, c.s2_kernel_order)
+        self.s2_conv = s2_convolution(c.sphere_channels, c.s2_channels, c.lmax, c.s2_kernel_order)
         self.activation = _so3_activation(c.lmax, c.activation_resolution)
         kernel = near_identity_kernel(c.so3_kernel_max_beta, c.so3_kernel_n_alpha, c.so3_kernel_n_beta)
-        self.so3_conv = SO3Convolution(c.s2_channels, 1, c.lmax, kernel)
+        self.so3_conv = so3_convolution(c.s2_channels, 1, c.lmax, kernel)
         self.register_buffer("output_wigner", _output_wigner(c.lmax, c.output_order), persistent=False)
         self.register_buffer("grid", so3_healpix_grid(c.output_order), persistent=False)
 
