@@ -130,23 +130,25 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
     """Per method and source entry, MAnE and ΔFSCR0.5 in distribution (the source entry's own other
     half) next to transfer (another entry), from :func:`cryopose.leaderboard.generalisation_table`."""
     groups = list(table.groupby(["method", "trained_on"], sort=True))
-    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(groups) + 3), 4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(groups) + 2), 4.5))
     colours = {"in-distribution": "C0", "transfer": "C3"}
     x = np.arange(len(groups))
+    labels = []
+    for (method, source), g in groups:
+        targets = ", ".join(sorted(g[g["setting"] == "transfer"]["entry"].astype(str)))
+        labels.append(f"{method}\n{source} → {targets or '–'}")
     for ax, col, label in zip(axes, ("MAnE", "delta_FSCR0.5"), ("MAnE (°)", "ΔFSCR0.5 (Å)")):
         for k, setting in enumerate(("in-distribution", "transfer")):
-            rows = [g[g["setting"] == setting] for _, g in groups]
-            values = [float(pd.to_numeric(r[col], errors="coerce").mean()) if len(r) else np.nan for r in rows]
-            names = [", ".join(r["entry"].astype(str)) for r in rows]
-            bars = ax.bar(x + (k - 0.5) * 0.38, values, width=0.38, color=colours[setting], label=setting)
-            for bar, name in zip(bars, names):
-                if name:
-                    ax.annotate(name, (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 2),
-                                textcoords="offset points", ha="center", va="bottom", rotation=90, fontsize=7,
-                                color="white")
-        ax.set_xticks(x, [f"{m}\n(trained on {t})" for (m, t), _ in groups], fontsize=8)
+            values = [float(pd.to_numeric(g[g["setting"] == setting][col], errors="coerce").mean())
+                      if (g["setting"] == setting).any() else np.nan for _, g in groups]
+            ax.bar(x + (k - 0.5) * 0.38, values, width=0.38, color=colours[setting], label=setting)
+        ax.set_xticks(x, labels, fontsize=7, rotation=20, ha="right")
         ax.set_ylabel(label)
+        ax.axhline(0, color="k", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Generalisation: models applied to another entry of the same molecule")
+    fig.suptitle("Generalisation: models applied to another entry of the same molecule\n"
+                 "(compare Δs with the ground_truth row of the same entry: its offset is the half-maps' noise)",
+                 fontsize=10)
+    fig.tight_layout()
     _save(fig, Path(path))

@@ -217,7 +217,7 @@ def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.nd
     vol_ft = torch.where(populated, num / (den + lam), torch.zeros_like(num))
     vol = torch.fft.fftshift(torch.fft.irfftn(vol_ft, s=(p, p, p), dim=(-3, -2, -1)), dim=(-3, -2, -1))
     # Trilinear splatting blurs by a separable triangle: divide by its transform, sinc², per axis.
-    c = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(p, dtype=torch.float64))) ** 2
+    c = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(p, dtype=torch.float64, device=vol.device))) ** 2
     vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
     start = (p - s) // 2
     return vol[start:start + s, start:start + s, start:start + s].cpu().numpy().astype(np.float32)
