@@ -109,14 +109,20 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     assert not (work / "resources").exists() and not (work / "results").exists()
 
 
-def test_a_real_entry_must_be_on_disk(tmp_path):
-    """config/cesped.yaml names real entries (no simulation parameters): without their folders the
-    run stops before any job and says which folder it expected."""
+def test_a_real_entry_must_be_on_disk_or_downloadable(tmp_path):
+    """Entries without simulation parameters: CESPED's are downloaded (one download_entry job each),
+    any other must already be on disk, else the run stops before any job naming the folder."""
     work = _workdir(tmp_path)
+    out = snakemake(work, "-n", "-p", "--configfile", "config/cesped.yaml")
+    text = out.stdout + out.stderr
+    assert job_counts(text)["download_entry"] == 8
+    assert "cryopose download TEST --out resources/benchmark --base-url https://zenodo.org --retries 5" in text
+    cfg = work / "config" / "cesped.yaml"
+    cfg.write_text(cfg.read_text().replace("- name: TEST", "- name: MYDATA"))
     out = snakemake(work, "-n", "--configfile", "config/cesped.yaml", check=False)
     text = out.stdout + out.stderr
-    assert out.returncode != 0 and "entries: TEST has no 'simulate' parameters" in text
-    assert "resources/benchmark/TEST" in text and not (work / "results").exists()
+    assert out.returncode != 0 and "entries: MYDATA has no 'simulate' parameters and is not a CESPED entry" in text
+    assert "resources/benchmark/MYDATA" in text and not (work / "results").exists()
 
 
 @pytest.mark.slow

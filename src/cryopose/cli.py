@@ -179,6 +179,21 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .download import CESPED_RECORDS, download_entry
+
+    if args.list:
+        for name, (r0, r1) in CESPED_RECORDS.items():
+            print(f"{name:6s} records {r0} (half 0), {r1} (half 1)")
+        return 0
+    if not args.entries:
+        raise InputError("name the entries to download (or --list them)", where="entries")
+    for name in args.entries:
+        print(download_entry(name, Path(args.out), base_url=args.base_url, retries=args.retries,
+                             backoff=args.backoff, keep_chunks=args.keep_chunks, progress=not args.quiet))
+    return 0
+
+
 def _cmd_generalisation(args: argparse.Namespace) -> int:
     from .leaderboard import generalisation_table, write_generalisation
 
@@ -306,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Snakemake benchmark files .../refine/<method>+refine/<entry>/*.tsv (added to the base "
                         "method's prediction time)")
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("download", help="download real CESPED entries from Zenodo (resumable, md5-verified)")
+    p.add_argument("entries", nargs="*", help="entry names: TEST, 10166, 10786, 10280, 11120, 10648, 10409, 10374")
+    p.add_argument("--out", default="resources/benchmark", help="benchmark directory (default: %(default)s)")
+    p.add_argument("--base-url", default="https://zenodo.org", help="record server (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=5, help="retries per file, with exponential backoff")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubled each time)")
+    p.add_argument("--keep-chunks", action="store_true", help="keep the stack chunks after concatenation")
+    p.add_argument("--list", action="store_true", help="print the entries and their Zenodo records")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("generalisation", help="compare evaluations of models on their own entry and on another "
                                               "entry (metrics.json of 'cryopose evaluate --trained-on')")

@@ -8,12 +8,17 @@ import shlex
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from cryopose.download import CESPED_RECORDS
+
 validate(config, schema="../schemas/config.schema.yaml")
 
 ENTRIES = {e["name"]: e for e in config["entries"]}
 # Generalisation experiment: entries that only models of another entry predict (not ranked).
 TRANSFERS = {t["name"]: t for t in config.get("generalisation", [])}
 ALL_ENTRIES = {**ENTRIES, **TRANSFERS}
+# Real CESPED entries not simulated: downloaded from Zenodo unless already on disk.
+DOWNLOADED = [n for n, e in ALL_ENTRIES.items() if "simulate" not in e and n in CESPED_RECORDS]
+DOWNLOAD = config.get("download", {})
 METHODS = config["methods"]
 BENCHMARK_DIR = config["benchmark_dir"]
 RECON = config["reconstruction"]
@@ -67,11 +72,11 @@ def _check_config():
                 f"methods ({', '.join(TRAINED)})"
             )
     for name, e in ALL_ENTRIES.items():
-        if "simulate" not in e and not os.path.isdir(f"{BENCHMARK_DIR}/{name}"):
+        if "simulate" not in e and name not in CESPED_RECORDS and not os.path.isdir(f"{BENCHMARK_DIR}/{name}"):
             raise WorkflowError(
-                f"config: entries: {name} has no 'simulate' parameters, so it must be a real entry in "
-                f"{BENCHMARK_DIR}/{name} (particles_{{0,1}}.star, .mrcs, info_{{0,1}}.json, {name}_mask.mrc), "
-                f"and that folder does not exist"
+                f"config: entries: {name} has no 'simulate' parameters and is not a CESPED entry to download "
+                f"({', '.join(CESPED_RECORDS)}), so it must be a real entry in {BENCHMARK_DIR}/{name} "
+                f"(particles_{{0,1}}.star, .mrcs, info_{{0,1}}.json, {name}_mask.mrc), and that folder does not exist"
             )
     if len(ENTRIES) != len(config["entries"]):
         raise WorkflowError("config: entries: two entries share a name")
