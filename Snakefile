@@ -12,6 +12,10 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# With --sdm apptainer every job runs in this image (containers/cryopose.def: cryopose + RELION).
+container: config.get("container", "containers/cryopose.sif")
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/entries.smk"
 include: "workflow/rules/preprocess.smk"

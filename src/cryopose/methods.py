@@ -49,6 +49,8 @@ class Method:
     #: Train and predict on the workflow's preprocessed copy of the entry (normalised,
     #: CTF-corrected, resized: ``cryopose preprocess``) rather than on the raw particles.
     needs_preprocessing: bool = False
+    #: Runs on a GPU when one is lent (the workflow then asks the cluster for one).
+    uses_gpu: bool = False
 
 
 def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, params: dict,
@@ -231,7 +233,7 @@ def _refined(base: Method) -> Method:
 
     return Method(name, f"{base.name}, then local refinement of its poses and shifts against the training "
                   "half's map", "SO3xR2", train, predict, {**base.default_params, **refine_defaults()},
-                  needs_preprocessing=False)
+                  needs_preprocessing=False, uses_gpu=True)
 
 
 #: The CPU-sized default (64 px, ResNet18, lmax 6, output order 3): a few minutes per half on
@@ -254,11 +256,11 @@ METHODS: dict[str, Method] = {
     "image2sphere": Method("image2sphere", "Image2Sphere (Klee et al. 2023; the CESPED paper's baseline): ResNet → "
                            "hemisphere → S² and SO(3) convolutions → SO(3) grid classifier", "SO3",
                            _train_image2sphere, _predict_image2sphere, IMAGE2SPHERE_DEFAULTS,
-                           needs_preprocessing=True),
+                           needs_preprocessing=True, uses_gpu=True),
     "projection_matching": Method("projection_matching", "classical anchor (paper eq. 1): CTF-modulated projections "
                                   "of the training half's map over an SO(3) grid and shifts, coarse to fine",
                                   "SO3xR2", _train_projection_matching, _predict_projection_matching,
-                                  asdict(MatchingConfig()), needs_preprocessing=False),
+                                  asdict(MatchingConfig()), needs_preprocessing=False, uses_gpu=True),
 }
 
 

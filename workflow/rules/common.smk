@@ -131,3 +131,20 @@ def transfer_targets():
             out.append(f"results/generalisation/{m}/{t['trained_on']}/{name}/metrics.json")
             out.append(f"results/evaluation/{m}/{t['trained_on']}/metrics.json")
     return sorted(set(out))
+
+
+# Resources. Memory and time grow with each attempt, so a job retried (profile `retries`) after
+# running out of either asks for more; the network's stages ask for GPUs when the config lends
+# them (devices.train_gpus) and the method uses one.
+def mem_mb_per_attempt(base):
+    return lambda wildcards, attempt: base * attempt
+
+
+def runtime_per_attempt(minutes):
+    return lambda wildcards, attempt: minutes * attempt
+
+
+def gpus(wildcards):
+    from cryopose.methods import get_method
+
+    return int(config["devices"]["train_gpus"]) if get_method(wildcards.method).uses_gpu else 0

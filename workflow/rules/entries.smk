@@ -17,7 +17,8 @@ rule simulate_entry:
         "results/benchmarks/simulate/{entry}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb_per_attempt(4000),
+        runtime=runtime_per_attempt(30),
     conda:
         "../../envs/cryopose.yaml"
     shell:
@@ -41,8 +42,8 @@ rule download_entry:
         "results/benchmarks/download/{entry}.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=24 * 60,
+        mem_mb=mem_mb_per_attempt(1000),
+        runtime=runtime_per_attempt(24 * 60),
     conda:
         "../../envs/cryopose.yaml"
     shell:

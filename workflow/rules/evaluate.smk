@@ -45,7 +45,8 @@ rule evaluate:
         "results/benchmarks/evaluate/{method}/{entry}.tsv"
     threads: config["threads"]["reconstruct"]
     resources:
-        mem_mb=8000,
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(120),
     conda:
         "../../envs/cryopose.yaml"
     shell:

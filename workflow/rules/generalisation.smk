@@ -21,8 +21,9 @@ rule predict_transfer:
         "results/benchmarks/generalisation/{method}/{source}/{entry}/half{half}.tsv"
     threads: config["threads"]["train"]
     resources:
-        mem_mb=8000,
-        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(120),
+        gpu=gpus,
     conda:
         "../../envs/cryopose.yaml"
     shell:
@@ -58,7 +59,8 @@ rule evaluate_transfer:
         "results/benchmarks/generalisation/evaluate/{method}/{source}/{entry}.tsv"
     threads: config["threads"]["reconstruct"]
     resources:
-        mem_mb=8000,
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(120),
     conda:
         "../../envs/cryopose.yaml"
     shell:
@@ -84,7 +86,8 @@ rule generalisation:
         "results/benchmarks/generalisation.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=mem_mb_per_attempt(1000),
+        runtime=runtime_per_attempt(10),
     conda:
         "../../envs/cryopose.yaml"
     shell:

@@ -20,7 +20,8 @@ rule ground_truth_maps:
         "results/benchmarks/ground_truth/{entry}.tsv"
     threads: config["threads"]["reconstruct"]
     resources:
-        mem_mb=8000,
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(120),
     conda:
         "../../envs/cryopose.yaml"
     shell:

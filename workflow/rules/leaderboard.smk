@@ -23,7 +23,8 @@ rule leaderboard:
         "results/benchmarks/leaderboard.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=mem_mb_per_attempt(1000),
+        runtime=runtime_per_attempt(10),
     conda:
         "../../envs/cryopose.yaml"
     shell:

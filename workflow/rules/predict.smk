@@ -17,8 +17,9 @@ rule predict:
         "results/benchmarks/predict/{method}/{entry}/half{half}.tsv"
     threads: config["threads"]["train"]
     resources:
-        mem_mb=8000,
-        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(120),
+        gpu=gpus,
     conda:
         "../../envs/cryopose.yaml"
     shell:

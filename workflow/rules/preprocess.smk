@@ -20,7 +20,8 @@ rule preprocess_entry:
         "results/benchmarks/preprocess/{entry}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb_per_attempt(4000),
+        runtime=runtime_per_attempt(60),
     conda:
         "../../envs/cryopose.yaml"
     shell:

@@ -19,8 +19,9 @@ rule refine_predictions:
         "results/benchmarks/refine/{method}/{entry}/half{half}.tsv"
     threads: config["threads"]["train"]
     resources:
-        mem_mb=4000,
-        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+        mem_mb=mem_mb_per_attempt(4000),
+        runtime=runtime_per_attempt(120),
+        gpu=gpus,
     conda:
         "../../envs/cryopose.yaml"
     shell:

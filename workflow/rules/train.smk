@@ -18,8 +18,9 @@ rule train:
         "results/benchmarks/train/{method}/{entry}/half{half}.tsv"
     threads: config["threads"]["train"]
     resources:
-        mem_mb=8000,
-        gpus=lambda wc: int(config["devices"]["train_gpus"]),
+        mem_mb=mem_mb_per_attempt(8000),
+        runtime=runtime_per_attempt(24 * 60),
+        gpu=gpus,
     conda:
         "../../envs/cryopose.yaml"
     shell:

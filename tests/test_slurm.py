@@ -1,0 +1,89 @@
+"""`snakemake --profile slurm` (the user's literal command) through a real single-node Slurm
+started by scripts/slurm-local, with a fake GPU so that GPU requests are scheduled as on a
+cluster. Needs root (it starts the daemons): skipped otherwise, unless CRYOPOSE_REQUIRE_SLURM=1
+(set in CI), where a failure to start Slurm fails the test."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_workflow import ROOT, _workdir, snakemake
+
+JOBCOMP = Path("/var/spool/cryopose-slurm/jobcomp.log")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    required = os.environ.get("CRYOPOSE_REQUIRE_SLURM") == "1"
+    if os.geteuid() != 0 and not required:
+        pytest.skip("starting a local Slurm needs root (scripts/slurm-local start)")
+    start = subprocess.run([str(ROOT / "scripts" / "slurm-local"), "start"], capture_output=True, text=True)
+    if start.returncode != 0:
+        message = f"scripts/slurm-local start failed:\n{start.stdout}\n{start.stderr}"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    yield
+    subprocess.run([str(ROOT / "scripts" / "slurm-local"), "stop"], capture_output=True)
+
+
+def _jobs() -> list[dict]:
+    """jobcomp/filetxt lines as dicts (JobId=… Name=… JobState=… Tres=…)."""
+    rows = []
+    for line in JOBCOMP.read_text().splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        rows.append(fields)
+    return rows
+
+
+def test_profile_slurm_resolves_from_the_repository_root(tmp_path):
+    """Snakemake looks for `--profile slurm` in the working directory, not in profiles/: the root's
+    link makes the literal command work; without it the same command fails."""
+    assert (ROOT / "slurm").resolve() == (ROOT / "profiles" / "slurm").resolve()
+    work = _workdir(tmp_path)
+    shutil.copy(ROOT / "slurm", work / "slurm", follow_symlinks=False)
+    out = snakemake(work, "--profile", "slurm", "-n", "--configfile", "config/tiny.yaml", "--slurm-no-account")
+    assert "This was a dry-run" in out.stdout + out.stderr
+    (work / "slurm").unlink()
+    out = snakemake(work, "--profile", "slurm", "-n", "--configfile", "config/tiny.yaml", check=False)
+    assert out.returncode != 0 and "profile" in (out.stdout + out.stderr).lower()
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").iterdir() if p.is_dir()))
+def test_every_profile_dry_runs(tmp_path, profile):
+    work = _workdir(tmp_path)
+    extra = ["--slurm-no-account"] if profile == "slurm" else []
+    out = snakemake(work, "--profile", f"profiles/{profile}", "-n", "--configfile", "config/tiny.yaml", *extra)
+    assert "This was a dry-run" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_tiny_workflow_through_slurm(slurm, tmp_path):
+    work = _workdir(tmp_path)
+    shutil.copy(ROOT / "slurm", work / "slurm", follow_symlinks=False)
+    (work / "config" / "gpu.yaml").write_text("devices:\n  train_gpus: 1\n")
+    before = len(_jobs()) if JOBCOMP.exists() else 0
+    snakemake(work, "--profile", "slurm", "--configfile", "config/tiny.yaml", "config/gpu.yaml", "--slurm-no-account")
+    board = pd.read_csv(work / "results" / "leaderboard.csv")
+    assert len(board) == 15 and board["MAnE"].notna().all()
+    assert (work / "results" / "generalisation.csv").is_file()
+    # Every job ran as a Slurm job (only `all` is local), each completed; the network's stages
+    # asked for the fake GPU, the oracles and the reconstructions did not.
+    jobs = _jobs()[before:]
+    dry = snakemake(_workdir(tmp_path / "count"), "-n", "--configfile", "config/tiny.yaml")
+    from test_workflow import job_counts
+
+    expected = job_counts(dry.stdout + dry.stderr)["total"] - 1
+    assert len(jobs) == expected, (len(jobs), expected)
+    assert all(j["JobState"] == "COMPLETED" for j in jobs), [j for j in jobs if j["JobState"] != "COMPLETED"][:3]
+    gpu_jobs = [j for j in jobs if "gres/gpu=1" in j.get("Tres", "")]
+    logs = work / ".snakemake" / "slurm_logs"
+    assert logs.is_dir()
+    # 5 GPU methods' rules: train + predict of image2sphere and projection_matching (2 each per
+    # half and entry), the refinements, and the transfer predictions of those two methods.
+    assert len(gpu_jobs) == 3 * 2 * 2 * 2 + 3 * 2 + 2 * 2, len(gpu_jobs)
