@@ -1,5 +1,5 @@
 """`snakemake --profile slurm` (the user's literal command) through a real single-node Slurm
-started by scripts/slurm-local, with a fake GPU so that GPU requests are scheduled as on a
+started by scripts/slurm-local, with fake GPUs so that GPU requests are scheduled as on a
 cluster. Needs root (it starts the daemons): skipped otherwise, unless CRYOPOSE_REQUIRE_SLURM=1
 (set in CI), where a failure to start Slurm fails the test."""
 
@@ -66,9 +66,11 @@ def test_every_profile_dry_runs(tmp_path, profile):
 def test_tiny_workflow_through_slurm(slurm, tmp_path):
     work = _workdir(tmp_path)
     shutil.copy(ROOT / "slurm", work / "slurm", follow_symlinks=False)
-    (work / "config" / "gpu.yaml").write_text("devices:\n  train_gpus: 1\n")
+    # One GPU per network job; one thread per job, so that two jobs share the CI machine's 2 cores.
+    (work / "config" / "gpu.yaml").write_text("devices:\n  train_gpus: 1\nthreads:\n  train: 1\n  reconstruct: 1\n")
     before = len(_jobs()) if JOBCOMP.exists() else 0
-    snakemake(work, "--profile", "slurm", "--configfile", "config/tiny.yaml", "config/gpu.yaml", "--slurm-no-account")
+    snakemake(work, "--profile", "slurm", "--configfile", "config/tiny.yaml", "config/gpu.yaml", "--slurm-no-account",
+              "--slurm-init-seconds-before-status-checks", "2")
     board = pd.read_csv(work / "results" / "leaderboard.csv")
     assert len(board) == 15 and board["MAnE"].notna().all()
     assert (work / "results" / "generalisation.csv").is_file()
