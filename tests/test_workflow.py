@@ -162,16 +162,21 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (work / "results/models/image2sphere/tiny_d2/half1/train_log.csv").is_file()
     assert (work / "results/checkpoints/image2sphere/tiny_d2/half1/checkpoint.pt").is_file()
     assert "| ground_truth |" in (work / "results" / "leaderboard.md").read_text()
-    metrics = json.loads((work / "results/evaluation/random/tiny_c2/metrics.json").read_text())
-    assert metrics["method"] == "random" and metrics["entry"] == "tiny_c2"
+    metrics = json.loads((work / "results/evaluation/random/tiny_c1/metrics.json").read_text())
+    assert metrics["method"] == "random" and metrics["entry"] == "tiny_c1" and metrics["trained_on"] == "tiny_c1"
 
     # Up to date: a second invocation does nothing.
     again = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
-    # Deleting one metric file re-runs exactly that evaluation and the leaderboard.
-    (work / "results/evaluation/random/tiny_c2/metrics.json").unlink()
+    # Deleting one metric file re-runs exactly that evaluation and what reads it: the leaderboard,
+    # and for the generalisation pair's source entry (tiny_c2) the generalisation table too.
+    (work / "results/evaluation/random/tiny_c1/metrics.json").unlink()
     dry = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
     assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "all": 1, "total": 3}
+    (work / "results/evaluation/random/tiny_c2/metrics.json").unlink()
+    dry = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
+    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "generalisation": 1, "all": 1,
+                                                   "total": 4}
     snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
     assert (work / "results/evaluation/random/tiny_c2/metrics.json").is_file()
 
