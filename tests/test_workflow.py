@@ -175,8 +175,8 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "all": 1, "total": 3}
     (work / "results/evaluation/random/tiny_c2/metrics.json").unlink()
     dry = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
-    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "generalisation": 1, "all": 1,
-                                                   "total": 4}
+    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 2, "leaderboard": 1, "generalisation": 1, "all": 1,
+                                                   "total": 5}
     snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
     assert (work / "results/evaluation/random/tiny_c2/metrics.json").is_file()
 
