@@ -363,7 +363,7 @@ def refine_poses(images: torch.Tensor | callable, ctf: torch.Tensor | callable, 
     return rot_out, shift_out, score_out
 
 
-def config_from_params(cls, params: dict, where: str = "--param"):
+def config_from_params(cls, params: dict):
     """``cls(**params)`` for the keys ``cls`` has (:class:`MatchingConfig`, :class:`RefineConfig`)."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in params.items() if k in names})
