@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError) as err:
         print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a missing file, a full disk, a missing program: the message names it
+        print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

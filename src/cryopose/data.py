@@ -211,6 +211,14 @@ class ParticlesDataset(Dataset):
         for k in np.unique(self._stack_of[idx]):
             sel = np.flatnonzero(self._stack_of[idx] == k)
             out[sel] = torch.from_numpy(io.read_images(self._stack(int(k)), self._image_index[idx[sel]]))
+        finite = torch.isfinite(out).flatten(1).all(1)
+        if not bool(finite.all()):
+            # A NaN pixel would silently poison a whole batch's loss or a reconstruction.
+            i = int(idx[int(torch.nonzero(~finite)[0])])
+            stack = self._stack_paths[int(self._stack_of[i])]
+            raise InputError(f"image {int(self._image_index[i]) + 1} of this stack has NaN or infinite pixels; "
+                             f"finite values expected", path=stack,
+                             where=f"particle {self._ids[i]} (row {i + 1} of {self.star_path.name})")
         return out
 
     def get_batch(self, indices: Sequence[int]):
@@ -349,14 +357,23 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
     RELION and :class:`ParticlesDataset` treat the copy correctly. (A Wiener-filtered stack has no
     RELION flag; it is meant for networks, not for reconstruction.) Each file is written under a
     temporary name and renamed; the mask and source map are cropped and resampled to match.
+    The copy is built in a hidden sibling folder that replaces ``out_dir/<name>/`` only when
+    complete, so a failure (a bad image, a full disk) leaves an earlier copy as it was.
     """
+    src = resolve_entry(entry, benchmark_dir)
+    with io.staged_folder(Path(out_dir) / src.name) as work:
+        _write_preprocessed(src, work, image_size=image_size, crop_fraction=crop_fraction, normalise=normalise,
+                            ctf_correction=ctf_correction, wiener_constant=wiener_constant, batch_size=batch_size,
+                            progress=progress)
+    return Path(out_dir) / src.name
+
+
+def _write_preprocessed(src: io.Entry, dest: Path, *, image_size, crop_fraction, normalise, ctf_correction,
+                        wiener_constant, batch_size, progress) -> None:
     from tqdm.auto import tqdm
 
     from .preprocess import center_crop, fourier_resize_map
 
-    src = resolve_entry(entry, benchmark_dir)
-    dest = Path(out_dir) / src.name
-    dest.mkdir(parents=True, exist_ok=True)
     total = sum(src.n_particles(h) for h in src.halves)
     bar = tqdm(total=total, desc=f"preprocess {src.name}", unit="img", disable=not progress)
     with bar:
@@ -396,4 +413,3 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
             if "mask" in out.name:
                 vol = vol.clamp(0, 1)
             io.write_map(out, vol.numpy(), ds.sampling_rate)
-    return dest

@@ -393,18 +393,20 @@ def _pose_metrics(entry: io.Entry, predictions: list[Predictions], prediction_ty
 def _write_outputs(outdir: Path, result: EvaluationResult, pixel_size: float, vmean: np.ndarray, plots: bool) -> None:
     from . import plots as plotting
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    io.write_map(outdir / "V_half0.mrc", result.maps["V0"], pixel_size)
-    io.write_map(outdir / "V_half1.mrc", result.maps["V1"], pixel_size)
-    io.write_map(outdir / "V.mrc", vmean, pixel_size)
-    with io.atomic_write(outdir / "particles.csv") as tmp:
-        result.particles.to_csv(tmp, index=False, float_format="%.6g")
-    with io.atomic_write(outdir / "fsc.csv") as tmp:
-        result.fsc.to_csv(tmp, index=False, float_format="%.6g")
+    names = ["metrics.json", "V_half0.mrc", "V_half1.mrc", "V.mrc", "particles.csv", "fsc.csv"]
     if plots:
-        plotting.plot_fsc(result.fsc, result.metrics, outdir / "fsc.png")
-        plotting.plot_angular_errors(result.particles, result.metrics, outdir / "angular_errors.png")
-        plotting.plot_orientations(result.particles, outdir / "orientations.png")
-    # metrics.json last: its presence means the evaluation is complete.
-    with io.atomic_write(outdir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")
+        names += ["fsc.png", "angular_errors.png", "orientations.png"]
+    # All files are written under temporary names first and renamed together at the end, so a
+    # failure (a full disk) leaves an earlier evaluation's files as they were; metrics.json is
+    # renamed last: its presence means the evaluation is complete.
+    with io.atomic_writes([outdir / n for n in names]) as tmp:
+        io.write_map(tmp["V_half0.mrc"], result.maps["V0"], pixel_size)
+        io.write_map(tmp["V_half1.mrc"], result.maps["V1"], pixel_size)
+        io.write_map(tmp["V.mrc"], vmean, pixel_size)
+        result.particles.to_csv(tmp["particles.csv"], index=False, float_format="%.6g")
+        result.fsc.to_csv(tmp["fsc.csv"], index=False, float_format="%.6g")
+        if plots:
+            plotting.plot_fsc(result.fsc, result.metrics, tmp["fsc.png"])
+            plotting.plot_angular_errors(result.particles, result.metrics, tmp["angular_errors.png"])
+            plotting.plot_orientations(result.particles, tmp["orientations.png"])
+        tmp["metrics.json"].write_text(json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")

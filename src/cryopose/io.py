@@ -14,11 +14,14 @@ or field, and what was expected.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,9 +36,9 @@ import starfile
 from .errors import InputError
 
 __all__ = [
-    "atomic_write", "ParticleStar", "read_particles_star", "write_particles_star", "particles_with_optics",
-    "parse_image_name", "resolve_stack_path", "open_stack", "stack_shape", "read_images", "StackWriter",
-    "read_map", "write_map", "Entry",
+    "atomic_write", "atomic_writes", "staged_folder", "WriteError", "ParticleStar", "read_particles_star",
+    "write_particles_star", "particles_with_optics", "parse_image_name", "resolve_stack_path", "open_stack",
+    "stack_shape", "read_images", "StackWriter", "read_map", "write_map", "Entry",
 ]
 
 #: Optics columns every optics group must have (rlnOpticsGroupName and rlnImageDimensionality are
@@ -55,6 +58,13 @@ _IMAGE_NAME_PATTERN = r"^[ \t\n\r\f\v]*([0-9]+)@([^ \t\n\r\f\v](?:.*[^ \t\n\r\f\
 _IMAGE_NAME = re.compile(_IMAGE_NAME_PATTERN)
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class WriteError(OSError):
+    """A write that failed for lack of space, reported with the destination it was meant for."""
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it to ``path`` only if the body succeeds.
@@ -68,7 +78,13 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno in _NO_SPACE and not isinstance(err, WriteError):
+                raise WriteError(err.errno, f"could not write {path}: {os.strerror(err.errno)}; the partial file "
+                                            f"was removed and the previous {path.name} (if any) is unchanged") from err
+            raise
         if not tmp.is_file():
             raise FileNotFoundError(f"atomic_write: the block wrote nothing to {tmp} (destination {path})")
         with open(tmp, "rb+") as fh:
@@ -83,6 +99,54 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writes(paths) -> Iterator[dict[str, Path]]:
+    """:func:`atomic_write` for a group of files: yields ``{name: temporary path}`` (keyed by file
+    name); nothing is renamed until the body has written them all, then they are renamed in
+    reverse order of ``paths`` (the first is renamed last: put the file that marks completion
+    first). On any exception every temporary file is removed and no destination changes."""
+    paths = [Path(p) for p in paths]
+    if len({p.name for p in paths}) != len(paths):
+        raise ValueError(f"atomic_writes: file names must be distinct, got {[p.name for p in paths]}")
+    with contextlib.ExitStack() as stack:
+        temporaries = {p.name: stack.enter_context(atomic_write(p)) for p in paths}
+        try:
+            yield temporaries
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                names = ", ".join(p.name for p in paths)
+                raise WriteError(err.errno, f"could not write {names} in {paths[0].parent}: "
+                                            f"{os.strerror(err.errno)}; no file there was changed") from err
+            raise
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``target``; on success it replaces ``target`` (an existing
+    folder is moved aside first and deleted after the swap), on any exception it is deleted and
+    ``target`` stays as it was. For outputs made of several files that must change together."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield work
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(work, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +577,16 @@ class StackWriter:
         tmp = self._ctx.__enter__()
         try:
             self._mrc = mrcfile.new_mmap(tmp, shape=self.shape, mrc_mode=self.mode, overwrite=True)
+            # The new file is sparse: on a full disk a store into the memory map kills the process
+            # with SIGBUS. Reserving its blocks now turns that into an ENOSPC error before any work.
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            finally:
+                os.close(fd)
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.pixel_size
         except BaseException:

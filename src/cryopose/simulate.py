@@ -20,10 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -620,9 +617,7 @@ def simulate_entry(spec: SimulationSpec, benchmark_dir: str | Path, overwrite: b
         if not overwrite:
             raise InputError("an entry made from different parameters (or a real entry) is already here; "
                              "pass overwrite=True (--overwrite) to replace it", path=target)
-    benchmark_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=benchmark_dir))
-    try:
+    with io.staged_folder(target) as work:
         volume = source_density(spec)
         io.write_map(work / f"{spec.name}_source_map.mrc", volume, spec.pixel_size)
         io.write_map(work / f"{spec.name}_mask.mrc", soft_mask_from_map(volume), spec.pixel_size)
@@ -632,12 +627,6 @@ def simulate_entry(spec: SimulationSpec, benchmark_dir: str | Path, overwrite: b
             sigma = _write_half(spec, vol_t, 0, work, None, batch_size, bar)
             _write_half(spec, vol_t, 1, work, sigma, batch_size, bar)
         (work / "simulation.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 
