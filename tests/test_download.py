@@ -4,7 +4,10 @@ server at all."""
 
 import hashlib
 import json
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,6 +26,8 @@ class Server:
     def __init__(self, records: dict[int, dict[str, bytes]]):
         self.records = records
         self.cut_once: dict[str, int] = {}  # key → bytes sent before the connection is cut (once)
+        self.stall_once: dict[str, int] = {}  # key → bytes sent before the server waits for `release`
+        self.release = threading.Event()
         self.wrong_md5: set[str] = set()
         self.missing: set[str] = set()  # listed in the record, 404 on the server
         self.ignore_range = False
@@ -63,6 +68,14 @@ class Server:
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
+                if key in server.stall_once:
+                    n = server.stall_once.pop(key)
+                    self.wfile.write(body[:n])
+                    self.wfile.flush()
+                    server.served[key] = server.served.get(key, 0) + n
+                    server.release.wait(60)
+                    self.close_connection = True
+                    return
                 if key in server.cut_once:
                     body = body[:server.cut_once.pop(key)]
                     self.wfile.write(body)
@@ -78,6 +91,7 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -141,6 +155,31 @@ def test_interrupted_download_resumes_to_the_same_bytes(source, server, tmp_path
     out = download.download_entry("TEST", tmp_path, server.url, retries=0, progress=False)
     _same_entry(source, out)
     assert server.served["particles_1.mrcs.chunk_0"] == CHUNK  # 5,000 + the remaining 2,000
+
+
+def test_a_killed_download_resumes_to_the_same_bytes(source, server, tmp_path):
+    """SIGKILL of `cryopose download` while a file is arriving: what was received stays in the
+    .part, nothing is published, and the next run fetches only the rest."""
+    key = "particles_0.mrcs.chunk_2"
+    server.stall_once[key] = 4000
+    proc = subprocess.Popen([sys.executable, "-m", "cryopose", "download", "TEST", "--out", str(tmp_path),
+                             "--base-url", server.url, "--retries", "0", "--quiet"])
+    part = tmp_path / ".download" / "TEST" / f"{key}.part"
+    deadline = time.monotonic() + 120
+    try:
+        while not (part.exists() and part.stat().st_size == 4000):
+            assert proc.poll() is None, f"the download ended ({proc.returncode}) before it was killed"
+            assert time.monotonic() < deadline, "the download never reached the stalled file"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        server.release.set()
+    assert proc.returncode == -9
+    assert part.stat().st_size == 4000 and not (tmp_path / "TEST").exists()
+    out = download.download_entry("TEST", tmp_path, server.url, retries=0, progress=False)
+    _same_entry(source, out)
+    assert (key, 4000) in server.ranges and server.served[key] == CHUNK
 
 
 def test_a_server_that_ignores_range_restarts_the_file(source, server, tmp_path):

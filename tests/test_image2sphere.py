@@ -1,6 +1,11 @@
 """Image2Sphere: equivariance conventions, symmetric targets, training (resume), prediction STAR."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +124,53 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(entry, tmp_path
     assert len(rows) == 3 and float(rows[-1]["val_median_error_deg"]) >= 0
     # No Wigner tables in checkpoints: they are rebuilt from the cache.
     assert not any("wigner" in k or k.endswith(".D") for k in a)
+
+
+@pytest.mark.slow
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path_factory, tmp_path):
+    """SIGKILL of `cryopose train` during its second epoch, then the same command again: the final
+    weights equal, bit for bit, those of a run that was never interrupted."""
+    spec = SimulationSpec(name="i2s_kill", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=480, snr=2.0,
+                          seed=8)
+    raw = simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False)
+    entry = write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False)
+    params = {**TINY, "batch_size": 16, "max_epochs": 3, "lr_patience": 1, "early_stop_patience": 5, "seed": 3,
+              "device": "cpu"}
+
+    def command(out, work):
+        argv = [sys.executable, "-m", "cryopose", "train", "--method", "image2sphere", "--entry", str(entry),
+                "--half", "0", "--out", str(out), "--work-dir", str(work)]
+        return argv + [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "a", tmp_path / "wa"), check=True, capture_output=True, env=env)
+    log_a = (tmp_path / "a" / "train_log.csv").read_text().splitlines()
+    seconds_epoch_1 = float(log_a[1].split(",")[-1])
+
+    proc = subprocess.Popen(command(tmp_path / "b", tmp_path / "wb"), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:  # the first epoch's summary line: epoch 2 starts now
+        if line.startswith("epoch 1:"):
+            break
+    time.sleep(0.4 * seconds_epoch_1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    rows = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 2, "the kill must land inside epoch 2 (after epoch 1 was logged, before epoch 2 was)"
+
+    resumed = subprocess.run(command(tmp_path / "b", tmp_path / "wb"), check=True, capture_output=True, text=True,
+                             env=env)
+    assert "resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    log_b = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
+    assert [r.rsplit(",", 1)[0] for r in log_b] == [r.rsplit(",", 1)[0] for r in log_a]  # all but the seconds
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] and a["val_loss"] == b["val_loss"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    ca = torch.load(tmp_path / "wa" / "checkpoint.pt", weights_only=False)["state_dict"]
+    cb = torch.load(tmp_path / "wb" / "checkpoint.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(entry, tmp_path):

@@ -148,10 +148,12 @@ def _fetch_once(remote: RemoteFile, part: Path, timeout: float, bar) -> None:
         if bar is not None:
             bar.reset(total=remote.size)
             bar.update(have)
-        with open(part, mode) as out:
+        # Unbuffered, and each block as it arrives (read1): what was received is on disk even if
+        # the process is killed, so the next run resumes from there.
+        with open(part, mode, buffering=0) as out:
             while True:
                 try:
-                    block = response.read(_BLOCK)
+                    block = response.read1(_BLOCK)
                 except (TimeoutError, OSError, http.client.HTTPException) as err:
                     raise TransientError(f"connection lost during {remote.key} ({type(err).__name__})") from err
                 if not block:

@@ -64,6 +64,9 @@ _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 class WriteError(OSError):
     """A write that failed for lack of space, reported with the destination it was meant for."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
@@ -144,6 +147,12 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        if err.errno in _NO_SPACE:
+            raise WriteError(err.errno, f"could not write {target}: {os.strerror(err.errno)}; the partial copy was "
+                                        f"removed and the earlier {target.name} (if any) is unchanged") from err
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -181,8 +190,14 @@ def _read_blocks(path: Path) -> dict:
         raise InputError("empty or unreadable: no data_ block found (expected RELION 3.1 data_optics + "
                          "data_particles, or a RELION 3.0 data_ block)", path=path)
     # starfile gives a dict for a block without loop_ (one row); make every block a table.
-    return {name: (pd.DataFrame([b]) if isinstance(b, dict) else b).reset_index(drop=True)
-            for name, b in blocks.items()}
+    tables = {name: (pd.DataFrame([b]) if isinstance(b, dict) else b).reset_index(drop=True)
+              for name, b in blocks.items()}
+    for name, table in tables.items():
+        repeated = table.columns[table.columns.duplicated()].unique().tolist()
+        if repeated:
+            raise InputError(f"column {repeated[0]} appears more than once; each label may appear once per block",
+                             path=path, where=f"data_{name}")
+    return tables
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, block: str, *, finite: bool = True,
@@ -204,7 +219,9 @@ def _numeric(df: pd.DataFrame, col: str, path: Path, block: str, *, finite: bool
     bad = np.flatnonzero(~ok)
     if len(bad):
         more = f"; {len(bad)} such rows" if len(bad) > 1 else ""
-        raise InputError(f"value {raw.iloc[bad[0]]!r} is not {expected}{more}", path=path,
+        value = raw.iloc[bad[0]]
+        shown = repr(value) if isinstance(value, str) else str(value)
+        raise InputError(f"value {shown} is not {expected}{more}", path=path,
                          where=f"{block} row {bad[0]} (0-based), column {col}")
     return values
 

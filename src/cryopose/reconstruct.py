@@ -296,7 +296,9 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
                 images[ks] = torch.from_numpy(io.read_images(stacks[name], idx))
             if not torch.isfinite(images).all():
                 bad = int(rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])])
-                raise InputError("image contains NaN or infinity", path=star_path, where=f"row {bad} (0-based)")
+                index, stack = locations[bad]
+                raise InputError(f"image {index + 1} of {stack} has NaN or infinite pixels; finite values expected",
+                                 path=star_path, where=f"row {bad} (0-based), {table['rlnImageName'].iloc[bad]}")
             ctf = ctf_from_parameters({k: v[rows] for k, v in params.items()}, pad * s, px, dtype=torch.float32)
             args = (images.to(dev), rot[rows].to(dev), origins[rows].to(dev), ctf.to(dev), weights[rows].to(dev),
                     ops, pad, acc)
