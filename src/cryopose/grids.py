@@ -17,7 +17,7 @@ from .geometry import euler_to_matrix, matrix_to_quaternion
 from .symmetry import symmetry_matrices
 
 __all__ = ["so3_grid_size", "so3_healpix_grid", "nearest_grid_index", "symmetric_grid_target", "symmetric_grid_cells",
-           "target_from_cells"]
+           "target_from_cells", "grid_quaternions_of"]
 
 
 def so3_grid_size(order: int) -> int:
@@ -44,7 +44,8 @@ def so3_healpix_grid(order: int, dtype: torch.dtype = torch.float32, device=None
     return _grid_float64(order).to(dtype=dtype, device=device)
 
 
-def nearest_grid_index(rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def nearest_grid_index(rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: int = 1024,
+                       grid_quaternions: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the grid rotation nearest (in geodesic angle) to each rotation.
 
     The geodesic angle is monotone in ``|⟨q, q_g⟩|`` of unit quaternions, so the nearest cell is
@@ -53,14 +54,22 @@ def nearest_grid_index(rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: in
     Args:
         rotmats: ``(N, 3, 3)``.
         grid: ``(G, 3, 3)`` (e.g. :func:`so3_healpix_grid`).
+        grid_quaternions: ``(G, 4)`` float64, :func:`grid_quaternions` of ``grid``, when a caller
+            looks up many batches on one grid (converting 36,864 matrices per call costs more than
+            the lookup itself).
 
     Returns:
         ``(N,)`` int64 indices into ``grid``.
     """
-    q_grid = matrix_to_quaternion(grid.double())
+    q_grid = grid_quaternions if grid_quaternions is not None else grid_quaternions_of(grid)
     q = matrix_to_quaternion(torch.as_tensor(rotmats).double())
     out = [(q[i:i + chunk_size] @ q_grid.T).abs().argmax(-1) for i in range(0, q.shape[0], chunk_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def grid_quaternions_of(grid: torch.Tensor) -> torch.Tensor:
+    """``(G, 4)`` float64 unit quaternions of the grid rotations ``(G, 3, 3)`` (for :func:`nearest_grid_index`)."""
+    return matrix_to_quaternion(grid.double())
 
 
 def symmetric_grid_target(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str) -> torch.Tensor:
@@ -81,13 +90,16 @@ def symmetric_grid_target(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: s
     return target_from_cells(symmetric_grid_cells(rotmats, grid, symmetry), grid.shape[0])
 
 
-def symmetric_grid_cells(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str) -> torch.Tensor:
+def symmetric_grid_cells(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str,
+                         grid_quaternions: torch.Tensor | None = None) -> torch.Tensor:
     """``(N, |G|)`` int64: the grid cell of each symmetry mate ``g·R`` (the sparse form of
-    :func:`symmetric_grid_target`, small enough to keep for a whole validation set)."""
+    :func:`symmetric_grid_target`, small enough to keep for a whole validation set; the training
+    loss reads the target through these cells, see :func:`cryopose.train._weighted_loss`).
+    ``grid_quaternions``: optional :func:`grid_quaternions_of` ``grid``, computed once by the caller."""
     rotmats = torch.as_tensor(rotmats).double()
     ops = symmetry_matrices(symmetry)
     mates = (ops[None] @ rotmats[:, None]).reshape(-1, 3, 3)  # (N·|G|, 3, 3): g·R
-    return nearest_grid_index(mates, grid).reshape(rotmats.shape[0], ops.shape[0])
+    return nearest_grid_index(mates, grid, grid_quaternions=grid_quaternions).reshape(rotmats.shape[0], ops.shape[0])
 
 
 def target_from_cells(cells: torch.Tensor, n_cells: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -206,6 +207,96 @@ def _so3_activation(lmax: int, resolution: int) -> nn.Module:
     return act
 
 
+def _separable_activation_tables(lmax: int, resolution: int) -> dict:
+    """Tables of :class:`SeparableSO3Activation` (float64 maths, float32 tables).
+
+    e3nn's SO(3) grid is ``(α, β, γ)`` with ``na = 4·resolution`` equally spaced α = γ and
+    ``nb = 2·resolution`` β. A Wigner matrix of degree l ≤ lmax depends on α and γ only through
+    ``cos(kα), sin(kα), cos(k'γ), sin(k'γ)`` with ``k, k' ≤ l``, so the grid table factors exactly as
+    ``D[α, β, γ, i] = Σ_kk' E[α, k]·M[β, k, k', i]·E[γ, k']`` with ``E`` the real Fourier basis
+    ``(na, 2·lmax+1)``, and ``M`` is block-sparse: coefficient i (degree l, row frequency p, column
+    frequency q) reaches only the basis pairs of frequencies (p, q) — about 1 % of its entries.
+    """
+    from e3nn.o3 import s2_grid
+    from e3nn.o3._so3grid import _quadrature_weights, flat_wigner
+
+    nb, na = 2 * resolution, 4 * resolution
+    beta, alpha = s2_grid(nb, na, dtype=torch.float64)
+    table = flat_wigner(lmax, alpha[:, None, None], beta[None, :, None], alpha[None, None, :])  # (α, β, γ, i)
+    qw = _quadrature_weights(nb // 2, dtype=torch.float64) * nb ** 2 / na ** 2
+    n, nk = table.shape[-1], 2 * lmax + 1
+    freq = torch.tensor([(k + 1) // 2 for k in range(nk)])
+    basis = torch.stack([torch.ones_like(alpha)] + [f(k * alpha) for k in range(1, lmax + 1)
+                                                    for f in (torch.cos, torch.sin)], -1)  # (na, nk)
+    inv = torch.linalg.pinv(basis)
+    m = torch.einsum("ka,abci,jc->bkji", inv, table, inv)  # (β, k, k', i)
+    recon = torch.einsum("ak,bkji,cj->abci", basis, m, basis)
+    if float((recon - table).abs().max()) > 1e-4:  # e3nn's own tables carry ~1e-5 of float32 rounding
+        raise RuntimeError("the SO(3) grid's Wigner table is not band-limited in α and γ as expected")
+    # The (p, q) frequency block of each coefficient: where its energy lies; the rest is rounding.
+    energy = m.square().sum(0)  # (k, k', i)
+    pair_energy = torch.zeros(lmax + 1, lmax + 1, n, dtype=torch.float64)
+    pair_energy.index_put_((freq[:, None].expand(nk, nk), freq[None, :].expand(nk, nk)), energy, accumulate=True)
+    flat = pair_energy.reshape(-1, n)
+    block_of_input = flat.argmax(0)  # (n,) index p·(lmax+1) + q
+    outside = flat.sum(0) - flat.max(0).values
+    if float((outside / flat.sum(0)).max()) > 1e-6:
+        raise RuntimeError("the SO(3) grid's Wigner table does not split into frequency blocks as expected")
+    out_pair = (freq[:, None] * (lmax + 1) + freq[None, :]).expand(nb, nk, nk).reshape(-1)  # (nb·nk·nk,)
+    m_flat = m.reshape(-1, n)  # (nb·nk·nk, n)
+    m_flat = torch.where(out_pair[:, None] == block_of_input[None, :], m_flat, 0.0)  # exact zeros off the blocks
+    qw_out = qw.repeat_interleave(nk * nk)[:, None]  # quadrature weight of each (β, k, k') row
+    return {"basis": basis.float(), "to_fourier": (m_flat / n ** 0.5).float(),
+            "from_fourier": (m_flat * qw_out * n ** 0.5).T.float().contiguous(), "shape": (nb, nk)}
+
+
+class SeparableSO3Activation(nn.Module):
+    """e3nn's ``SO3Activation`` (the signal on e3nn's SO(3) grid, a pointwise activation, back to
+    coefficients with e3nn's quadrature), computed through the factorisation of
+    :func:`_separable_activation_tables`: coefficients → per-β Fourier coefficients in (α, γ) by a
+    block-sparse product, → grid by two small real Fourier syntheses; and the adjoint back. The same
+    function as e3nn's dense ``(…, 455) × (455, 6,912)`` products (lmax 6, resolution 6) to float
+    rounding, with ~10× fewer operations. ``act`` is e3nn's normalised activation (``normalize2mom``).
+    """
+
+    def __init__(self, lmax: int, resolution: int, act: nn.Module):
+        super().__init__()
+        t = _cached(f"separable_activation|lmax={lmax}|resolution={resolution}|v3",
+                    lambda: _separable_activation_tables(lmax, resolution))
+        self.act = act
+        self.nb, self.nk = t["shape"]
+        self.register_buffer("basis", t["basis"], persistent=False)
+        # The sparse maps are kept as their CSR parts (plain tensors: a sparse buffer would break
+        # deepcopy and some device moves) and assembled in forward, which costs microseconds.
+        for name in ("to_fourier", "from_fourier"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                csr = t[name].to_sparse_csr()
+            self.register_buffer(f"{name}_rows", csr.crow_indices(), persistent=False)
+            self.register_buffer(f"{name}_cols", csr.col_indices(), persistent=False)
+            self.register_buffer(f"{name}_values", csr.values(), persistent=False)
+        self.shapes = {"to_fourier": tuple(t["to_fourier"].shape), "from_fourier": tuple(t["from_fourier"].shape)}
+        self.register_buffer("basis_t", t["basis"].T.contiguous(), persistent=False)
+
+    def _sparse(self, name: str) -> torch.Tensor:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(getattr(self, f"{name}_rows"), getattr(self, f"{name}_cols"),
+                                           getattr(self, f"{name}_values"), self.shapes[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, n = x.shape[:-1], x.shape[-1]
+        # Rows last throughout, so that every product below is a plain (batched) matrix product.
+        x = x.reshape(-1, n).float().T.contiguous()  # (n, rows)
+        rows, nb, nk, na = x.shape[1], self.nb, self.nk, self.basis.shape[0]
+        coeff = torch.sparse.mm(self._sparse("to_fourier"), x).view(nb * nk, nk, rows)  # (β·k, k', rows)
+        grid = torch.matmul(self.basis, coeff).view(nb, nk, na * rows)  # (β, k, γ·rows)
+        grid = self.act(torch.matmul(self.basis, grid))  # (β, α, γ·rows)
+        coeff = torch.matmul(self.basis_t, grid).view(nb * nk, na, rows)  # (β·k, γ, rows)
+        coeff = torch.matmul(self.basis_t, coeff).view(nb * nk * nk, rows)  # (β·k·k', rows)
+        return torch.sparse.mm(self._sparse("from_fourier"), coeff).T.reshape(*lead, n)
+
+
 def _s2_irreps(lmax: int):
     from e3nn import o3
 
@@ -343,7 +434,10 @@ class Image2Sphere(nn.Module):
         self.reduce = nn.Conv2d(enc_channels, c.sphere_channels, kernel_size=1)
         self.projector = HemisphereProjector(c.projector_order, c.lmax, c.projector_fraction)
         self.s2_conv = s2_convolution(c.sphere_channels, c.s2_channels, c.lmax, c.s2_kernel_order)
-        self.activation = _so3_activation(c.lmax, c.activation_resolution)
+        # e3nn's SO3Activation, evaluated separably (same function, ~10× fewer operations); e3nn's
+        # module supplies the normalised activation (its constant is cached with it).
+        self.activation = SeparableSO3Activation(c.lmax, c.activation_resolution,
+                                                 _so3_activation(c.lmax, c.activation_resolution).act)
         kernel = near_identity_kernel(c.so3_kernel_max_beta, c.so3_kernel_n_alpha, c.so3_kernel_n_beta)
         self.so3_conv = so3_convolution(c.s2_channels, 1, c.lmax, kernel)
         self.register_buffer("output_wigner", _output_wigner(c.lmax, c.output_order), persistent=False)
