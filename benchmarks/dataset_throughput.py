@@ -8,8 +8,10 @@ and lightning versions, so it never enters the project's). Memory: peak RSS of t
 a stack of N and of 2N particles — flat if the stack is streamed, not loaded.
 
     .venv/bin/python benchmarks/dataset_throughput.py [--cesped-python /tmp/cesped-venv/bin/python]
+        [--json rows.json] [--quick]
 
-Prints one table; nothing here is a pass/fail test.
+Prints one table (``--json``: also its key figures as rows for ``benchmarks/run_all``; ``--quick``:
+256 images of 64 px → 32 px, no workers, a smoke test); nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
 
 def _anon_rss_mb(pids) -> float:
@@ -109,15 +113,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--entry-dir", type=Path)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--box-size", type=int, default=184)
+    p.add_argument("--workers", type=int, nargs="+", default=None, help="default: 0 1 2")
+    p.add_argument("--image-size", type=int, default=None, help="default: 128")
+    p.add_argument("--box-size", type=int, default=None, help="default: 184")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-images", type=int, default=2000)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/cryopose-bench"))
+    p.add_argument("--n-images", type=int, default=None, help="default: 2000")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the entries are simulated (once); default /tmp/cryopose-bench (-quick)")
     p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python",
                    help="python of a venv with cesped installed (skipped if missing)")
+    add_output_args(p, "256 images of 64 px resized to 32 px, no workers: a smoke test")
     args = p.parse_args()
+    quick = dict(workers=[0], image_size=32, box_size=64, n_images=256, workdir=Path("/tmp/cryopose-bench-quick"))
+    full = dict(workers=[0, 1, 2], image_size=128, box_size=184, n_images=2000, workdir=Path("/tmp/cryopose-bench"))
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.child:
         args.workers = args.workers[0]
         child(args)
@@ -155,6 +166,17 @@ def main() -> None:
           "which also counts cached pages of the memory-mapped stack")
     if not Path(args.cesped_python).exists():
         print(f"(no reference: {args.cesped_python} not found; see benchmarks/README.md to install cesped)")
+
+    ref_name = cesped_name(args.cesped_python)
+    out = []
+    for w, ours, ours_long, ref in rows:
+        out.append(row(f"ParticlesDataset throughput, {args.box_size} → {args.image_size} px, {w} workers",
+                       ours["images_per_s"], ref["images_per_s"] if ref else None, "img/s", ref_name,
+                       lower_is_better=False))
+        for count, r in ((n, ours), (2 * n, ours_long)):
+            out.append(row(f"ParticlesDataset peak anon. memory, {w} workers, {count} particles", r["peak_anon_mb"],
+                           None, "MB", "", lower_is_better=True))
+    write_rows(args.json, out)
 
 
 if __name__ == "__main__":

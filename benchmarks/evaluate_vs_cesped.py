@@ -2,7 +2,7 @@
 """A whole evaluation: cryopose.evaluate against the CESPED package's evaluateEntry, same inputs.
 
     .venv/bin/python benchmarks/evaluate_vs_cesped.py [--n-particles 5000] [--box-size 128] \
-        [--cesped-python /tmp/cesped-venv/bin/python]
+        [--cesped-python /tmp/cesped-venv/bin/python] [--json rows.json] [--quick]
 
 Simulates (once) a C1 entry, writes predictions for both halves (the true poses each turned by 8°
 about a random axis, random confidences in [0.5, 1]), then times:
@@ -16,7 +16,9 @@ about a random axis, random confidences in [0.5, 1]), then times:
 
 each twice: with an empty output folder (the ground-truth half-maps are reconstructed) and again
 with the ground-truth maps cached (the situation of every method after the first on an entry).
-Prints the times, their ratios and the metrics side by side. Nothing here is a pass/fail test.
+Prints the times, their ratios and the metrics side by side (``--json``: the times also as rows for
+``benchmarks/run_all``; ``--quick``: 200 particles per half of 32 px, a smoke test). Without the
+CESPED environment, only cryopose is timed. Nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ import torch
 from cryopose import io
 from cryopose.evaluate import evaluate
 from cryopose.geometry import euler_to_matrix, matrix_to_euler, rotation_about_axis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
@@ -109,13 +114,21 @@ def run_cesped(python: str, bench: Path, entry: io.Entry, preds: list[Path], out
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-particles", type=int, default=5000, help="per half")
-    p.add_argument("--box-size", type=int, default=128)
+    p.add_argument("--n-particles", type=int, default=None, help="per half (default 5000; --quick: 200)")
+    p.add_argument("--box-size", type=int, default=None, help="default 128 (--quick: 32)")
     p.add_argument("--pixel-size", type=float, default=1.5)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cryopose-bench"))
     p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python")
     p.add_argument("--skip-cesped", action="store_true")
+    add_output_args(p, "200 particles per half of 32 px: a smoke test")
     args = p.parse_args()
+    if args.n_particles is None:
+        args.n_particles = 200 if args.quick else 5000
+    if args.box_size is None:
+        args.box_size = 32 if args.quick else 128
+    if not args.skip_cesped and not Path(args.cesped_python).is_file():
+        print(f"(no reference: {args.cesped_python} not found; see benchmarks/README.md to install cesped)")
+        args.skip_cesped = True
     entry = io.Entry(simulate(args.workdir, args.n_particles, args.box_size, args.pixel_size))
     rows, metrics = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +166,20 @@ def main() -> None:
         for theirs, ours in PAIRS:
             print(f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
                   f"{metrics['cryopose (relion)'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}")
+
+
+    ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
+    out = []
+    variants = {"cryopose (relion)": "relion backend", "cryopose (relion), jobs 2": "relion backend, jobs 2",
+                "cryopose (torch)": "torch backend (CPU)" if not torch.cuda.is_available() else "torch backend"}
+    for name, variant in variants.items():
+        for label in ("fresh", "GT cached"):
+            ours = next(s for i, lab, s in rows if i == name and lab == label)
+            ref = next((s for i, lab, s in rows if i.startswith("CESPED") and lab == label), None)
+            out.append(row(f"whole evaluation, {args.n_particles:,} particles/half × {args.box_size}² px, {label}, "
+                           f"{variant}", ours, ref, "s", f"{ref_name} evaluateEntry" if ref is not None else "",
+                           lower_is_better=True))
+    write_rows(args.json, out)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 """FSC + PCC of two 232³ maps: cryopose.metrics.compare_maps against the CESPED package's compute_stats.
 
     .venv/bin/python benchmarks/fsc_speed.py [--size 232] [--cesped-python /tmp/cesped-venv/bin/python]
+        [--json rows.json] [--quick]
 
 Makes two half-maps (one smooth random density inside a sphere plus independent noise per half,
 so the FSC falls through both thresholds), saves them as .npy, then times each implementation in a
 fresh process: wall time of the first call (FFT plans cold) and the best of three, and the peak
 resident memory (ru_maxrss) above the resident memory just before the calls, maps loaded. Each
 computes the unmasked PCC and FSC resolution at 0.143 and 0.5; the masked variant is timed too.
-Prints a table and the numbers side by side. Nothing here is a pass/fail test.
+Prints a table and the numbers side by side (``--json``: also as rows for ``benchmarks/run_all``;
+``--quick``: 64³ maps, a smoke test). Without the CESPED environment, only cryopose is timed.
+Nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
 OURS = r'''
 import json, resource, sys, time
@@ -84,11 +90,17 @@ def run(python: str, code: str, folder: Path, px: float, variant: str, env: dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=232)
+    p.add_argument("--size", type=int, default=None, help="map side in voxels (default 232; --quick: 64)")
     p.add_argument("--pixel-size", type=float, default=1.5)
     p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python")
     p.add_argument("--skip-cesped", action="store_true")
+    add_output_args(p, "64³ maps: a smoke test")
     args = p.parse_args()
+    if args.size is None:
+        args.size = 64 if args.quick else 232
+    if not args.skip_cesped and not Path(args.cesped_python).is_file():
+        print(f"(no reference: {args.cesped_python} not found; see benchmarks/README.md to install cesped)")
+        args.skip_cesped = True
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, arr in zip("abm", make_maps(args.size)):
@@ -112,6 +124,19 @@ def main() -> None:
             c = next(r for i, v, r in rows if i == "CESPED" and v == variant)
             print(f"{variant}: CESPED / cryopose time = {c['first'] / o['first']:.1f}× (first call), "
                   f"{c['first'] / o['best']:.1f}× (warm); memory {c['peak_mb'] / max(o['peak_mb'], 1):.1f}×")
+
+    ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
+    out = []
+    for variant in ("unmasked", "masked"):
+        o = next(r for i, v, r in rows if i == "cryopose" and v == variant)
+        c = next((r for i, v, r in rows if i == "CESPED" and v == variant), {})
+        what = f"FSC + PCC of two {args.size}³ maps, {variant}"
+        out.append(row(f"{what}, first call", o["first"], c.get("first"), "s", ref_name, lower_is_better=True))
+        out.append(row(f"{what}, warm (reference: its only call)", o["best"], c.get("first"), "s", ref_name,
+                       lower_is_better=True))
+        out.append(row(f"{what}, peak memory above the loaded maps", o["peak_mb"], c.get("peak_mb"), "MB",
+                       ref_name, lower_is_better=True))
+    write_rows(args.json, out)
 
 
 if __name__ == "__main__":

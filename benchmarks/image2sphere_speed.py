@@ -2,7 +2,7 @@
 """Image2Sphere speed: cryopose's model against the CESPED package's, same configuration, same run.
 
     .venv/bin/python benchmarks/image2sphere_speed.py [--configs cpu paper] [--steps 5]
-        [--cesped-python /tmp/cesped-venv/bin/python] [--device cpu]
+        [--cesped-python /tmp/cesped-venv/bin/python] [--device cpu] [--json rows.json] [--quick]
 
 For each configuration, each implementation runs in a fresh process (so peak RSS is its own) on
 random images ``(B, 1, S, S)`` with random rotations, 2 torch threads on a CPU:
@@ -22,8 +22,9 @@ environment with ``pip install cesped==25.12.0``). The configurations (CESPED's 
 * ``paper``: the paper's Appendix B: 256 px, ResNet152, lmax 8, orders 3 / 3 / 4, same channels.
 
 One difference is fixed by CESPED: its local SO(3) kernel is a 512-point box grid, not
-configurable; ours is the paper's 8 × 3 × 8 = 192-point ring grid. Prints a table; nothing here
-is a pass/fail test.
+configurable; ours is the paper's 8 × 3 × 8 = 192-point ring grid. Prints a table (``--json``: also
+as rows for ``benchmarks/run_all``; ``--quick``: the ``tiny`` configuration — 64 px, lmax 4, orders
+1 / 1 / 2 — one step of 8 images, a smoke test); nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(image_size=64, resnet="resnet18", lmax=6, projector_order=2, s2_kernel_order=2, output_order=3),
     "paper": dict(image_size=256, resnet="resnet152", lmax=8, projector_order=3, s2_kernel_order=3, output_order=4),
+    "tiny": dict(image_size=64, resnet="resnet18", lmax=4, projector_order=1, s2_kernel_order=1, output_order=2),
 }
 COMMON = dict(drop_maxpool=False, sphere_channels=512, s2_channels=16, activation_resolution=10,
               projector_fraction=0.5)
@@ -102,12 +106,17 @@ def _run(cmd, env=None) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["cpu", "paper"])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
+                   help="default: cpu paper (--quick: tiny)")
+    p.add_argument("--steps", type=int, default=None, help="default 5 (--quick: 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (--quick: 8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python")
+    add_output_args(p, "the tiny configuration, one step of 8 images: a smoke test")
     args = p.parse_args(argv)
+    for key, full, quick in (("configs", ["cpu", "paper"], ["tiny"]), ("steps", 5, 1), ("batch_size", 32, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
 
     rows = []
     for name in args.configs:
@@ -138,6 +147,22 @@ def main(argv=None) -> None:
             print(f"{name:8s} {label:28s} {a:12.2f} {'' if b is None else f'{b:12.2f}':>12s} {ratio:>8s}")
         print(f"{name:8s} {'build, warm cache (s)':28s} {ours['construction_warm_s']:12.2f}")
     print("ratio: how many times cryopose is faster (or smaller); > 1 favours cryopose")
+
+    ref_name = cesped_name(args.cesped_python)
+    out = []
+    for name, ours, theirs in rows:
+        cfg = CONFIGS[name]
+        what = f"Image2Sphere, {name} configuration ({cfg['image_size']} px, {cfg['resnet']}), {args.device}"
+        for key, label, higher_better in figures:
+            unit = {"construction_s": "s", "train_step_s": "s", "infer_particles_per_s": "particles/s",
+                    "peak_rss_mb": "MB"}[key]
+            if key == "train_step_s":
+                label = f"training step of {args.batch_size}"
+            out.append(row(f"{what}: {label.split(' (')[0]}", ours[key], (theirs or {}).get(key), unit,
+                           ref_name if theirs else "", lower_is_better=not higher_better))
+        out.append(row(f"{what}: build, warm cache", ours["construction_warm_s"], None, "s", "",
+                       lower_is_better=True))
+    write_rows(args.json, out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 same particles, same grid, same run.
 
     .venv/bin/python benchmarks/projection_matching_speed.py [--device cpu|cuda] [--particles 256]
-        [--orders 1 2 3] [--sizes 32 64 128] [--threads 2]
+        [--orders 1 2 3] [--sizes 32 64 128] [--threads 2] [--json rows.json] [--quick]
 
 Data: a pseudo-molecule (C1) at 2.13 Å/px projected at random poses with random shifts (σ 2 px),
 CTF (defocus 0.5–2.5 µm) and white noise at SNR 0.1, as ``cryopose.simulate`` makes them; the
@@ -21,14 +21,18 @@ Rows:
   find the same poses.
 
 Printed: particles/s of each, the ratio (ours' global search / reference), median angular error
-of each, by grid order (at 64 px) and by image size (at order 2). Nothing here is pass/fail.
+of each, by grid order (at 64 px) and by image size (at order 2) (``--json``: also as rows for
+``benchmarks/run_all``; ``--quick``: 16 particles at order 1, 64 px, a smoke test). Nothing here is
+pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +43,11 @@ from cryopose.grids import so3_healpix_grid
 from cryopose.simulate import pseudo_molecule, simulate_images
 from cryopose.symmetry import symmetry_aware_angle
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_output_args, row as json_row, write_rows  # noqa: E402
+
 PIXEL = 2.13
+REFERENCE_NAME = "textbook FFT search"
 
 
 def particles(box: int, n: int, seed: int = 0):
@@ -114,12 +122,18 @@ def row(box: int, order: int, n: int, n_ref: int, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--particles", type=int, default=256)
-    parser.add_argument("--reference-particles", type=int, default=16, help="the reference is slow: fewer particles")
-    parser.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--particles", type=int, default=None, help="default 256 (--quick: 16)")
+    parser.add_argument("--reference-particles", type=int, default=None,
+                        help="the reference is slow: fewer particles (default 16; --quick: 4)")
+    parser.add_argument("--orders", type=int, nargs="+", default=None, help="default 1 2 3 (--quick: 1)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 32 64 128 (--quick: 64)")
     parser.add_argument("--threads", type=int, default=2)
+    add_output_args(parser, "16 particles at order 1, 64 px: a smoke test")
     args = parser.parse_args()
+    for key, full, quick in (("particles", 256, 16), ("reference_particles", 16, 4), ("orders", [1, 2, 3], [1]),
+                             ("sizes", [32, 64, 128], [64])):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
@@ -129,12 +143,20 @@ def main() -> None:
     print(header)
     print("|" + " --- |" * 8)
     cases = [(64, o) for o in args.orders] + [(s, 2) for s in args.sizes if s != 64]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    out = []
     for box, order in cases:
         n_ref = args.reference_particles if order < 3 or device.type == "cuda" else max(4, args.reference_particles // 4)
         r = row(box, order, args.particles, n_ref, device)
         print(f"| {r['box']} | {r['order']} | {r['rotations']} | {r['ours']:.1f} | {r['ours_global']:.1f} | "
               f"{r['reference']:.2f} | {r['ours_global'] / r['reference']:.0f}× | "
               f"{r['err_ours']:.1f} / {r['err_global']:.1f} / {r['err_ref']:.1f} |", flush=True)
+        what = f"projection matching, {box} px, grid order {order} ({r['rotations']:,} rotations), {where}"
+        out.append(json_row(f"{what}: global search", r["ours_global"], r["reference"], "particles/s",
+                            REFERENCE_NAME, lower_is_better=False))
+        out.append(json_row(f"{what}: whole search (global + local)", r["ours"], None, "particles/s", "",
+                            lower_is_better=False))
+    write_rows(args.json, out)
 
 
 if __name__ == "__main__":
