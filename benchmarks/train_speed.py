@@ -44,23 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-try:
-    from _common import add_output_args, row, write_rows
-except ImportError:  # standalone: the same three helpers
-    import json
-
-    def add_output_args(parser, quick_help=None):
-        parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON rows")
-        parser.add_argument("--quick", action="store_true", help=quick_help or "tiny sizes, a smoke test")
-
-    def row(figure, ours, reference, unit, reference_name, lower_is_better, **extra):
-        ratio = None if not (ours and reference) else (reference / ours if lower_is_better else ours / reference)
-        return {"figure": figure, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit,
-                "reference_name": reference_name, "lower_is_better": lower_is_better, **extra}
-
-    def write_rows(path, rows):
-        if path is not None:
-            Path(path).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+from _common import add_output_args, row, write_rows  # noqa: E402
 
 REFERENCE_NAME = "cryopose before issue 9 (e3nn SO3Activation, dense targets, RAdam loop)"
 WORKFLOW_PARAMS = {"image_size": 32, "max_epochs": 20, "lr_patience": 3, "early_stop_patience": 5}
