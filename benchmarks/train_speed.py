@@ -7,7 +7,7 @@ before issue 9's speed-up (kept below as the reference), same run, same data, sa
 
 Configuration: ``config/config.yaml``'s ``image2sphere`` (32 px, ResNet18 without the stem max-pool,
 lmax 6, output order 3 = 36,864 rotations, batch 32, RAdam, gradient clipping at 5, augmentation
-on) on the preprocessed copy of ``sim_c4`` (1,500 particles per half: 84 training steps and 150
+on) on the preprocessed copy of ``sim_c4`` (3,000 particles per half: 84 training steps of 32 and 300
 validation images per epoch), 2 torch threads as the workflow's ``threads: train: 2``.
 
 What changed (the reference reproduces the old path):
