@@ -372,7 +372,7 @@ def test_a_failed_preprocess_keeps_the_earlier_copy_usable(ws, capsys):
     assert torch.isfinite(copy.get_batch([N - 1])[1]).all()
 
 
-def test_predictions_json_record_is_not_half_written(ws, capsys):
+def test_a_model_of_another_method_is_refused(ws, capsys):
     """A model record of another method is refused by predict, and the predictions stay."""
     record = ws.out / "model_1" / "model.json"
     data = json.loads(record.read_text())
