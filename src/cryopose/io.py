@@ -68,6 +68,11 @@ class WriteError(OSError):
         return str(self.strerror)
 
 
+def _write_error(err: OSError, what, kept: str) -> WriteError:
+    """The lack-of-space error ``err`` as one message: what could not be written, why, what was kept."""
+    return WriteError(err.errno, f"could not write {what}: {os.strerror(err.errno)}; {kept}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it to ``path`` only if the body succeeds.
@@ -85,8 +90,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             yield tmp
         except OSError as err:
             if err.errno in _NO_SPACE and not isinstance(err, WriteError):
-                raise WriteError(err.errno, f"could not write {path}: {os.strerror(err.errno)}; the partial file "
-                                            f"was removed and the previous {path.name} (if any) is unchanged") from err
+                raise _write_error(err, path, f"the partial file was removed and the previous {path.name} (if any) "
+                                              f"is unchanged") from err
             raise
         if not tmp.is_file():
             raise FileNotFoundError(f"atomic_write: the block wrote nothing to {tmp} (destination {path})")
@@ -120,8 +125,7 @@ def atomic_writes(paths) -> Iterator[dict[str, Path]]:
         except OSError as err:
             if err.errno in _NO_SPACE:
                 names = ", ".join(p.name for p in paths)
-                raise WriteError(err.errno, f"could not write {names} in {paths[0].parent}: "
-                                            f"{os.strerror(err.errno)}; no file there was changed") from err
+                raise _write_error(err, f"{names} in {paths[0].parent}", "no file there was changed") from err
             raise
 
 
@@ -150,8 +154,8 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     except OSError as err:
         shutil.rmtree(work, ignore_errors=True)
         if err.errno in _NO_SPACE:
-            raise WriteError(err.errno, f"could not write {target}: {os.strerror(err.errno)}; the partial copy was "
-                                        f"removed and the earlier {target.name} (if any) is unchanged") from err
+            raise _write_error(err, target, f"the partial copy was removed and the earlier {target.name} (if any) "
+                                            f"is unchanged") from err
         raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
