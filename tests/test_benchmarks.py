@@ -57,11 +57,15 @@ def test_run_all_quick_regenerates_the_summary(tmp_path):
     assert any(f.startswith("FSC + PCC of two 64³ maps") for f in figures), figures
     if shutil.which("relion_reconstruct"):  # memory_scaling's reconstructions against relion_reconstruct
         assert any(f.startswith("evaluation (GT maps cached, torch backend)") for f in figures), figures
+    kept = _table(before[before.index(BEGIN):before.index(END)], "| figure | ours |") if BEGIN in before else []
     for r in main:
         assert len(r) == 6 and _number(r[1]) > 0, r
         if r[2]:
             assert _number(r[2]) > 0 and _number(r[4]) > 0, r
-        assert "cores" in r[5] and "quick sizes" in r[5], r
+        assert "cores" in r[5], r
+        # Rows of the two benchmarks just run say they are quick; the other benchmarks' rows are kept verbatim.
+        assert "quick sizes" in r[5] or r in kept, r
+    assert sum("quick sizes" in r[5] for r in main) >= 2, main
 
     memory = _table(section, "| step | size | particles/half |")
     assert {r[0] for r in memory} >= {"preprocessing", "training", "ground-truth maps", "evaluation (GT maps cached)"}
