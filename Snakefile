@@ -2,6 +2,7 @@
 #   snakemake results/leaderboard.csv            # the embedded synthetic default, on this machine
 #   snakemake --configfile config/tiny.yaml      # the CI-sized suite
 #   snakemake results/generalisation.csv         # the generalisation experiment alone
+#   snakemake results/sensitivity.csv            # metric sensitivity to misalignment alone
 # Logic lives in the `cryopose` package; rules call its command line.
 
 from snakemake.utils import min_version
@@ -26,6 +27,7 @@ include: "workflow/rules/ground_truth.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/leaderboard.smk"
 include: "workflow/rules/generalisation.smk"
+include: "workflow/rules/sensitivity.smk"
 
 
 rule all:
@@ -36,4 +38,5 @@ rule all:
         "results/leaderboard.csv",
         expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
         ["results/generalisation.csv"] if TRANSFERS else [],
+        ["results/sensitivity.csv"] if PERTURBATIONS else [],
     default_target: True

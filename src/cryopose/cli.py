@@ -194,6 +194,32 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perturb(args: argparse.Namespace) -> int:
+    from .sensitivity import write_perturbed_predictions
+
+    entry = _entry(args)
+    entry.validate()
+    print(write_perturbed_predictions(entry, args.half, args.perturbation, Path(args.out), seed=args.seed))
+    return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .sensitivity import monotone_violations, sensitivity_table, write_sensitivity
+
+    table = sensitivity_table(args.metrics)
+    fsc = {}
+    for path in args.metrics:  # fsc.csv lies beside each metrics.json
+        record = json.loads(Path(path).read_text())
+        fsc_path = Path(path).with_name("fsc.csv")
+        if fsc_path.is_file():
+            fsc[(record["entry"], record["method"].split(":", 1)[1])] = fsc_path
+    write_sensitivity(table, args.out, fsc)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for line in monotone_violations(table):
+        print(f"not monotone: {line}")
+    return 0
+
+
 def _cmd_generalisation(args: argparse.Namespace) -> int:
     from .leaderboard import generalisation_table, write_generalisation
 
@@ -338,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", help="metrics.json files, in-distribution and transfer")
     p.add_argument("--out", required=True, help="table CSV (a bar chart .png is written beside it)")
     p.set_defaults(func=_cmd_generalisation)
+
+    p = sub.add_parser("perturb", help="ground-truth predictions with perturbed angles (misalignment sensitivity, "
+                                       "the paper's Appendix H)")
+    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--half", type=int, choices=[0, 1], required=True)
+    p.add_argument("--perturbation", required=True,
+                   help="exact, noise<degrees> (uniform noise of ± that on each Euler angle) or random<percent> "
+                        "(that share of particles with random poses)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="predictions STAR")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    p.set_defaults(func=_cmd_perturb)
+
+    p = sub.add_parser("sensitivity", help="table and plots of the map metrics against the perturbation "
+                                           "(metrics.json of 'cryopose evaluate --method perturbation:<name>')")
+    p.add_argument("metrics", nargs="+", help="metrics.json files of the perturbed evaluations (and 'exact')")
+    p.add_argument("--out", required=True, help="table CSV (.md, .png and _fsc.png are written beside it)")
+    p.set_defaults(func=_cmd_sensitivity)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")

@@ -21,7 +21,7 @@ from . import io  # noqa: E402
 from .geometry import euler_to_matrix  # noqa: E402
 
 __all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training",
-           "plot_generalisation"]
+           "plot_generalisation", "plot_sensitivity", "plot_sensitivity_fsc"]
 
 _PAIRS = {"(GT,V)": ("GT vs V (predicted)", "C0"), "(V0,V1)": ("V0 vs V1 (predicted halves)", "C1"),
           "(GT0,GT1)": ("GT0 vs GT1 (ground-truth halves)", "C2")}
@@ -150,5 +150,65 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
     fig.suptitle("Generalisation: models applied to another entry of the same molecule\n"
                  "(compare Δs with the ground_truth row of the same entry: its offset is the half-maps' noise)",
                  fontsize=10)
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+def plot_sensitivity(table: pd.DataFrame, path: str | Path) -> None:
+    """The paper's Tables 4–5 as lines: PCC(GT,V) (unmasked, masked) and FSCR0.5(GT,V) against the
+    perturbation level, one line per entry; left column random poses, right column angular noise.
+    ``table`` from :func:`cryopose.sensitivity.sensitivity_table`."""
+    from .sensitivity import EXPERIMENTS
+
+    experiments = [e for e in ("random", "noise") if (table["experiment"] == e).any()]
+    metrics = [("PCC(GT,V)", "PCC(GT, V)"), ("masked_PCC(GT,V)", "masked PCC(GT, V)"),
+               ("FSCR0.5(GT,V)", "FSC = 0.5 resolution (Å)")]
+    fig, axes = plt.subplots(len(metrics), len(experiments), figsize=(4.6 * len(experiments), 8.5), squeeze=False,
+                             sharex="col")
+    for j, experiment in enumerate(experiments):
+        t = table[table["experiment"] == experiment]
+        label, unit = EXPERIMENTS[experiment]
+        for i, (col, ylabel) in enumerate(metrics):
+            ax = axes[i, j]
+            for k, (entry, g) in enumerate(t.groupby("entry")):
+                g = g.sort_values("level")
+                ax.plot(g["level"], g[col], "o-", color=f"C{k}", label=str(entry))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if i == len(metrics) - 1:
+                ax.set_xlabel(f"{label} ({unit})")
+        axes[0, j].set_title(label)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Sensitivity of the map metrics to misalignment of the ground-truth poses", fontsize=10)
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+def plot_sensitivity_fsc(curves: dict, path: str | Path) -> None:
+    """The paper's Figures 4–5: FSC(GT,V) curves per entry (rows) at each level of random poses
+    (left) and angular noise (right). ``curves``: ``{(entry, perturbation name): fsc table}``
+    (the ``fsc.csv`` of :func:`cryopose.evaluate.evaluate`)."""
+    from .sensitivity import EXPERIMENTS, parse_perturbation
+
+    entries = sorted({e for e, _ in curves})
+    fig, axes = plt.subplots(len(entries), 2, figsize=(10, 3.2 * len(entries)), squeeze=False)
+    for i, entry in enumerate(entries):
+        for j, experiment in enumerate(("random", "noise")):
+            ax = axes[i, j]
+            levels = sorted((parse_perturbation(name)[1], name) for e, name in curves
+                            if e == entry and parse_perturbation(name)[0] in (experiment, "exact"))
+            for k, (level, name) in enumerate(levels):
+                fsc = curves[(entry, name)]
+                f = fsc["frequency_per_A"].to_numpy()[1:]
+                unit = EXPERIMENTS[experiment][1]
+                ax.plot(f, fsc["FSC(GT,V)"].to_numpy()[1:], color=f"C{k}",
+                        label=f"{level:g}{'%' if unit == '%' else '°'}")
+            for t in (0.143, 0.5):
+                ax.axhline(t, color="grey", lw=0.6, ls=":")
+            ax.set_ylim(-0.1, 1.02)
+            ax.set_title(f"{entry}: {EXPERIMENTS[experiment][0]}", fontsize=9)
+            ax.set_xlabel("spatial frequency (1/Å)")
+            ax.set_ylabel("FSC(GT, V)")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, Path(path))

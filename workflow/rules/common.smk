@@ -20,6 +20,17 @@ ALL_ENTRIES = {**ENTRIES, **TRANSFERS}
 DOWNLOADED = [n for n, e in ALL_ENTRIES.items() if "simulate" not in e and n in CESPED_RECORDS]
 DOWNLOAD = config.get("download", {})
 METHODS = config["methods"]
+# Misalignment sensitivity (rules in sensitivity.smk): "exact" plus one perturbation per level.
+SENSITIVITY = config.get("sensitivity", {})
+PERTURBATIONS = (
+    ["exact"]
+    + [f"noise{d:g}" for d in SENSITIVITY.get("angular_noise_deg", [])]
+    + [f"random{p:g}" for p in SENSITIVITY.get("random_percent", [])]
+    if SENSITIVITY.get("angular_noise_deg") or SENSITIVITY.get("random_percent")
+    else []
+)
+PERTURBATION_PATTERN = r"exact|noise[0-9.]+|random[0-9.]+"
+SENSITIVITY_ENTRIES = SENSITIVITY.get("entries") or list(ENTRIES)
 BENCHMARK_DIR = config["benchmark_dir"]
 RECON = config["reconstruction"]
 
@@ -78,6 +89,9 @@ def _check_config():
                 f"({', '.join(CESPED_RECORDS)}), so it must be a real entry in {BENCHMARK_DIR}/{name} "
                 f"(particles_{{0,1}}.star, .mrcs, info_{{0,1}}.json, {name}_mask.mrc), and that folder does not exist"
             )
+    unknown = sorted(set(SENSITIVITY_ENTRIES) - set(ENTRIES))
+    if unknown:
+        raise WorkflowError(f"config: sensitivity: entries: {', '.join(unknown)} not in entries ({', '.join(ENTRIES)})")
     if len(ENTRIES) != len(config["entries"]):
         raise WorkflowError("config: entries: two entries share a name")
 

@@ -1,0 +1,216 @@
+"""How the map metrics respond to known misalignment (the CESPED paper's Appendix H).
+
+Two oracle experiments on the ground-truth poses of an entry:
+
+* ``noise<d>``: uniform noise in ``[−d°, +d°]`` added to each Euler angle (rot, tilt, psi) of
+  every particle (the paper's Table 4: ±1°, 3°, 5°);
+* ``random<p>``: ``p`` % of the particles get uniformly random rotations (Table 5: 10, 20, 30 %).
+
+``exact`` is the unperturbed reference. The draws are nested so that the levels of one experiment
+differ only in their amplitude: one noise pattern ``u ∈ [−1, 1]³`` per particle scaled by ``d``,
+and one random order of the particles of which the first ``p`` % are replaced, each by its own
+random rotation. A stronger level therefore perturbs the same particles by more, and the trend of
+the metrics with the level is not blurred by different draws. Shifts stay the true ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import io
+from .errors import InputError
+from .geometry import euler_to_matrix, matrix_to_euler, random_rotations
+
+__all__ = ["parse_perturbation", "perturbation_name", "perturb_angles", "write_perturbed_predictions",
+           "sensitivity_table", "monotone_violations", "write_sensitivity", "EXPERIMENTS"]
+
+EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+#: experiment → (label, unit of the level)
+EXPERIMENTS = {"noise": ("uniform angular noise", "±°"), "random": ("particles with random poses", "%")}
+_NAME = re.compile(r"^(?:(exact)|(noise)(\d+(?:\.\d+)?)|(random)(\d+(?:\.\d+)?))$")
+#: the metrics the table keeps, each worse when lower (PCC) or higher (resolution in Å)
+METRICS = ["MAnE", "PCC(GT,V)", "masked_PCC(GT,V)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "masked_FSCR0.143(GT,V)",
+           "masked_FSCR0.5(GT,V)"]
+
+
+def parse_perturbation(name: str) -> tuple[str, float]:
+    """``"noise3"`` → ``("noise", 3.0)`` (degrees); ``"random20"`` → ``("random", 20.0)`` (percent);
+    ``"exact"`` → ``("exact", 0.0)``."""
+    m = _NAME.match(str(name))
+    if m is None:
+        raise InputError(f"unknown perturbation {name!r}; expected 'exact', 'noise<degrees>' (e.g. noise3) or "
+                         f"'random<percent>' (e.g. random10)", where="perturbation")
+    if m.group(1):
+        return "exact", 0.0
+    kind, value = (m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5))
+    level = float(value)
+    if kind == "random" and not 0 <= level <= 100:
+        raise InputError(f"{name}: a percentage of particles must be in [0, 100]", where="perturbation")
+    return kind, level
+
+
+def perturbation_name(kind: str, level: float) -> str:
+    """The inverse of :func:`parse_perturbation` (``("noise", 1.0)`` → ``"noise1"``)."""
+    if kind == "exact":
+        return "exact"
+    if kind not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {kind!r}; expected one of {sorted(EXPERIMENTS)}", where="perturbation")
+    return f"{kind}{level:g}"
+
+
+def _generator(seed: int, entry_name: str, half: int, stream: int) -> torch.Generator:
+    # Halves and entries get independent draws; the same (seed, entry, half) always the same ones.
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + half * 7919 + stream * 104_729
+                                         + sum(map(ord, entry_name)))
+
+
+def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_noise: torch.Generator,
+                   generator_random: torch.Generator) -> torch.Tensor:
+    """Perturbed Euler angles.
+
+    Args:
+        angles_deg: ``(N, 3)`` float64 (rot, tilt, psi) in degrees.
+        kind, level: ``("noise", d)``: ``+ d·u`` with ``u`` uniform in ``[−1, 1]³`` per particle;
+            ``("random", p)``: the first ``round(p·N/100)`` particles of a random order get uniform
+            random rotations; ``("exact", 0)``: unchanged.
+        generator_noise, generator_random: the two independent draws (their first use must be here,
+            so that every level sees the same ``u``, order and rotations).
+
+    Returns:
+        ``(N, 3)`` float64 degrees.
+    """
+    angles = torch.as_tensor(angles_deg, dtype=torch.float64).clone()
+    n = angles.shape[0]
+    u = torch.rand(n, 3, generator=generator_noise, dtype=torch.float64) * 2 - 1
+    order = torch.randperm(n, generator=generator_random)
+    replacement = random_rotations(n, generator=generator_random).double()
+    if kind == "noise":
+        return angles + level * u
+    if kind == "random":
+        chosen = order[:int(round(level * n / 100))]
+        rot = euler_to_matrix(angles)
+        rot[chosen] = replacement[chosen]
+        out = angles.clone()
+        out[chosen] = matrix_to_euler(rot[chosen])
+        return out
+    if kind == "exact":
+        return angles
+    raise InputError(f"unknown perturbation kind {kind!r}", where="perturbation")
+
+
+def write_perturbed_predictions(entry: io.Entry, half: int, perturbation: str, out_star: str | Path,
+                                seed: int = 0) -> Path:
+    """The ground-truth predictions STAR of ``half`` with the angles perturbed as ``perturbation``
+    names (:func:`parse_perturbation`); true shifts, confidence 1."""
+    kind, level = parse_perturbation(perturbation)
+    star = entry.read_star(half)
+    parts = star.particles.copy()
+    missing = [c for c in EULER if c not in parts.columns]
+    if missing:
+        raise InputError(f"missing ground-truth angle column(s) {missing}", path=star.path)
+    angles = torch.tensor(parts[EULER].to_numpy(dtype=np.float64))
+    perturbed = perturb_angles(angles, kind, level, _generator(seed, entry.name, half, 1),
+                               _generator(seed, entry.name, half, 2))
+    parts[EULER] = perturbed.numpy()
+    parts["rlnParticleFigureOfMerit"] = 1.0
+    io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), parts))
+    return Path(out_star)
+
+
+def sensitivity_table(metrics_files) -> pd.DataFrame:
+    """One row per (entry, experiment, level) from the evaluations' ``metrics.json``, whose
+    ``method`` is ``perturbation:<name>``; the ``exact`` evaluation is level 0 of both experiments.
+    Columns: entry, experiment, level, unit, then :data:`METRICS`."""
+    rows = []
+    for path in metrics_files:
+        path = Path(path)
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"not a readable metrics file ({err})", path=path) from err
+        method = str(m.get("method", ""))
+        if not method.startswith("perturbation:"):
+            raise InputError(f"method {method!r} is not a perturbation (expected 'perturbation:<name>')",
+                             path=path, where="method")
+        kind, level = parse_perturbation(method.split(":", 1)[1])
+        values = {k: (math.nan if m.get(k) is None else float(m[k])) for k in METRICS}
+        for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
+            rows.append({"entry": m["entry"], "experiment": experiment, "level": level,
+                         "unit": EXPERIMENTS[experiment][1], **values})
+    if not rows:
+        raise InputError("no evaluations given", where="metrics")
+    table = pd.DataFrame(rows).sort_values(["entry", "experiment", "level"], ignore_index=True)
+    repeated = table.duplicated(["entry", "experiment", "level"])
+    if repeated.any():
+        r = table[repeated].iloc[0]
+        raise InputError(f"two evaluations of {r['entry']} at {r['experiment']} level {r['level']:g}", where="metrics")
+    return table
+
+
+def monotone_violations(table: pd.DataFrame, tolerance: float = 1e-6) -> list[str]:
+    """Where a metric does not get worse (or stay) as the level rises: PCCs must not increase,
+    resolutions in Å and MAnE must not decrease, by more than ``tolerance`` relative to the value
+    (float rounding: a resolution at Nyquist is computed in more than one way). Empty when monotone."""
+    out = []
+    for (entry, experiment), g in table.groupby(["entry", "experiment"]):
+        g = g.sort_values("level")
+        for metric in METRICS:
+            v = g[metric].to_numpy(dtype=float)
+            step = np.diff(v) if "PCC" in metric else -np.diff(v)
+            for i in np.flatnonzero(step > tolerance * np.abs(v[:-1])):
+                levels = g["level"].to_numpy()
+                out.append(f"{entry}, {experiment}: {metric} goes from {v[i]:.4g} at {levels[i]:g} "
+                           f"to {v[i + 1]:.4g} at {levels[i + 1]:g}")
+    return out
+
+
+def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict | None = None) -> list[Path]:
+    """``out_csv``, a Markdown table beside it (``.md``) and the figure (``.png``): PCC and FSC
+    resolution against the level, per entry (the paper's Tables 4–5). ``fsc_files``:
+    ``{(entry, perturbation name): fsc.csv}`` adds ``<stem>_fsc.png`` with the FSC(GT,V) curves per
+    level (the paper's Figures 4–5)."""
+    from .plots import plot_sensitivity, plot_sensitivity_fsc
+
+    out_csv = Path(out_csv)
+    written = []
+    with io.atomic_write(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    written.append(out_csv)
+    md = out_csv.with_suffix(".md")
+    with io.atomic_write(md) as tmp:
+        tmp.write_text(_markdown(table))
+    written.append(md)
+    plot_sensitivity(table, out_csv.with_suffix(".png"))
+    written.append(out_csv.with_suffix(".png"))
+    if fsc_files:
+        path = out_csv.with_name(out_csv.stem + "_fsc.png")
+        plot_sensitivity_fsc({k: pd.read_csv(v) for k, v in fsc_files.items()}, path)
+        written.append(path)
+    return written
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    lines = []
+    for experiment, (label, unit) in EXPERIMENTS.items():
+        t = table[table.experiment == experiment]
+        if t.empty:
+            continue
+        levels = sorted(t["level"].unique())
+        head = " | ".join(f"{lv:g}{unit if unit == '%' else '°'}" for lv in levels)
+        lines += [f"### {label}", "", f"| entry | metric | {head} |", "| --- | --- |" + " --- |" * len(levels)]
+        for entry, g in t.groupby("entry"):
+            g = g.set_index("level")
+            for metric in ("PCC(GT,V)", "masked_PCC(GT,V)", "FSCR0.5(GT,V)", "FSCR0.143(GT,V)"):
+                unit_m = " Å" if "FSCR" in metric else ""
+                cells = " | ".join(f"{g.loc[lv, metric]:.3f}" if "PCC" in metric else f"{g.loc[lv, metric]:.2f}"
+                                   for lv in levels)
+                lines.append(f"| {entry} | {metric}{unit_m} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Misalignment sensitivity (paper Appendix H): perturbations as the paper defines them, nested
+draws, and map metrics that worsen monotonically with the perturbation."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cryopose import io
+from cryopose.cli import main
+from cryopose.errors import InputError
+from cryopose.evaluate import evaluate
+from cryopose.geometry import euler_to_matrix, matrix_to_euler, random_rotations
+from cryopose.metrics import angular_errors
+from cryopose.sensitivity import (monotone_violations, parse_perturbation, perturb_angles, perturbation_name,
+                                  sensitivity_table, write_perturbed_predictions)
+from cryopose.simulate import SimulationSpec, simulate_entry
+
+
+def _gens():
+    return torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+
+
+def test_names_round_trip_and_bad_names():
+    for name in ("exact", "noise1", "noise2.5", "random10", "random33.3"):
+        assert perturbation_name(*parse_perturbation(name)) == name
+    assert parse_perturbation("random20") == ("random", 20.0)
+    for bad in ("noise", "noise-1", "random120", "jitter3", ""):
+        with pytest.raises(InputError, match="perturbation"):
+            parse_perturbation(bad)
+
+
+def test_perturbations_give_the_papers_expected_errors():
+    """Appendix H: ±1°, 3°, 5° of uniform noise on each Euler angle give mean geodesic errors of
+    about 1.0°, 2.9°, 4.8°; a randomised pose is ~127° off on average (C1)."""
+    truth = random_rotations(20_000, generator=torch.Generator().manual_seed(0)).double()
+    angles = matrix_to_euler(truth)
+    for level, expected in ((1, 1.0), (3, 2.9), (5, 4.8)):
+        err = angular_errors(truth, euler_to_matrix(perturb_angles(angles, "noise", level, *_gens())), "C1")
+        assert abs(float(err.mean()) - expected) < 0.1 * expected
+        assert float(err.max()) <= 3 * level + 1e-9  # at most the three turns one after another
+    for percent in (10, 30):
+        err = angular_errors(truth, euler_to_matrix(perturb_angles(angles, "random", percent, *_gens())), "C1")
+        moved = err > 1e-6
+        assert int(moved.sum()) == round(percent * 200)  # exactly that share, the rest untouched
+        assert 120 < float(err[moved].mean()) < 133
+    unchanged = perturb_angles(angles, "exact", 0, *_gens())
+    assert torch.equal(unchanged, angles)
+
+
+def test_levels_are_nested():
+    """A stronger level perturbs the same particles by more: noise is one pattern scaled, and the
+    10 % randomised are among the 30 %, with the same random poses."""
+    angles = matrix_to_euler(random_rotations(500, generator=torch.Generator().manual_seed(3)).double())
+    d1 = perturb_angles(angles, "noise", 1, *_gens()) - angles
+    d5 = perturb_angles(angles, "noise", 5, *_gens()) - angles
+    torch.testing.assert_close(d5, 5 * d1)
+    r10 = perturb_angles(angles, "random", 10, *_gens())
+    r30 = perturb_angles(angles, "random", 30, *_gens())
+    moved10 = (r10 != angles).any(1)
+    moved30 = (r30 != angles).any(1)
+    assert int(moved10.sum()) == 50 and int(moved30.sum()) == 150 and bool((moved30 | ~moved10).all())
+    torch.testing.assert_close(r10[moved10], r30[moved10])
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    spec = SimulationSpec(name="sens_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=1.0,
+                          seed=9)
+    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
+
+
+def test_predictions_keep_everything_but_the_angles(entry, tmp_path):
+    out = write_perturbed_predictions(entry, 1, "noise3", tmp_path / "p.star", seed=4)
+    truth, pred = entry.read_star(1).particles, io.read_particles_star(out).particles
+    assert list(pred["rlnImageName"]) == list(truth["rlnImageName"])
+    for col in ("rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU"):
+        np.testing.assert_array_equal(pred[col].to_numpy(), truth[col].to_numpy())
+    diff = pred[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy() - \
+        truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    assert np.abs(diff).max() <= 3 + 1e-9 and np.abs(diff).max() > 2.5
+    # Seeded: the same call gives the same file; another half or seed another draw.
+    def angles(path):  # (the files' headers carry the time of writing)
+        return io.read_particles_star(path).particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+
+    again = write_perturbed_predictions(entry, 1, "noise3", tmp_path / "q.star", seed=4)
+    np.testing.assert_array_equal(angles(again), angles(out))
+    other = write_perturbed_predictions(entry, 1, "noise3", tmp_path / "r.star", seed=5)
+    assert not np.allclose(angles(other), angles(out))
+    half0 = write_perturbed_predictions(entry, 0, "noise3", tmp_path / "s.star", seed=4)
+    d0 = angles(half0) - entry.read_star(0).particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    assert not np.allclose(d0, diff)  # the halves are independent draws
+
+
+def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
+    """The paper's Tables 4–5 on a small simulated entry: every metric of (GT, V) gets worse with
+    each level of either experiment, and the CLI writes the table, Markdown and figures."""
+    metrics = []
+    for name in ("exact", "noise1", "noise3", "noise5", "random10", "random20", "random30"):
+        preds = [write_perturbed_predictions(entry, h, name, tmp_path / name / f"half{h}.star") for h in (0, 1)]
+        evaluate(entry, preds[0], preds[1], prediction_type="SO3", use_pred_confidence=False,
+                 outdir=tmp_path / name, ground_truth_dir=tmp_path / "gt", plots=False, progress=False,
+                 method=f"perturbation:{name}")
+        metrics.append(tmp_path / name / "metrics.json")
+    table = sensitivity_table(metrics)
+    assert len(table) == 8  # the exact evaluation is level 0 of both experiments
+    assert monotone_violations(table) == []
+    for experiment in ("noise", "random"):
+        t = table[table.experiment == experiment].sort_values("level")
+        assert (np.diff(t["PCC(GT,V)"]) < 0).all()  # strictly: each level is visible in the PCC
+        assert t["PCC(GT,V)"].iloc[0] > 0.999 and t["MAnE"].iloc[0] < 1e-3
+
+    assert main(["sensitivity", *map(str, metrics), "--out", str(tmp_path / "sensitivity.csv")]) == 0
+    assert "not monotone" not in capsys.readouterr().out
+    written = pd.read_csv(tmp_path / "sensitivity.csv")
+    pd.testing.assert_frame_equal(written[["entry", "experiment", "level"]], table[["entry", "experiment", "level"]],
+                                  check_dtype=False)
+    assert "### uniform angular noise" in (tmp_path / "sensitivity.md").read_text()
+    assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
+    assert (tmp_path / "sensitivity_fsc.png").stat().st_size > 10_000
+
+
+def test_a_non_monotone_table_is_reported():
+    table = pd.DataFrame([{"entry": "e", "experiment": "noise", "level": lv, "unit": "±°", "MAnE": lv,
+                           "PCC(GT,V)": pcc, "masked_PCC(GT,V)": 0.9, "FSCR0.143(GT,V)": 5.0,
+                           "FSCR0.5(GT,V)": 6.0, "masked_FSCR0.143(GT,V)": 5.0, "masked_FSCR0.5(GT,V)": 6.0}
+                          for lv, pcc in ((0, 0.99), (1, 0.95), (3, 0.96))])
+    assert monotone_violations(table) == ["e, noise: PCC(GT,V) goes from 0.95 at 1 to 0.96 at 3"]
+
+
+def test_the_table_refuses_other_methods_and_repeats(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"method": "image2sphere", "entry": "e"}))
+    with pytest.raises(InputError, match="not a perturbation"):
+        sensitivity_table([path])
+    good = {"method": "perturbation:noise1", "entry": "e", "MAnE": 1.0}
+    (tmp_path / "a.json").write_text(json.dumps(good))
+    (tmp_path / "b.json").write_text(json.dumps(good))
+    with pytest.raises(InputError, match="two evaluations of e"):
+        sensitivity_table([tmp_path / "a.json", tmp_path / "b.json"])
