@@ -81,6 +81,13 @@ def test_dry_run_schedules_every_job(tmp_path, config):
         expected["evaluate_transfer"] = expected.get("evaluate_transfer", 0) + len(used)
     if transfers:
         expected["generalisation"] = 1
+    # Misalignment sensitivity: "exact" and each level, perturbed and evaluated per entry.
+    sens = cfg.get("sensitivity", {})
+    levels = len(sens.get("angular_noise_deg", [])) + len(sens.get("random_percent", []))
+    if levels:
+        n = len(sens.get("entries") or cfg["entries"])
+        expected["perturb_predictions"] = expected["evaluate_sensitivity"] = n * (levels + 1)
+        expected["sensitivity"] = 1
     if s:
         expected["simulate_entry"] = s
     if p:
@@ -99,6 +106,8 @@ def test_dry_run_schedules_every_job(tmp_path, config):
      "random+refine refines the predictions of random, which is not in methods"),
     (lambda c: c.replace("    local_rounds: 3", "    local_round: 3"), "image2sphere+refine: unknown parameter(s) local_round"),
     (lambda c: c.replace("    trained_on: tiny_c2", "    trained_on: tiny_c9"), "trained_on 'tiny_c9' is not an entry"),
+    (lambda c: c.replace("  entries: [tiny_c1]", "  entries: [tiny_c7]"), "sensitivity: entries: tiny_c7 not in entries"),
+    (lambda c: c.replace("  random_percent: [10, 20, 30]", "  random_percent: [10, 120]"), "120"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     work = _workdir(tmp_path)
@@ -155,6 +164,16 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert set(gen["setting"]) == {"in-distribution", "transfer"} and (gen["trained_on"] == "tiny_c2").all()
     assert set(gen[gen.setting == "transfer"]["entry"]) == {"tiny_c2_far"} and len(gen) == 8
     assert (work / "results" / "generalisation.png").stat().st_size > 10_000
+    # Misalignment sensitivity on tiny_c1: every map metric worsens (or stays) with each level of
+    # either experiment, and the PCC drops at every level.
+    from cryopose.sensitivity import monotone_violations
+
+    sens = pd.read_csv(work / "results" / "sensitivity.csv")
+    assert set(sens["entry"]) == {"tiny_c1"} and len(sens) == 8
+    assert monotone_violations(sens) == []
+    for _, g in sens.groupby("experiment"):
+        assert (g.sort_values("level")["PCC(GT,V)"].diff().dropna() < 0).all()
+    assert (work / "results" / "sensitivity_fsc.png").stat().st_size > 10_000
     # Image2Sphere went through preprocessing, training (with a log and resumable checkpoints kept
     # outside the model folder) and cross-prediction; at CI size its accuracy is not the point.
     i2s = board[board.method == "image2sphere"]
