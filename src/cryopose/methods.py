@@ -30,6 +30,7 @@ from . import io
 from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
 from .matching import MatchingConfig
+from .relion_refine import RelionRefineConfig
 
 __all__ = ["Method", "METHODS", "get_method", "parse_params", "read_model_record", "write_model_record"]
 
@@ -170,16 +171,32 @@ def _matching_config(cls, params: dict):
         raise InputError(f"{cls.__name__} parameters: {err}", where="--param") from err
 
 
-def _train_projection_matching(entry: io.Entry, half: int, model_dir: Path, params: dict,
-                               work_dir: Path | None = None) -> None:
-    """The "model" is the reference: the training half reconstructed from its refined poses."""
-    from .reconstruct import reconstruct_torch
+def _train_reference(name: str):
+    """Training of the reference-based methods: the "model" is the reference, the training half
+    reconstructed from its refined poses (``model_dir/reference.mrc``)."""
+    def train(entry: io.Entry, half: int, model_dir: Path, params: dict, work_dir: Path | None = None) -> None:
+        from .reconstruct import reconstruct_torch
 
-    volume, px = reconstruct_torch(entry.star_path(half), symmetry=entry.symmetry, progress=False)
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    io.write_map(model_dir / "reference.mrc", volume, px)
-    write_model_record(model_dir, "projection_matching", entry, half, params)
+        volume, px = reconstruct_torch(entry.star_path(half), symmetry=entry.symmetry, progress=False)
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        io.write_map(model_dir / "reference.mrc", volume, px)
+        write_model_record(model_dir, name, entry, half, params)
+    return train
+
+
+_train_projection_matching = _train_reference("projection_matching")
+
+
+def _predict_relion_refine(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
+                           transfer: bool = False) -> None:
+    from .relion_refine import RelionRefineConfig, auto_refine_half
+
+    read_model_record(model_dir, "relion_refine", entry, half, transfer)
+    seconds = auto_refine_half(entry, half, Path(model_dir) / "reference.mrc", out_star,
+                               RelionRefineConfig.from_params(params),
+                               log_path=Path(out_star).with_suffix(".relion_refine.log"))
+    print(f"relion_refine: {seconds:.0f} s", flush=True)
 
 
 def _predict_projection_matching(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
@@ -261,6 +278,10 @@ METHODS: dict[str, Method] = {
                                   "of the training half's map over an SO(3) grid and shifts, coarse to fine",
                                   "SO3xR2", _train_projection_matching, _predict_projection_matching,
                                   asdict(MatchingConfig()), needs_preprocessing=False, uses_gpu=True),
+    "relion_refine": Method("relion_refine", "classical pipeline (paper section 1.1, Appendix G): RELION 3D "
+                            "auto-refine of the blind test half from the training half's map low-passed to 40 Å",
+                            "SO3xR2", _train_reference("relion_refine"), _predict_relion_refine,
+                            RelionRefineConfig().to_dict()),
 }
 
 

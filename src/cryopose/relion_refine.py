@@ -1,0 +1,190 @@
+"""RELION's 3D auto-refine as a benchmark method: the classical pipeline practitioners run.
+
+``relion_refine --auto_refine`` (Debian's RELION 3.1.3) refines one half of an entry blind — its
+poses and shifts removed — starting from the other half's ground-truth map, which RELION low-passes
+to ``ini_high_A`` (the paper's section 1.1 starts refinements from a 30–40 Å model). Gold-standard
+auto-refine splits the particles into two random halves, which RELION allows only under MPI:
+``mpirun -np N relion_refine_mpi`` with N ≥ 3 (one leader, one follower per half). Its final
+``run_data.star`` gives the predictions: angles, origins in Å, and ``rlnMaxValueProbDistribution``
+as the confidence.
+
+Parameters and why (:class:`RelionRefineConfig`): the sampling is RELION's default for auto-refine
+(HEALPix order 2 = 7.5°, local searches from order 4, translations of ±5 px every 2 px —
+the simulated shifts have σ = 2 px); ``--firstiter_cc`` because the reference is our reconstruction,
+not on RELION's absolute intensity scale; ``--ctf`` with the entry's CTF; ``--flatten_solvent
+--zero_mask`` inside a circular mask of ``particle_diameter_A`` (default 90 % of the box);
+``--low_resol_join_halves 40`` as RELION's GUI does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .errors import InputError
+from .reconstruct import RelionNotFound
+
+__all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half"]
+
+POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                "rlnOriginX", "rlnOriginY", "rlnMaxValueProbDistribution", "rlnRandomSubset", "rlnClassNumber",
+                "rlnNormCorrection", "rlnLogLikeliContribution", "rlnNrOfSignificantSamples", "rlnGroupNumber",
+                "rlnAnglePsiPrior", "rlnAngleTiltPrior", "rlnAngleRotPrior"]
+
+
+@dataclass(frozen=True)
+class RelionRefineConfig:
+    """Options of ``relion_refine --auto_refine``; see the module docstring for the choices."""
+
+    ini_high_A: float = 40.0
+    healpix_order: int = 2
+    auto_local_healpix_order: int = 4
+    offset_range_px: float = 5.0
+    offset_step_px: float = 2.0
+    particle_diameter_A: float | None = None
+    low_resol_join_halves_A: float = 40.0
+    pad: int = 2
+    mpi_processes: int = 3
+    threads: int = 1
+    firstiter_cc: bool = True
+    launcher: str = ""
+    extra_args: str = ""
+
+    def __post_init__(self):
+        if self.mpi_processes < 3:
+            raise ValueError(f"mpi_processes must be >= 3 (gold-standard auto-refine needs a leader and one "
+                             f"process per half), got {self.mpi_processes}")
+        if self.ini_high_A <= 0 or self.threads < 1 or not 0 <= self.healpix_order <= self.auto_local_healpix_order:
+            raise ValueError("ini_high_A > 0, threads >= 1 and 0 <= healpix_order <= auto_local_healpix_order needed")
+
+    @classmethod
+    def from_params(cls, params: dict) -> "RelionRefineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InputError(f"relion_refine: unknown parameter(s) {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(known))}", where="--param")
+        try:
+            return cls(**params)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"relion_refine parameters: {err}", where="--param") from err
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def auto_refine_command(config: RelionRefineConfig, particles: Path, reference: Path, out_prefix: Path,
+                        symmetry: str, particle_diameter_A: float) -> list[str]:
+    """The command line (program, MPI launcher and options) of one auto-refine run."""
+    cmd = shlex.split(config.launcher) + ["mpirun", "-np", str(config.mpi_processes)]
+    if config.mpi_processes > (os.cpu_count() or 1):
+        cmd.append("--oversubscribe")  # Open MPI refuses more processes than cores otherwise
+    cmd += ["relion_refine_mpi", "--o", str(out_prefix), "--i", str(particles), "--ref", str(reference),
+            "--auto_refine", "--split_random_halves", "--ini_high", f"{config.ini_high_A:g}", "--ctf",
+            "--particle_diameter", f"{particle_diameter_A:.1f}", "--flatten_solvent", "--zero_mask",
+            "--oversampling", "1", "--healpix_order", str(config.healpix_order),
+            "--auto_local_healpix_order", str(config.auto_local_healpix_order),
+            "--offset_range", f"{config.offset_range_px:g}", "--offset_step", f"{config.offset_step_px:g}",
+            "--sym", symmetry, "--low_resol_join_halves", f"{config.low_resol_join_halves_A:g}",
+            "--pad", str(config.pad), "--dont_combine_weights_via_disc", "--j", str(config.threads)]
+    if config.firstiter_cc:
+        cmd.append("--firstiter_cc")
+    return cmd + shlex.split(config.extra_args)
+
+
+def blind_particles(entry: io.Entry, half: int, dest: Path) -> dict[str, str]:
+    """Write ``dest``: half ``half``'s particles without poses, confidences or subsets, image names
+    absolute (RELION resolves them against its working directory) and random subsets alternating
+    1, 2 (RELION keeps subsets it finds; the entry's put every particle in one). Returns the map
+    from the absolute image names back to the entry's."""
+    star = entry.read_star(half)
+    parts = star.particles.drop(columns=[c for c in POSE_COLUMNS if c in star.particles.columns])
+    names = {}
+    absolute = []
+    for row, name in enumerate(parts["rlnImageName"].astype(str)):
+        index, stack = io.parse_image_name(name, star.path, row)
+        full = f"{index + 1:06d}@{io.resolve_stack_path(star.path, stack)}"
+        names[full] = name
+        absolute.append(full)
+    parts = parts.assign(rlnImageName=absolute, rlnRandomSubset=(np.arange(len(parts)) % 2) + 1)
+    io.write_particles_star(dest, io.ParticleStar(star.optics.copy(), parts))
+    return names
+
+
+def _normalised_name(name: str) -> str:
+    index, stack = name.split("@", 1)
+    return f"{int(index):06d}@{os.path.normpath(stack)}"
+
+
+def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star: str | Path,
+                     config: RelionRefineConfig = RelionRefineConfig(), work_dir: str | Path | None = None,
+                     log_path: str | Path | None = None) -> float:
+    """Refine half ``half`` of ``entry`` from ``reference`` and write the predictions STAR.
+
+    The run lives in ``work_dir`` (default: a temporary folder beside ``out_star``, removed
+    afterwards). Returns the wall time of ``relion_refine`` in seconds.
+
+    Raises:
+        RelionNotFound: when the launcher's or mpirun's program is not on PATH.
+        InputError: a reference of another box or pixel size than the particles'.
+        RuntimeError: RELION failed or wrote no final ``run_data.star`` (its output's tail included).
+    """
+    out_star = Path(out_star)
+    reference = Path(reference).resolve()
+    volume, ref_px = io.read_map(reference)
+    if volume.shape[0] != entry.box_size or abs(ref_px - entry.pixel_size) > 1e-3 * entry.pixel_size:
+        raise InputError(f"reference of {volume.shape[0]} px at {ref_px:g} Å/px, the particles are "
+                         f"{entry.box_size} px at {entry.pixel_size:g} Å/px", path=reference)
+    cmd0 = shlex.split(config.launcher)[:1] or ["mpirun"]
+    for program in (cmd0[0], "mpirun") if config.launcher else ("mpirun", "relion_refine_mpi"):
+        if shutil.which(program) is None:
+            raise RelionNotFound(f"{program} not found on PATH (Debian/Ubuntu: apt-get install relion openmpi-bin; "
+                                 f"or configure an Apptainer launcher)", where="relion_refine")
+    diameter = config.particle_diameter_A or 0.9 * entry.box_size * entry.pixel_size
+    out_star.parent.mkdir(parents=True, exist_ok=True)
+    keep = work_dir is not None
+    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=".relion_refine-", dir=out_star.parent))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        names = blind_particles(entry, half, work / "particles.star")
+        cmd = auto_refine_command(config, work / "particles.star", reference, work / "run", entry.symmetry, diameter)
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        started = time.monotonic()
+        with open(log_path or work / "relion_refine.log", "w") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+        seconds = time.monotonic() - started
+        result = work / "run_data.star"
+        if proc.returncode != 0 or not result.is_file():
+            tail = Path(log_path or work / "relion_refine.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}, run_data.star "
+                               f"{'present' if result.is_file() else 'missing'}):\n{tail}")
+        refined = io.read_particles_star(result).particles
+        back = {_normalised_name(k): v for k, v in names.items()}
+        original = [back.get(_normalised_name(n)) for n in refined["rlnImageName"].astype(str)]
+        if any(o is None for o in original) or len(set(original)) != len(names):
+            raise RuntimeError(f"{result}: its particles are not those of {entry.star_path(half)}")
+        star = entry.read_star(half)
+        order = {name: i for i, name in enumerate(original)}
+        truth = star.particles
+        pred = truth.copy()
+        idx = [order[n] for n in truth["rlnImageName"].astype(str)]
+        for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+            pred[col] = refined[col].to_numpy(dtype=np.float64)[idx]
+        pred["rlnParticleFigureOfMerit"] = refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)[idx]
+        io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), pred))
+        return seconds
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
