@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-RELION_PROGRAMS = ("relion_reconstruct", "relion_project", "relion_refine")
+RELION_PROGRAMS = ("relion_reconstruct", "relion_project", "relion_refine", "relion_refine_mpi", "mpirun")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -155,14 +155,14 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def plot_sensitivity(table: pd.DataFrame, path: str | Path) -> None:
-    """The paper's Tables 4–5 as lines: PCC(GT,V) (unmasked, masked) and FSCR0.5(GT,V) against the
+    """The paper's Tables 4–5 as lines: PCC(V0,V1) (unmasked, masked) and FSCR0.5(V0,V1) against the
     perturbation level, one line per entry; left column random poses, right column angular noise.
     ``table`` from :func:`cryopose.sensitivity.sensitivity_table`."""
     from .sensitivity import EXPERIMENTS
 
     experiments = [e for e in ("random", "noise") if (table["experiment"] == e).any()]
-    metrics = [("PCC(GT,V)", "PCC(GT, V)"), ("masked_PCC(GT,V)", "masked PCC(GT, V)"),
-               ("FSCR0.5(GT,V)", "FSC = 0.5 resolution (Å)")]
+    metrics = [("PCC(V0,V1)", "PCC(V0, V1)"), ("masked_PCC(V0,V1)", "masked PCC(V0, V1)"),
+               ("FSCR0.5(V0,V1)", "FSC(V0, V1) = 0.5 resolution (Å)")]
     fig, axes = plt.subplots(len(metrics), len(experiments), figsize=(4.6 * len(experiments), 8.5), squeeze=False,
                              sharex="col")
     for j, experiment in enumerate(experiments):
@@ -185,7 +185,7 @@ def plot_sensitivity(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def plot_sensitivity_fsc(curves: dict, path: str | Path) -> None:
-    """The paper's Figures 4–5: FSC(GT,V) curves per entry (rows) at each level of random poses
+    """The paper's Figures 4–5: FSC(V0,V1) curves (the perturbed half-maps) per entry (rows) at each level of random poses
     (left) and angular noise (right). ``curves``: ``{(entry, perturbation name): fsc table}``
     (the ``fsc.csv`` of :func:`cryopose.evaluate.evaluate`)."""
     from .sensitivity import EXPERIMENTS, parse_perturbation
@@ -201,14 +201,14 @@ def plot_sensitivity_fsc(curves: dict, path: str | Path) -> None:
                 fsc = curves[(entry, name)]
                 f = fsc["frequency_per_A"].to_numpy()[1:]
                 unit = EXPERIMENTS[experiment][1]
-                ax.plot(f, fsc["FSC(GT,V)"].to_numpy()[1:], color=f"C{k}",
+                ax.plot(f, fsc["FSC(V0,V1)"].to_numpy()[1:], color=f"C{k}",
                         label=f"{level:g}{'%' if unit == '%' else '°'}")
             for t in (0.143, 0.5):
                 ax.axhline(t, color="grey", lw=0.6, ls=":")
             ax.set_ylim(-0.1, 1.02)
             ax.set_title(f"{entry}: {EXPERIMENTS[experiment][0]}", fontsize=9)
             ax.set_xlabel("spatial frequency (1/Å)")
-            ax.set_ylabel("FSC(GT, V)")
+            ax.set_ylabel("FSC(V0, V1)")
             ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, Path(path))

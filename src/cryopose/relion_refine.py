@@ -34,7 +34,7 @@ from . import io
 from .errors import InputError
 from .reconstruct import RelionNotFound
 
-__all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half"]
+__all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half", "relion_environment"]
 
 POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
                 "rlnOriginX", "rlnOriginY", "rlnMaxValueProbDistribution", "rlnRandomSubset", "rlnClassNumber",
@@ -121,6 +121,17 @@ def blind_particles(entry: io.Entry, half: int, dest: Path) -> dict[str, str]:
     return names
 
 
+def relion_environment() -> dict[str, str]:
+    """The environment RELION's MPI runs get: Open MPI allowed to run as root (containers, CI) and
+    idle processes yielding the CPU (the leader otherwise spins on a core the followers need when
+    the run is oversubscribed). Values already set by the user win."""
+    env = dict(os.environ)
+    for key, value in (("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+                       ("OMPI_MCA_mpi_yield_when_idle", "1")):
+        env.setdefault(key, value)
+    return env
+
+
 def _normalised_name(name: str) -> str:
     index, stack = name.split("@", 1)
     return f"{int(index):06d}@{os.path.normpath(stack)}"
@@ -158,12 +169,11 @@ def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star
     try:
         names = blind_particles(entry, half, work / "particles.star")
         cmd = auto_refine_command(config, work / "particles.star", reference, work / "run", entry.symmetry, diameter)
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         started = time.monotonic()
         with open(log_path or work / "relion_refine.log", "w") as log:
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=relion_environment())
         seconds = time.monotonic() - started
         result = work / "run_data.star"
         if proc.returncode != 0 or not result.is_file():

@@ -158,6 +158,21 @@ def runtime_per_attempt(minutes):
     return lambda wildcards, attempt: minutes * attempt
 
 
+def predict_threads(wildcards):
+    """relion_refine runs mpi_processes × threads; the other methods take the training threads."""
+    from cryopose.methods import get_method
+
+    params = {**get_method(wildcards.method).default_params, **(METHODS[wildcards.method] or {})}
+    if "mpi_processes" in params:
+        return int(params["mpi_processes"]) * int(params.get("threads", 1))
+    return config["threads"]["train"]
+
+
+def predict_runtime(wildcards, attempt):
+    """Minutes: a RELION auto-refine of a real half runs for hours; the networks predict in minutes."""
+    return (1440 if wildcards.method.startswith("relion_refine") else 120) * attempt
+
+
 def gpus(wildcards):
     from cryopose.methods import get_method
 

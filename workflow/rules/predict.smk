@@ -15,10 +15,10 @@ rule predict:
         "logs/predict/{method}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/predict/{method}/{entry}/half{half}.tsv"
-    threads: config["threads"]["train"]
+    threads: predict_threads
     resources:
         mem_mb=mem_mb_per_attempt(8000),
-        runtime=runtime_per_attempt(120),
+        runtime=predict_runtime,
         gpu=gpus,
     conda:
         "../../envs/cryopose.yaml"
