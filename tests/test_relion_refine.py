@@ -82,7 +82,7 @@ def _local_refine_from(entry: io.Entry, reference, angles, work) -> tuple[float,
     by_name = {names[_absolute(n)]: row for n, row in zip(refined["rlnImageName"], refined[EULER].to_numpy())}
     angles = np.stack([by_name[n] for n in truth["rlnImageName"]])
     model = starfile.read(work / "run_model.star")["model_general"]
-    return _median_error(entry, 1, angles), float(model["rlnCurrentResolution"].iloc[0])
+    return _median_error(entry, 1, angles), float(np.ravel(model["rlnCurrentResolution"])[0])
 
 
 def _absolute(name: str) -> str:

@@ -14,6 +14,11 @@ the simulated shifts have σ = 2 px); ``--firstiter_cc`` because the reference i
 not on RELION's absolute intensity scale; ``--ctf`` with the entry's CTF; ``--flatten_solvent
 --zero_mask`` inside a circular mask of ``particle_diameter_A`` (default 90 % of the box);
 ``--low_resol_join_halves 40`` as RELION's GUI does.
+
+Measured: on a 131 Å box (32 px at 4.1 Å, 2 × 100 particles) RELION cannot align from 40 Å — three
+Fourier shells — and ends 41–89° from the truth, warning that its angular accuracy is worse than
+10°; from 20 Å it recovers the poses (median 4°). Real entries' boxes are 300–500 Å wide, where
+40 Å is the usual start; on the small synthetic boxes set ``ini_high_A`` near 20.
 """
 
 from __future__ import annotations
