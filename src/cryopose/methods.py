@@ -190,7 +190,7 @@ _train_projection_matching = _train_reference("projection_matching")
 
 def _predict_relion_refine(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
                            transfer: bool = False) -> None:
-    from .relion_refine import RelionRefineConfig, auto_refine_half
+    from .relion_refine import auto_refine_half
 
     read_model_record(model_dir, "relion_refine", entry, half, transfer)
     seconds = auto_refine_half(entry, half, Path(model_dir) / "reference.mrc", out_star,

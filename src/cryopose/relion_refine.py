@@ -107,18 +107,24 @@ def auto_refine_command(config: RelionRefineConfig, particles: Path, reference: 
     return cmd + shlex.split(config.extra_args)
 
 
+def _normalised_name(name: str) -> str:
+    """``12@/a/./b.mrcs`` → ``000012@/a/b.mrcs``: the six-digit index RELION writes, the path normalised."""
+    index, stack = name.split("@", 1)
+    return f"{int(index):06d}@{os.path.normpath(stack)}"
+
+
 def blind_particles(entry: io.Entry, half: int, dest: Path) -> dict[str, str]:
     """Write ``dest``: half ``half``'s particles without poses, confidences or subsets, image names
     absolute (RELION resolves them against its working directory) and random subsets alternating
     1, 2 (RELION keeps subsets it finds; the entry's put every particle in one). Returns the map
-    from the absolute image names back to the entry's."""
+    from the absolute image names (as :func:`_normalised_name` writes them) back to the entry's."""
     star = entry.read_star(half)
     parts = star.particles.drop(columns=[c for c in POSE_COLUMNS if c in star.particles.columns])
     names = {}
     absolute = []
     for row, name in enumerate(parts["rlnImageName"].astype(str)):
         index, stack = io.parse_image_name(name, star.path, row)
-        full = f"{index + 1:06d}@{io.resolve_stack_path(star.path, stack)}"
+        full = _normalised_name(f"{index + 1}@{io.resolve_stack_path(star.path, stack)}")
         names[full] = name
         absolute.append(full)
     parts = parts.assign(rlnImageName=absolute, rlnRandomSubset=(np.arange(len(parts)) % 2) + 1)
@@ -135,11 +141,6 @@ def relion_environment() -> dict[str, str]:
                        ("OMPI_MCA_mpi_yield_when_idle", "1")):
         env.setdefault(key, value)
     return env
-
-
-def _normalised_name(name: str) -> str:
-    index, stack = name.split("@", 1)
-    return f"{int(index):06d}@{os.path.normpath(stack)}"
 
 
 def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star: str | Path,
@@ -186,18 +187,15 @@ def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star
             raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}, run_data.star "
                                f"{'present' if result.is_file() else 'missing'}):\n{tail}")
         refined = io.read_particles_star(result).particles
-        back = {_normalised_name(k): v for k, v in names.items()}
-        original = [back.get(_normalised_name(n)) for n in refined["rlnImageName"].astype(str)]
+        original = [names.get(_normalised_name(n)) for n in refined["rlnImageName"].astype(str)]
         if any(o is None for o in original) or len(set(original)) != len(names):
             raise RuntimeError(f"{result}: its particles are not those of {entry.star_path(half)}")
         star = entry.read_star(half)
-        order = {name: i for i, name in enumerate(original)}
-        truth = star.particles
-        pred = truth.copy()
-        idx = [order[n] for n in truth["rlnImageName"].astype(str)]
+        refined = refined.set_axis(original).loc[star.particles["rlnImageName"].astype(str)]
+        pred = star.particles.copy()
         for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
-            pred[col] = refined[col].to_numpy(dtype=np.float64)[idx]
-        pred["rlnParticleFigureOfMerit"] = refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)[idx]
+            pred[col] = refined[col].to_numpy(dtype=np.float64)
+        pred["rlnParticleFigureOfMerit"] = refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
         io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), pred))
         return seconds
     finally:

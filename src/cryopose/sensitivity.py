@@ -32,7 +32,7 @@ import torch
 
 from . import io
 from .errors import InputError
-from .geometry import euler_to_matrix, matrix_to_euler, random_rotations
+from .geometry import matrix_to_euler, random_rotations
 
 __all__ = ["parse_perturbation", "perturbation_name", "perturb_angles", "write_perturbed_predictions",
            "sensitivity_table", "monotone_violations", "write_sensitivity", "EXPERIMENTS"]
@@ -103,11 +103,8 @@ def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_
         return angles + level * u
     if kind == "random":
         chosen = order[:int(round(level * n / 100))]
-        rot = euler_to_matrix(angles)
-        rot[chosen] = replacement[chosen]
-        out = angles.clone()
-        out[chosen] = matrix_to_euler(rot[chosen])
-        return out
+        angles[chosen] = matrix_to_euler(replacement[chosen])
+        return angles
     if kind == "exact":
         return angles
     raise InputError(f"unknown perturbation kind {kind!r}", where="perturbation")

@@ -22,10 +22,12 @@ DOWNLOAD = config.get("download", {})
 METHODS = config["methods"]
 # Misalignment sensitivity (rules in sensitivity.smk): "exact" plus one perturbation per level.
 SENSITIVITY = config.get("sensitivity", {})
+from cryopose.sensitivity import perturbation_name
+
 PERTURBATIONS = (
     ["exact"]
-    + [f"noise{d:g}" for d in SENSITIVITY.get("angular_noise_deg", [])]
-    + [f"random{p:g}" for p in SENSITIVITY.get("random_percent", [])]
+    + [perturbation_name("noise", d) for d in SENSITIVITY.get("angular_noise_deg", [])]
+    + [perturbation_name("random", p) for p in SENSITIVITY.get("random_percent", [])]
     if SENSITIVITY.get("angular_noise_deg") or SENSITIVITY.get("random_percent")
     else []
 )
