@@ -32,7 +32,7 @@ from .geometry import matrix_to_euler, random_rotations
 from .matching import MatchingConfig
 from .relion_refine import RelionRefineConfig
 
-__all__ = ["Method", "METHODS", "get_method", "parse_params", "read_model_record", "write_model_record"]
+__all__ = ["Method", "METHODS", "check_params", "get_method", "parse_params", "read_model_record", "write_model_record"]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
@@ -52,6 +52,9 @@ class Method:
     needs_preprocessing: bool = False
     #: Runs on a GPU when one is lent (the workflow then asks the cluster for one).
     uses_gpu: bool = False
+    #: Builds from the full parameters the settings objects train and predict build (raising
+    #: InputError on an impossible value), so the workflow can judge them before any job.
+    settings: Callable[[dict], object] | None = None
 
 
 def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, params: dict,
@@ -188,13 +191,22 @@ def _train_reference(name: str):
 _train_projection_matching = _train_reference("projection_matching")
 
 
+def _relion_refine_settings(params: dict) -> RelionRefineConfig:
+    try:
+        return RelionRefineConfig.from_params(params)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"relion_refine parameters: {err}", where="--param") from err
+
+
 def _predict_relion_refine(model_dir: Path, entry: io.Entry, half: int, out_star: Path, params: dict,
                            transfer: bool = False) -> None:
     from .relion_refine import auto_refine_half
 
     read_model_record(model_dir, "relion_refine", entry, half, transfer)
     seconds = auto_refine_half(entry, half, Path(model_dir) / "reference.mrc", out_star,
-                               RelionRefineConfig.from_params(params),
+                               _relion_refine_settings(params),
                                log_path=Path(out_star).with_suffix(".relion_refine.log"))
     print(f"relion_refine: {seconds:.0f} s", flush=True)
 
@@ -235,14 +247,21 @@ def _refined(base: Method) -> Method:
         _train_projection_matching(entry, half, Path(model_dir), {}, None)
         write_model_record(Path(model_dir), name, entry, half, params)
 
-    def predict(model_dir, entry, half, out_star, params, transfer=False):
-        import tempfile
+    def settings(params):
+        from .matching import RefineConfig
 
+        base_params, refine_params = split(params)
+        return (base.settings(base_params) if base.settings else None,
+                _matching_config(RefineConfig, refine_params))
+
+    def predict(model_dir, entry, half, out_star, params, transfer=False):
         from .matching import RefineConfig, refine_entry
 
         read_model_record(model_dir, name, entry, half, transfer)
         base_params, refine_params = split(params)
-        with tempfile.TemporaryDirectory() as tmp:
+        # The base's predictions are scratch: next to the output, removed on any exit (SIGTERM
+        # included) and by the next run after a SIGKILL.
+        with io.temporary_folder(Path(out_star).parent, Path(out_star).name) as tmp:
             first = Path(tmp) / "base.star"
             base.predict(Path(model_dir) / "base", entry, half, first, base_params, transfer=transfer)
             refine_entry(entry, half, first, Path(model_dir) / "reference.mrc", out_star,
@@ -250,7 +269,7 @@ def _refined(base: Method) -> Method:
 
     return Method(name, f"{base.name}, then local refinement of its poses and shifts against the training "
                   "half's map", "SO3xR2", train, predict, {**base.default_params, **refine_defaults()},
-                  needs_preprocessing=False, uses_gpu=True)
+                  needs_preprocessing=False, uses_gpu=True, settings=settings)
 
 
 #: The CPU-sized default (64 px, ResNet18, lmax 6, output order 3): a few minutes per half on
@@ -273,15 +292,16 @@ METHODS: dict[str, Method] = {
     "image2sphere": Method("image2sphere", "Image2Sphere (Klee et al. 2023; the CESPED paper's baseline): ResNet → "
                            "hemisphere → S² and SO(3) convolutions → SO(3) grid classifier", "SO3",
                            _train_image2sphere, _predict_image2sphere, IMAGE2SPHERE_DEFAULTS,
-                           needs_preprocessing=True, uses_gpu=True),
+                           needs_preprocessing=True, uses_gpu=True, settings=_image2sphere_settings),
     "projection_matching": Method("projection_matching", "classical anchor (paper eq. 1): CTF-modulated projections "
                                   "of the training half's map over an SO(3) grid and shifts, coarse to fine",
                                   "SO3xR2", _train_projection_matching, _predict_projection_matching,
-                                  asdict(MatchingConfig()), needs_preprocessing=False, uses_gpu=True),
+                                  asdict(MatchingConfig()), needs_preprocessing=False, uses_gpu=True,
+                                  settings=lambda params: _matching_config(MatchingConfig, params)),
     "relion_refine": Method("relion_refine", "classical pipeline (paper section 1.1, Appendix G): RELION 3D "
                             "auto-refine of the blind test half from the training half's map low-passed to 40 Å",
                             "SO3xR2", _train_reference("relion_refine"), _predict_relion_refine,
-                            RelionRefineConfig().to_dict()),
+                            RelionRefineConfig().to_dict(), settings=_relion_refine_settings),
 }
 
 
@@ -296,9 +316,68 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+#: The type of the parameters whose default is null (any other takes its default's type).
+NULLABLE_PARAMS = {"encoder_weights": str, "max_minutes": float, "particle_diameter_A": float}
+
+
+def _expected(key: str, default) -> str:
+    kind = NULLABLE_PARAMS.get(key, type(default))
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of numbers", tuple: "a list of numbers"}.get(kind, kind.__name__)
+    return f"{name} or null" if default is None else name
+
+
+def _fits(key: str, value, default) -> bool:
+    """Whether ``value`` has the type ``default`` (the parameter's default) has."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if default is None:
+        if key not in NULLABLE_PARAMS or value is None:
+            return True
+        default = NULLABLE_PARAMS[key]()
+    # bool before int: True is an int in Python but no seed; 2.0 is no integer count.
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return number(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and all(number(v) for v in value)
+    return True
+
+
+def check_params(name: str, params: dict, where: str = "--param") -> dict:
+    """Judge a method's parameters as its jobs will: known keys, each of its default's type
+    (``seed: abc`` is no integer), then the settings objects built (ranges). Returns the full
+    parameters (defaults overlaid); :class:`InputError` names the key, the value and what was
+    expected."""
+    method = get_method(name)
+    defaults = method.default_params
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise InputError(f"unknown parameter(s) {', '.join(unknown)}; {name} takes: "
+                         f"{', '.join(sorted(defaults)) or 'none'}", where=where)
+    for key, value in params.items():
+        if not _fits(key, value, defaults[key]):
+            raise InputError(f"{key} must be {_expected(key, defaults[key])} (default {defaults[key]!r}), "
+                             f"got {value!r}", where=where)
+    full = {**defaults, **params}
+    if method.settings is not None:
+        try:
+            method.settings(full)
+        except InputError as err:  # the builders say "--param"; the caller knows where the values came from
+            raise InputError(err.problem, where=where) from err
+    return full
+
+
 def parse_params(pairs: list[str] | None, defaults: dict) -> dict:
     """``["seed=3", "lr=1e-3"]`` → ``{"seed": 3, "lr": 0.001}`` over ``defaults`` (values parsed as
-    JSON when they can be, else kept as strings); unknown keys are an error."""
+    JSON when they can be, else kept as strings); unknown keys and values of another type than the
+    default's are an error naming the key."""
     params = dict(defaults)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -311,5 +390,10 @@ def parse_params(pairs: list[str] | None, defaults: dict) -> dict:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
+        # A string parameter keeps its text even when it reads as JSON (device=0, extra_args=1).
+        if isinstance(defaults[key], str) and not isinstance(params[key], str):
+            params[key] = value
+        if not _fits(key, params[key], defaults[key]):
+            raise InputError(f"{key} must be {_expected(key, defaults[key])} (default {defaults[key]!r}), "
+                             f"got {params[key]!r}", where=f"--param {key}")
     return params
-

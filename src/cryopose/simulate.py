@@ -35,7 +35,7 @@ from . import io
 from .errors import InputError
 from .geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from .masks import soft_mask_from_map
-from .symmetry import parse_symmetry, symmetry_matrices
+from .symmetry import VALID_NAMES, parse_symmetry, symmetry_matrices
 
 __all__ = [
     "SimulationSpec",
@@ -83,33 +83,72 @@ class SimulationSpec:
     #: molecule_seed show the same molecule under other conditions (the generalisation experiment).
     molecule_seed: int | None = None
 
-    def validate(self, where: str = "simulation spec") -> None:
-        problems = []
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            problems.append(f"name {self.name!r} must be a plain folder name")
-        if self.box_size < 16 or self.box_size % 2:
-            problems.append(f"box_size must be an even number >= 16, got {self.box_size}")
-        if not self.pixel_size > 0:
-            problems.append(f"pixel_size must be > 0 Å, got {self.pixel_size}")
-        if self.n_particles < 1:
-            problems.append(f"n_particles must be >= 1, got {self.n_particles}")
-        if not self.snr > 0:
-            problems.append(f"snr must be > 0, got {self.snr}")
-        lo, hi = self.defocus_range
-        if not 0 < lo <= hi:
-            problems.append(f"defocus_range must satisfy 0 < low <= high (µm), got {self.defocus_range}")
-        if not 0 <= self.amplitude_contrast < 1:
-            problems.append(f"amplitude_contrast must be in [0, 1), got {self.amplitude_contrast}")
-        if not 0 <= self.preferred_fraction <= 1:
-            problems.append(f"preferred_fraction must be in [0, 1], got {self.preferred_fraction}")
-        if self.molecule_diameter is not None and not 0 < self.molecule_diameter <= self.box_size * self.pixel_size:
-            problems.append(f"molecule_diameter must be in (0, box_size·pixel_size], got {self.molecule_diameter}")
-        try:
-            parse_symmetry(self.symmetry)
-        except InputError as err:
-            problems.append(str(err))
+    def problems(self) -> list[str]:
+        """Every value that no simulation can use, one ``"<key> ..."`` sentence each (empty when
+        the spec is sound). Types are judged first, so a string where a number belongs is named
+        as such rather than failing a comparison."""
+        out: list[str] = []
+        ok: set[str] = set()  # fields of the right type, whose ranges are judged below
+        for f in dataclasses.fields(self):
+            kind, nullable = _FIELD_KINDS[f.name]
+            value = getattr(self, f.name)
+            if value is None and nullable:
+                continue
+            if _is_kind(value, kind):
+                ok.add(f.name)
+            else:
+                out.append(f"{f.name} must be {_KIND_NAMES[kind]}{' or null' if nullable else ''}, "
+                           f"got {value!r}")
+
+        def need(key: str, good, expected: str) -> None:
+            if key in ok and not good(getattr(self, key)):
+                out.append(f"{key} must be {expected}, got {getattr(self, key)!r}")
+
+        need("name", lambda v: v and "/" not in v and "\0" not in v and not v.startswith("."),
+             "a plain folder name (not empty, no '/', not starting with '.')")
+        if "symmetry" in ok:
+            # Only the groups cryopose.symmetry builds: RELION also takes C0 and D0, which name no
+            # finite group and so no benchmark entry.
+            try:
+                parse_symmetry(self.symmetry)
+            except InputError:
+                out.append(f"symmetry must be a proper point group, got {self.symmetry!r}; valid names: {VALID_NAMES}")
+        # 16 px is the smallest box whose mask, CTF and reconstructions the benchmark still
+        # computes; odd boxes have no Fourier centre on the grid RELION and the projector share.
+        need("box_size", lambda v: v >= 16 and v % 2 == 0, "an even number of pixels >= 16")
+        need("pixel_size", lambda v: v > 0, "> 0 (Å per pixel)")
+        need("n_particles", lambda v: v >= 1, ">= 1 (particles per half)")
+        need("snr", lambda v: v > 0, "> 0")
+        need("seed", lambda v: v >= 0, ">= 0")
+        need("molecule_seed", lambda v: v is None or v >= 0, ">= 0 or null")
+        need("source", lambda v: v.strip() != "", "'pseudo' or the path of an MRC map or PDB/mmCIF model")
+        if "defocus_range" in ok:
+            lo, hi = self.defocus_range
+            need("defocus_range", lambda v: 0 < lo <= hi, "[low, high] µm with 0 < low <= high")
+        need("astigmatism_max", lambda v: v >= 0, ">= 0 µm")
+        need("voltage", lambda v: v > 0, "> 0 kV")
+        need("spherical_aberration", lambda v: v >= 0, ">= 0 mm")
+        # A fraction of 1 leaves no phase contrast: the CTF is then a pure amplitude term and
+        # RELION's phase shift atan(A/sqrt(1-A²)) is undefined.
+        need("amplitude_contrast", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("bfactor", lambda v: v >= 0, ">= 0 Å²")
+        need("shift_sigma", lambda v: v >= 0, ">= 0 px")
+        need("preferred_fraction", lambda v: 0 <= v <= 1, "in [0, 1]")
+        need("preferred_sigma", lambda v: v > 0, "> 0 degrees")
+        need("contrast_sigma", lambda v: v >= 0, ">= 0")
+        if {"molecule_diameter", "box_size", "pixel_size"} <= ok:
+            width = self.box_size * self.pixel_size
+            need("molecule_diameter", lambda v: v is None or 0 < v <= width,
+                 f"null or in (0, box_size·pixel_size = {width:g} Å]")
+        return out
+
+    def validate(self, where: str | None = None, path: str | Path | None = None) -> None:
+        """:class:`InputError` naming ``path`` (the spec's file), ``where`` (e.g. the config
+        entry) and every bad key with what was expected."""
+        problems = self.problems()
         if problems:
-            raise InputError("; ".join(problems), where=f"{where} {self.name!r}")
+            label = where if where is not None else f"simulation spec {self.name!r}"
+            raise InputError("; ".join(problems), path=path, where=label)
 
     @property
     def diameter(self) -> float:
@@ -124,15 +163,58 @@ class SimulationSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SimulationSpec":
+    def from_dict(cls, d, path: str | Path | None = None, where: str | None = None) -> "SimulationSpec":
+        """The spec of a JSON/YAML mapping, judged whole (:meth:`validate`): every error names
+        ``path`` (the file it came from), ``where`` (its place in that file) and the key."""
+        label = where if where is not None else "simulation spec"
+        if not isinstance(d, dict):
+            raise InputError(f"expected a JSON object of simulation parameters, got {type(d).__name__} {d!r}",
+                             path=path, where=label)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known - {"spec_version"})
         if unknown:
-            raise InputError(f"unknown keys {unknown}; expected some of {sorted(known)}", where="simulation spec")
+            raise InputError(f"unknown keys {unknown}; expected some of {sorted(known)}", path=path, where=label)
+        if "name" not in d:
+            raise InputError("name is missing: every spec needs the entry's folder name", path=path, where=label)
         d = {k: v for k, v in d.items() if k in known}
-        if "defocus_range" in d:
-            d["defocus_range"] = tuple(float(x) for x in d["defocus_range"])
-        return cls(**d)
+        for key, value in d.items():
+            # JSON and YAML write 4 for 4.0: a whole number is a number, so it becomes the float
+            # the field holds (and simulation.json compares equal however it was written).
+            if _FIELD_KINDS[key][0] == "number" and _is_kind(value, "int"):
+                d[key] = float(value)
+        # A pair becomes the tuple the field holds; anything else stays as given, to be named.
+        if isinstance(d.get("defocus_range"), (list, tuple)) and len(d["defocus_range"]) == 2:
+            d["defocus_range"] = tuple(float(x) if _is_kind(x, "int") else x for x in d["defocus_range"])
+        spec = cls(**d)
+        spec.validate(where=label if where is not None else f"simulation spec {spec.name!r}", path=path)
+        return spec
+
+
+# What each field holds, as JSON gives it, and whether null is allowed.
+_FIELD_KINDS = {
+    "name": ("str", False), "symmetry": ("str", False), "box_size": ("int", False), "pixel_size": ("number", False),
+    "n_particles": ("int", False), "snr": ("number", False), "seed": ("int", False), "source": ("str", False),
+    "molecule_diameter": ("number", True), "defocus_range": ("range", False), "astigmatism_max": ("number", False),
+    "voltage": ("number", False), "spherical_aberration": ("number", False), "amplitude_contrast": ("number", False),
+    "bfactor": ("number", False), "shift_sigma": ("number", False), "preferred_fraction": ("number", False),
+    "preferred_sigma": ("number", False), "contrast_sigma": ("number", False), "molecule_seed": ("int", True),
+}
+_KIND_NAMES = {"str": "a string", "int": "an integer", "number": "a finite number",
+               "range": "a [low, high] pair of numbers"}
+
+
+def _is_kind(value, kind: str) -> bool:
+    # bool is an int subclass in Python, but `true` is no box size.
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if kind == "number":
+        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if kind == "range":
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_kind(v, "number") for v in value)
+    raise AssertionError(kind)
 
 
 # Suites: the default one runs the local leaderboard on a laptop CPU; the tiny one runs in CI.
@@ -430,6 +512,11 @@ def map_from_mrc(path: str | Path, box_size: int, pixel_size: float) -> np.ndarr
     vol, src_px = io.read_map(path)
     if vol.ndim != 3 or len(set(vol.shape)) != 1:
         raise InputError(f"expected a cubic 3D map, got shape {vol.shape}", path=path)
+    bad = int(np.count_nonzero(~np.isfinite(vol)))
+    if bad:
+        # Caught here, not as non-finite particle images many steps later.
+        raise InputError(f"the source map holds {bad} NaN or infinite voxel(s); a source map must be finite",
+                         path=path)
     if src_px <= 0:
         raise InputError("the map header has no pixel size (voxel_size is 0)", path=path)
     n = vol.shape[0]
@@ -446,7 +533,10 @@ def map_from_mrc(path: str | Path, box_size: int, pixel_size: float) -> np.ndarr
     m = min(n, box_size)
     s_src, s_dst = n // 2 - m // 2, box_size // 2 - m // 2
     out[s_dst:s_dst + m, s_dst:s_dst + m, s_dst:s_dst + m] = vol[s_src:s_src + m, s_src:s_src + m, s_src:s_src + m]
-    return out / np.abs(out).max()
+    peak = np.abs(out).max()
+    if not peak > 0:
+        raise InputError("the source map is zero everywhere inside the box: nothing to project", path=path)
+    return out / peak
 
 
 def source_density(spec: SimulationSpec) -> np.ndarray:

@@ -3,13 +3,49 @@
 import json
 import os
 import re
-import shlex
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from cryopose.download import CESPED_RECORDS
 
+
+
+def _refuse_duplicate_keys(paths):
+    """Read each config file again with a YAML loader that refuses a key given twice in one
+    mapping: Snakemake's loader keeps the last silently, so a method listed twice would run with
+    only its second parameters."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may repeat
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise WorkflowError(
+                    f"{path}: line {line}: duplicate key {key!r} (first given at line {seen[key]}); "
+                    "YAML would keep only the last one: give each key once"
+                )
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as err:  # Snakemake has read it already, so this is rare
+            raise WorkflowError(f"{path}: not valid YAML: {err}")
+
+
+# The files of the `configfile:` directive and of --configfile (workflow.configfiles holds both).
+_refuse_duplicate_keys(workflow.configfiles)
 validate(config, schema="../schemas/config.schema.yaml")
 
 ENTRIES = {e["name"]: e for e in config["entries"]}
@@ -47,6 +83,58 @@ from cryopose.methods import REFINE_SUFFIX
 
 REFINED = {m: m.removesuffix(REFINE_SUFFIX) for m in METHODS if m.endswith(REFINE_SUFFIX)}
 TRAINED = [m for m in METHODS if m not in REFINED]
+
+
+# The simulation spec of each simulated entry, built (and judged) here exactly as the job builds it
+# from the JSON that rule simulate_entry passes on.
+SPECS = {}
+
+
+def _check_values():
+    """Build what the jobs will build from the config (each simulation spec, each method's
+    settings), so an impossible value stops `snakemake -n` with the key, the value and what was
+    expected instead of failing inside a job. Every problem is listed, not only the first."""
+    from cryopose.errors import InputError
+    from cryopose.methods import check_params
+    from cryopose.simulate import SimulationSpec
+
+    problems = []
+    if not BENCHMARK_DIR.strip() or "{" in BENCHMARK_DIR or "}" in BENCHMARK_DIR:
+        # Every entry's output path starts with it, and Snakemake reads braces there as wildcards.
+        problems.append(f"config: benchmark_dir must be a folder path without '{{' or '}}', got {BENCHMARK_DIR!r}")
+    absolute = os.path.abspath(BENCHMARK_DIR)
+    unsafe = sorted({c for c in absolute if c.isspace() or c in "'\"#"})
+    if unsafe:
+        # The shell lines quote it fine; STAR files do not: the evaluation's particle image names
+        # start with this folder, and STAR values split on whitespace, '#' starts a comment, and
+        # starfile 0.5 turns a ' into a " (measured).
+        problems.append(
+            f"config: benchmark_dir {BENCHMARK_DIR!r} (absolute path {absolute!r}) holds {' '.join(map(repr, unsafe))}; "
+            "expected a folder path without whitespace, quotes or '#', which the image names of STAR files cannot carry"
+        )
+    for section in ("entries", "generalisation"):
+        for e in config.get(section, []):
+            if "simulate" not in e:
+                continue
+            where = f"config: {section}: {e['name']}: simulate"
+            try:
+                spec = SimulationSpec.from_dict({"name": e["name"], **e["simulate"]}, where=where)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            if spec.source != "pseudo" and not os.path.isfile(spec.source):
+                problems.append(
+                    f"{where}: source {spec.source!r} not found (expected 'pseudo', or the path of an MRC map "
+                    f"or a PDB/mmCIF model, relative to {os.getcwd()})"
+                )
+            SPECS[e["name"]] = spec
+    for name, params in METHODS.items():  # every name is a registered method here (_check_config)
+        try:
+            check_params(name, params or {}, where=f"config: methods: {name}")
+        except InputError as err:
+            problems.append(str(err))
+    if problems:
+        raise WorkflowError("impossible value(s) in the config:\n  " + "\n  ".join(problems))
 
 
 def _check_config():
@@ -99,6 +187,7 @@ def _check_config():
 
 
 _check_config()
+_check_values()
 
 
 wildcard_constraints:
@@ -121,10 +210,10 @@ def method_entry_dir(wildcards):
 
 
 def method_params(wildcards):
-    """`--param key=value` options of a method from the config (values as JSON)."""
+    """`--param key=value` options of a method from the config (values as JSON), as a list of
+    arguments: rules write `{params.options:q}`, which quotes each one for the shell."""
     params = METHODS[wildcards.method] or {}
-    quoted = (shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(params.items()))
-    return " ".join(f"--param {q}" for q in quoted)
+    return [arg for k, v in sorted(params.items()) for arg in ("--param", f"{k}={json.dumps(v)}")]
 
 
 def prediction_type(wildcards):
@@ -134,8 +223,9 @@ def prediction_type(wildcards):
 
 
 def relion_options():
+    """`--relion-launcher PREFIX` as a list of arguments (rules write `{params.relion:q}`)."""
     launcher = RECON.get("relion_launcher", "")
-    return f"--relion-launcher '{launcher}'" if RECON["backend"] == "relion" and launcher else ""
+    return ["--relion-launcher", launcher] if RECON["backend"] == "relion" and launcher else []
 
 
 def transfer_targets():

@@ -9,10 +9,14 @@ rule simulate_entry:
     output:
         entry=directory(f"{BENCHMARK_DIR}/{{entry}}"),
     params:
-        spec=lambda wc: json.dumps({"name": wc.entry, **ALL_ENTRIES[wc.entry]["simulate"]}),
+        # The spec as common.smk built and judged it; the shell gets it as one quoted argument.
+        spec=lambda wc: json.dumps(SPECS[wc.entry].to_json()),
         benchmark_dir=lambda wc, output: os.path.dirname(output.entry),
     log:
-        "logs/simulate/{entry}.log",
+        log="logs/simulate/{entry}.log",
+        # The spec file `cryopose simulate --spec` reads; kept (as a log) so that a message naming
+        # it, and the run it describes, can be looked at afterwards.
+        spec="logs/simulate/{entry}.spec.json",
     benchmark:
         "results/benchmarks/simulate/{entry}.tsv"
     threads: 2
@@ -22,9 +26,8 @@ rule simulate_entry:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "spec=$(mktemp --suffix=.json) && echo '{params.spec}' > $spec && "
-        "cryopose simulate --spec $spec --out {params.benchmark_dir} --quiet > {log} 2>&1; "
-        "status=$?; rm -f $spec; exit $status"
+        "printf '%s\\n' {params.spec:q} > {log.spec:q} && "
+        "cryopose simulate --spec {log.spec:q} --out {params.benchmark_dir:q} --quiet > {log.log:q} 2>&1"
 
 
 rule download_entry:
@@ -47,5 +50,5 @@ rule download_entry:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose download {wildcards.entry} --out {params.benchmark_dir} --base-url {params.base_url} "
-        "--retries {params.retries} > {log} 2>&1"
+        "cryopose download {wildcards.entry:q} --out {params.benchmark_dir:q} --base-url {params.base_url:q} "
+        "--retries {params.retries:q} > {log:q} 2>&1"

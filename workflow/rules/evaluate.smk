@@ -38,7 +38,7 @@ rule evaluate:
         outdir=lambda wc, output: os.path.dirname(output.metrics),
         gtdir=lambda wc, input: os.path.dirname(input.record),
         prediction_type=prediction_type,
-        confidence=lambda wc: "" if config["evaluation"]["use_pred_confidence"] else "--no-pred-confidence",
+        confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
     log:
         "logs/evaluate/{method}/{entry}.log",
     benchmark:
@@ -50,7 +50,7 @@ rule evaluate:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose evaluate {input.entry} --half0 {input.half0} --half1 {input.half1} "
-        "--method {wildcards.method} --prediction-type {params.prediction_type} --backend {params.backend} "
-        "{params.confidence} {params.relion} --jobs {params.jobs} --ground-truth-dir {params.gtdir} "
-        "--out {params.outdir} --quiet > {log} 2>&1"
+        "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
+        "--method {wildcards.method:q} --prediction-type {params.prediction_type:q} --backend {params.backend:q} "
+        "{params.confidence:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
+        "--out {params.outdir:q} --quiet > {log:q} 2>&1"

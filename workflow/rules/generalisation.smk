@@ -27,8 +27,8 @@ rule predict_transfer:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose predict --transfer --method {wildcards.method} --model {input.model} --entry {input.entry} "
-        "--half {wildcards.half} --out {output.star} {params.options} > {log} 2>&1"
+        "cryopose predict --transfer --method {wildcards.method:q} --model {input.model:q} --entry {input.entry:q} "
+        "--half {wildcards.half:q} --out {output.star:q} {params.options:q} > {log:q} 2>&1"
 
 
 rule evaluate_transfer:
@@ -52,7 +52,7 @@ rule evaluate_transfer:
         outdir=lambda wc, output: os.path.dirname(output.metrics),
         gtdir=lambda wc, input: os.path.dirname(input.record),
         prediction_type=prediction_type,
-        confidence=lambda wc: "" if config["evaluation"]["use_pred_confidence"] else "--no-pred-confidence",
+        confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
     log:
         "logs/generalisation/evaluate/{method}/{source}/{entry}.log",
     benchmark:
@@ -64,10 +64,10 @@ rule evaluate_transfer:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose evaluate {input.entry} --half0 {input.half0} --half1 {input.half1} "
-        "--method {wildcards.method} --trained-on {wildcards.source} --prediction-type {params.prediction_type} "
-        "--backend {params.backend} {params.confidence} {params.relion} --jobs {params.jobs} "
-        "--ground-truth-dir {params.gtdir} --out {params.outdir} --quiet > {log} 2>&1"
+        "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
+        "--method {wildcards.method:q} --trained-on {wildcards.source:q} --prediction-type {params.prediction_type:q} "
+        "--backend {params.backend:q} {params.confidence:q} {params.relion:q} --jobs {params.jobs:q} "
+        "--ground-truth-dir {params.gtdir:q} --out {params.outdir:q} --quiet > {log:q} 2>&1"
 
 
 rule generalisation:
@@ -91,4 +91,4 @@ rule generalisation:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose generalisation {input.metrics} --out {output.table} > {log} 2>&1"
+        "cryopose generalisation {input.metrics:q} --out {output.table:q} > {log:q} 2>&1"

@@ -25,5 +25,5 @@ rule ground_truth_maps:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose ground-truth {input.entry} --out {params.outdir} --backend {params.backend} "
-        "--jobs {params.jobs} {params.relion} --quiet > {log} 2>&1"
+        "cryopose ground-truth {input.entry:q} --out {params.outdir:q} --backend {params.backend:q} "
+        "--jobs {params.jobs:q} {params.relion:q} --quiet > {log:q} 2>&1"

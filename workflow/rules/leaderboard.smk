@@ -28,5 +28,6 @@ rule leaderboard:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose leaderboard {input.metrics} --train-benchmarks {input.train} "
-        "--predict-benchmarks {input.predict} --refine-benchmarks {input.refine} --out {output.table} > {log} 2>&1 && cat {output.markdown}"
+        "cryopose leaderboard {input.metrics:q} --train-benchmarks {input.train:q} "
+        "--predict-benchmarks {input.predict:q} --refine-benchmarks {input.refine:q} --out {output.table:q} "
+        "> {log:q} 2>&1 && cat {output.markdown:q}"

@@ -23,5 +23,5 @@ rule predict:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose predict --method {wildcards.method} --model {input.model} --entry {input.entry} "
-        "--half {wildcards.half} --out {output.star} {params.options} > {log} 2>&1"
+        "cryopose predict --method {wildcards.method:q} --model {input.model:q} --entry {input.entry:q} "
+        "--half {wildcards.half:q} --out {output.star:q} {params.options:q} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ rule preprocess_entry:
     params:
         outdir=lambda wc, output: os.path.dirname(output.entry),
         image_size=lambda wc: (
-            f"--image-size {config['preprocessing']['image_size']}" if config["preprocessing"]["image_size"] else ""
+            ["--image-size", config["preprocessing"]["image_size"]] if config["preprocessing"]["image_size"] else []
         ),
         crop_fraction=config["preprocessing"]["crop_fraction"],
         ctf_correction=config["preprocessing"]["ctf_correction"],
@@ -25,5 +25,5 @@ rule preprocess_entry:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose preprocess {input.entry} --out {params.outdir} {params.image_size} "
-        "--crop-fraction {params.crop_fraction} --ctf-correction {params.ctf_correction} --quiet > {log} 2>&1"
+        "cryopose preprocess {input.entry:q} --out {params.outdir:q} {params.image_size:q} "
+        "--crop-fraction {params.crop_fraction:q} --ctf-correction {params.ctf_correction:q} --quiet > {log:q} 2>&1"

@@ -25,5 +25,5 @@ rule refine_predictions:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose refine --entry {input.entry} --half {wildcards.half} --predictions {input.predictions} "
-        "--reference {input.reference} --out {output.star} {params.options} --quiet > {log} 2>&1"
+        "cryopose refine --entry {input.entry:q} --half {wildcards.half:q} --predictions {input.predictions:q} "
+        "--reference {input.reference:q} --out {output.star:q} {params.options:q} --quiet > {log:q} 2>&1"

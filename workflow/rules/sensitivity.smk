@@ -25,10 +25,10 @@ rule perturb_predictions:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "(cryopose perturb --entry {input.entry} --half 0 --perturbation {wildcards.perturbation} "
-        "--seed {params.seed} --out {output.half0} && "
-        "cryopose perturb --entry {input.entry} --half 1 --perturbation {wildcards.perturbation} "
-        "--seed {params.seed} --out {output.half1}) > {log} 2>&1"
+        "(cryopose perturb --entry {input.entry:q} --half 0 --perturbation {wildcards.perturbation:q} "
+        "--seed {params.seed:q} --out {output.half0:q} && "
+        "cryopose perturb --entry {input.entry:q} --half 1 --perturbation {wildcards.perturbation:q} "
+        "--seed {params.seed:q} --out {output.half1:q}) > {log:q} 2>&1"
 
 
 rule evaluate_sensitivity:
@@ -62,10 +62,10 @@ rule evaluate_sensitivity:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose evaluate {input.entry} --half0 {input.half0} --half1 {input.half1} "
-        "--method perturbation:{wildcards.perturbation} --prediction-type SO3 --no-pred-confidence "
-        "--backend {params.backend} {params.relion} --jobs {params.jobs} --ground-truth-dir {params.gtdir} "
-        "--out {params.outdir} --no-plots --quiet > {log} 2>&1"
+        "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
+        "--method perturbation:{wildcards.perturbation:q} --prediction-type SO3 --no-pred-confidence "
+        "--backend {params.backend:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
+        "--out {params.outdir:q} --no-plots --quiet > {log:q} 2>&1"
 
 
 rule sensitivity:
@@ -88,4 +88,4 @@ rule sensitivity:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose sensitivity {input.metrics} --out {output.table} > {log} 2>&1"
+        "cryopose sensitivity {input.metrics:q} --out {output.table:q} > {log:q} 2>&1"

@@ -24,5 +24,5 @@ rule train:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose train --method {wildcards.method} --entry {input.entry} --half {wildcards.half} "
-        "--out {output.model} --work-dir {params.work_dir} {params.options} > {log} 2>&1"
+        "cryopose train --method {wildcards.method:q} --entry {input.entry:q} --half {wildcards.half:q} "
+        "--out {output.model:q} --work-dir {params.work_dir:q} {params.options:q} > {log:q} 2>&1"
