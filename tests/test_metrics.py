@@ -150,7 +150,9 @@ def test_fsc_resolution_rejects_bad_curves():
     with pytest.raises(ValueError):
         fsc_resolution(np.arange(5.0), np.ones(4), 0.5)
     with pytest.raises(ValueError):
-        fsc_resolution(np.arange(5.0), np.r_[1, 1, np.nan, 1, 1], 0.5)
+        fsc_resolution(np.arange(5.0), np.r_[1, 1, np.inf, 1, 1], 0.5)
+    # NaN is an undefined shell (0/0), not bad input: the resolution is undefined, not a number.
+    assert np.isnan(fsc_resolution(np.arange(5.0), np.r_[1, 1, np.nan, 1, 1], 0.5))
 
 
 def test_compare_maps_masked_and_unmasked():

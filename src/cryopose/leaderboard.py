@@ -4,6 +4,10 @@ Inputs are the ``metrics.json`` files written by :func:`cryopose.evaluate.evalua
 its method and entry) and, optionally, Snakemake ``benchmark:`` files of the train and predict
 jobs (tab-separated, first column ``s``: wall seconds). Outputs are the full table, a per-method
 summary (mean and standard deviation over entries, as the paper's Table 1) and a Markdown rendering.
+
+A metric that an evaluation could not define (``null`` in ``metrics.json``, e.g. the FSC of a zero
+map; the reason is in its ``null_reasons``) stays missing here: shown as ``–``, left out of the
+means, counted in ``<metric>_missing`` and named with its reason, never replaced by a number.
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ def _read_metrics(path: Path) -> dict:
     return metrics
 
 
+def _null_reasons(metrics: dict, columns: list[str]) -> str | None:
+    """``"metric: reason; ..."`` for the ``columns`` that are null in ``metrics``, or ``None``."""
+    reasons = metrics.get("null_reasons") or {}
+    # Only nulls with a reason: a metric absent because it does not apply (shifts of SO3
+    # predictions) is not a failure to report.
+    missing = [f"{c}: {reasons[c]}" for c in columns if metrics.get(c) is None and c in reasons]
+    return "; ".join(missing) or None
+
+
 def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, str], dict] | None = None
                       ) -> pd.DataFrame:
     """One row per (method, entry), sorted by method then entry.
@@ -74,6 +87,7 @@ def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, 
         row = {"method": m["method"], "entry": m["entry"], "symmetry": m.get("symmetry"),
                "backend": m.get("backend"), "n_particles": m.get("n_particles")}
         row.update({c: m.get(c) for c in COLUMNS})
+        row["null_reasons"] = _null_reasons(m, COLUMNS)
         t = (timings or {}).get(key, {})
         row["train_seconds"] = t.get("train_seconds")
         row["predict_seconds"] = t.get("predict_seconds")
@@ -89,8 +103,9 @@ def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, 
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the number of entries and the mean and standard deviation over entries of
-    :data:`SUMMARY_COLUMNS` (std is NaN with one entry)."""
+    """Per method: the number of entries and, for each of :data:`SUMMARY_COLUMNS`, the mean and
+    standard deviation over the entries that have a value (std is NaN with fewer than two) and
+    ``<col>_missing``, the number of entries left out because theirs is missing."""
     out = []
     for method, group in table.groupby("method", sort=True):
         row = {"method": method, "entries": len(group)}
@@ -98,6 +113,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(group[col], errors="coerce")
             row[f"{col}_mean"] = values.mean()
             row[f"{col}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
+            row[f"{col}_missing"] = int(values.isna().sum())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -117,20 +133,31 @@ def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in shown) + " |")
-    lines += ["", "Per method, mean ± std over entries:", ""]
+    notes = [f"- {r['method']} on {r['entry']}: {r['null_reasons']}" for _, r in table.iterrows()
+             if isinstance(r.get("null_reasons"), str)]
+    if notes:
+        lines += ["", "Missing values (–), undefined for these reasons:", "", *notes]
+    lines += ["", "Per method, mean ± std over the entries with a value (entries without one are left out "
+              "and counted as missing):", ""]
     cols = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143"]
     lines += ["| method | entries | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
     for _, r in summary.iterrows():
-        cells = [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}" for c in cols]
+        cells = [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}"
+                 + (f" ({r[f'{c}_missing']} missing)" if r.get(f"{c}_missing") else "") for c in cols]
         lines.append(f"| {r['method']} | {r['entries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def leaderboard_paths(out_csv: str | Path) -> tuple[Path, Path, Path]:
+    """The files :func:`write_leaderboard` writes: ``out_csv``, ``<stem>_summary.csv``, ``<stem>.md``."""
+    out_csv = Path(out_csv)
+    return out_csv, out_csv.with_name(f"{out_csv.stem}_summary.csv"), out_csv.with_suffix(".md")
+
+
 def write_leaderboard(table: pd.DataFrame, out_csv: str | Path) -> tuple[Path, Path, Path]:
     """Write ``out_csv``, ``<stem>_summary.csv`` and ``<stem>.md`` beside it, each atomically."""
-    out_csv = Path(out_csv)
     summary = summary_table(table)
-    paths = (out_csv, out_csv.with_name(f"{out_csv.stem}_summary.csv"), out_csv.with_suffix(".md"))
+    paths = leaderboard_paths(out_csv)
     with io.atomic_write(paths[1]) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
     with io.atomic_write(paths[2]) as tmp:
@@ -148,25 +175,35 @@ GENERALISATION_COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", 
 def generalisation_table(metrics_files: list[str | Path]) -> pd.DataFrame:
     """The generalisation experiment (paper section 3.3): one row per evaluation, ``setting``
     ``in-distribution`` when the models were trained on the evaluated entry (``trained_on`` in
-    ``metrics.json``) and ``transfer`` when on another one; sorted by method, source entry, setting."""
+    ``metrics.json``) and ``transfer`` when on another one; sorted by method, source entry, setting.
+    Null metrics are NaN, with their reasons in ``null_reasons``."""
     rows = []
     for path in map(Path, metrics_files):
         m = _read_metrics(path)
         trained_on = m.get("trained_on") or m["entry"]
         rows.append({"method": m["method"], "trained_on": trained_on, "entry": m["entry"],
                      "setting": "in-distribution" if trained_on == m["entry"] else "transfer",
-                     **{c: m.get(c) for c in GENERALISATION_COLUMNS}})
+                     **{c: m.get(c) for c in GENERALISATION_COLUMNS},
+                     "null_reasons": _null_reasons(m, GENERALISATION_COLUMNS)})
     if not rows:
         raise InputError("no evaluations to compare", where="metrics files")
-    return pd.DataFrame(rows).sort_values(["method", "trained_on", "setting"]).reset_index(drop=True)
+    table = pd.DataFrame(rows).sort_values(["method", "trained_on", "setting"]).reset_index(drop=True)
+    # Nulls become NaN in float columns (a column of nulls would otherwise hold None objects).
+    table[GENERALISATION_COLUMNS] = table[GENERALISATION_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    return table
+
+
+def generalisation_paths(out_csv: str | Path) -> tuple[Path, Path]:
+    """The files :func:`write_generalisation` writes: ``out_csv`` and ``<stem>.png``."""
+    return Path(out_csv), Path(out_csv).with_suffix(".png")
 
 
 def write_generalisation(table: pd.DataFrame, out_csv: str | Path) -> Path:
     """``out_csv`` and a bar chart ``<stem>.png`` beside it, each atomically."""
     from .plots import plot_generalisation
 
-    out_csv = Path(out_csv)
-    plot_generalisation(table, out_csv.with_suffix(".png"))
+    out_csv, png = generalisation_paths(out_csv)
+    plot_generalisation(table, png)
     with io.atomic_write(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     return out_csv

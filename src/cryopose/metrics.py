@@ -3,12 +3,17 @@
 Pose metrics take rotation matrices in the scipy-ZYZ convention (see :mod:`cryopose.geometry`)
 and return degrees; shifts are in Å. Map metrics take cubic ``(D, D, D)`` maps with the pixel size
 in Å and return plain Python floats, so their results serialise to JSON as they are.
+
+A map metric that is undefined is NaN, never a number standing in for it: a map that is zero,
+constant or holds NaN/infinity (:func:`map_degeneracy`) has no PCC and no FSC, and an FSC curve
+that is undefined (0/0: a map without power in a shell) before it crosses a threshold has no
+resolution. :class:`MapComparison` says why for each NaN (:meth:`MapComparison.null_reasons`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +21,8 @@ import torch
 from .symmetry import symmetry_aware_angle
 
 __all__ = ["angular_errors", "pose_error_summary", "shift_errors", "pearson_correlation", "fsc_curve",
-           "fsc_resolution", "MapComparison", "compare_maps", "FSC_THRESHOLDS", "ACCURACY_THRESHOLDS_DEG"]
+           "fsc_resolution", "MapComparison", "compare_maps", "map_degeneracy", "FSC_THRESHOLDS",
+           "ACCURACY_THRESHOLDS_DEG"]
 
 FSC_THRESHOLDS = (0.143, 0.5)
 ACCURACY_THRESHOLDS_DEG = (5.0, 10.0, 15.0, 30.0)
@@ -129,7 +135,7 @@ def pearson_correlation(map1, map2, mask=None) -> float:
         mask: same shape, values in [0, 1]; ``None`` means the whole box.
 
     Returns:
-        The correlation, or NaN when a map is constant.
+        The correlation, or NaN when a map (masked, with a mask) is constant, zero or not finite.
     """
     a = _as_map(map1)
     b = _as_map(map2)
@@ -145,22 +151,50 @@ def pearson_correlation(map1, map2, mask=None) -> float:
     # One pass of raw moments in float64; map values are O(1), so the cancellation in
     # (Σab − ΣaΣb/n) is harmless at float64.
     sums = torch.zeros(5, dtype=torch.float64)
+    # Extremes of each map, unmasked and masked, to tell a constant map exactly: its variance from
+    # the moments is a rounding residue, not reliably 0. A constant map stays undefined under a
+    # mask (as in compare_maps): the masked map would be the mask's shape, not signal.
+    low = torch.full((4,), math.inf, dtype=torch.float64)
+    high = torch.full((4,), -math.inf, dtype=torch.float64)
     for start in range(0, a.numel(), _CHUNK):
-        x = a[start:start + _CHUNK].double()
-        y = b[start:start + _CHUNK].double()
+        x0 = x = a[start:start + _CHUNK].double()
+        y0 = y = b[start:start + _CHUNK].double()
         if m is not None:
             mm = m[start:start + _CHUNK].double()
             x, y = x * mm, y * mm
         sums += torch.stack([x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
+        low = torch.minimum(low, torch.stack([x0.min(), y0.min(), x.min(), y.min()]))
+        high = torch.maximum(high, torch.stack([x0.max(), y0.max(), x.max(), y.max()]))
+    if not (torch.isfinite(sums).all() and bool((high > low).all())):
+        return float("nan")  # a constant (or zero) map correlates with nothing; NaN voxels neither
     n = a.numel()
     sx, sy, sxx, syy, sxy = sums.tolist()
     return _correlation(sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n)
 
 
 def _correlation(cov: float, var_x: float, var_y: float) -> float:
-    if var_x <= 0 or var_y <= 0:
-        return float("nan")  # a constant map correlates with nothing
+    if not var_x > 0 or not var_y > 0:  # also NaN: a constant map correlates with nothing
+        return float("nan")
     return float(cov / math.sqrt(var_x * var_y))
+
+
+def map_degeneracy(volume) -> str | None:
+    """Why ``volume`` cannot be compared with another map, or ``None`` when it can.
+
+    ``"has NaN or infinite values"``, ``"is zero"`` (every voxel 0) or ``"is constant"`` (one value
+    everywhere: no signal beyond the mean). Decided in real space, exactly: a constant map's
+    Fourier transform is not exactly 0 off the origin for box sizes that are not powers of 2, so
+    its FSC would be a ratio of rounding errors.
+    """
+    t = _as_map(volume)
+    if t.numel() == 0:
+        return "is empty"
+    if not bool(torch.isfinite(t).all()):
+        return "has NaN or infinite values"
+    low, high = float(t.min()), float(t.max())
+    if low == high:
+        return "is zero" if low == 0 else "is constant"
+    return None
 
 
 def _shell_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -208,7 +242,10 @@ def _prepare_pair(map1, map2, pixel_size: float, mask, caller: str) -> tuple[tor
 def _fsc_from_sums(sums: torch.Tensor) -> np.ndarray:
     cross, power_a, power_b = sums[:, :-1]
     denom = torch.sqrt(power_a * power_b)
-    return torch.where(denom > 0, cross / denom.clamp(min=1e-300), torch.zeros_like(cross)).numpy()
+    # A shell where a map has no power has no correlation (0/0): NaN, not 0, which would read as
+    # "the maps disagree here" and give the box size as resolution for a zero map. NaN sums (a map
+    # with NaN voxels) fail the test too.
+    return torch.where(denom > 0, cross / denom.clamp(min=1e-300), torch.full_like(cross, math.nan)).numpy()
 
 
 def _pcc_from_sums(sums: torch.Tensor) -> float:
@@ -237,10 +274,15 @@ def fsc_curve(map1, map2, pixel_size: float, mask=None) -> tuple[np.ndarray, np.
 
     Returns:
         ``(frequencies, fsc)``: float64 arrays of shape ``(D//2 + 1,)``, shell frequencies in 1/Å and
-        the FSC per shell (0 where a map has no power in the shell).
+        the FSC per shell: NaN where a map has no power in the shell (0/0), and at every shell
+        beyond 0 when a map (masked, with a mask) is zero, constant or not finite
+        (:func:`map_degeneracy`).
     """
     a, b = _prepare_pair(map1, map2, pixel_size, mask, "fsc_curve")
-    return _shell_frequencies(a.shape[0], pixel_size), _fsc_from_sums(_shell_sums(a, b))
+    fsc = _fsc_from_sums(_shell_sums(a, b))
+    if map_degeneracy(a) or map_degeneracy(b):
+        fsc[1:] = np.nan  # only rounding residue beyond the mean
+    return _shell_frequencies(a.shape[0], pixel_size), fsc
 
 
 def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: float = 30.0) -> float:
@@ -261,6 +303,10 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
        (it never wraps round to another shell).
     5. Below the threshold at every shell of the region (the maps do not even agree at low
        resolution): the resolution is the box size ``1/f_1``, the coarsest measurable.
+    6. Undefined shells (NaN: a map without power there, or a degenerate map, see
+       :func:`fsc_curve`): if one lies in the low-frequency region, or between the start and the
+       crossing, where the curve crosses is unknown and the resolution is NaN, never the box size.
+       Undefined shells after the crossing do not matter.
 
     Args:
         frequencies: ``(K,)`` shell frequencies in 1/Å, increasing, ``frequencies[0] == 0``.
@@ -269,7 +315,7 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
         low_resolution_angstrom: the low-frequency region's limit in Å.
 
     Returns:
-        The resolution in Å (a Python float).
+        The resolution in Å (a Python float), or NaN when undefined (rule 6).
     """
     f = np.asarray(frequencies, dtype=np.float64)
     c = np.asarray(fsc, dtype=np.float64)
@@ -278,18 +324,25 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
                          f"{f.shape} and {c.shape}")
     if not np.all(np.diff(f) > 0) or f[0] != 0:
         raise ValueError("fsc_resolution: frequencies must start at 0 and increase")
-    if not np.isfinite(c[1:]).all():
-        raise ValueError("fsc_resolution: the FSC curve has NaN or infinite values")
+    if np.isinf(c[1:]).any():
+        raise ValueError("fsc_resolution: the FSC curve has infinite values")
+    undefined = np.isnan(c)
     region = np.flatnonzero(f[1:] < 1.0 / low_resolution_angstrom) + 1
     region = np.union1d(region, [1])
+    if undefined[region].any():
+        return math.nan
     above = region[c[region] >= threshold]
     if above.size == 0:
         return float(1.0 / f[1])
     start = int(above.max())
-    below = np.flatnonzero(c[start + 1:] < threshold)
-    if below.size == 0:
+    # The first shell after the start that is below the threshold or undefined: an undefined one
+    # comes before any crossing, so where the curve would cross is unknown.
+    stop = np.flatnonzero((c[start + 1:] < threshold) | undefined[start + 1:])
+    if stop.size == 0:
         return float(1.0 / f[-1])
-    k = start + 1 + int(below[0])
+    k = start + 1 + int(stop[0])
+    if undefined[k]:
+        return math.nan
     fraction = (c[k - 1] - threshold) / (c[k - 1] - c[k])
     return float(1.0 / (f[k - 1] + fraction * (f[k] - f[k - 1])))
 
@@ -297,7 +350,10 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
 @dataclass
 class MapComparison:
     """Two maps compared: PCC, FSC curve and FSC resolutions, unmasked and (when a mask is given)
-    masked. ``resolution[t]`` and ``masked_resolution[t]`` are in Å for each threshold ``t``."""
+    masked. ``resolution[t]`` and ``masked_resolution[t]`` are in Å for each threshold ``t``.
+
+    Undefined values are NaN; ``reasons`` maps each of their names (``"PCC"``, ``"FSCR0.143"``,
+    ``"masked_PCC"``, ...) to why, e.g. ``"V1 is zero"``."""
 
     pcc: float
     frequencies: np.ndarray
@@ -306,10 +362,11 @@ class MapComparison:
     masked_pcc: float | None = None
     masked_fsc: np.ndarray | None = None
     masked_resolution: dict[float, float] | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self, pair: str = "") -> dict[str, float]:
         """Flat ``{name: float}``: ``PCC<pair>``, ``FSCR0.143<pair>``, ``FSCR0.5<pair>`` and their
-        ``masked_`` twins, e.g. ``as_dict("(GT,V)")["FSCR0.5(GT,V)"]``."""
+        ``masked_`` twins, e.g. ``as_dict("(GT,V)")["FSCR0.5(GT,V)"]``; NaN where undefined."""
         out = {f"PCC{pair}": self.pcc}
         out.update({f"FSCR{t:g}{pair}": r for t, r in self.resolution.items()})
         if self.masked_pcc is not None:
@@ -317,26 +374,63 @@ class MapComparison:
             out.update({f"masked_FSCR{t:g}{pair}": r for t, r in self.masked_resolution.items()})
         return out
 
+    def null_reasons(self, pair: str = "") -> dict[str, str]:
+        """``{name: reason}`` for the NaN values of :meth:`as_dict` (same names)."""
+        return {f"{key}{pair}": reason for key, reason in self.reasons.items()}
+
+
+def _compare_variant(a: torch.Tensor, b: torch.Tensor, freqs: np.ndarray, thresholds: tuple[float, ...],
+                     low_resolution_angstrom: float, problems: list[str], prefix: str, reasons: dict[str, str]
+                     ) -> tuple[float, np.ndarray, dict[float, float]]:
+    """PCC, FSC and resolutions of one variant (unmasked or masked), recording in ``reasons``
+    (under ``prefix + name``) why any of them is NaN; ``problems``: the maps' degeneracies."""
+    sums = _shell_sums(a, b)
+    fsc = _fsc_from_sums(sums)
+    if problems:
+        # Nothing to compare: every value is undefined for the same reason. The FFT of a constant
+        # map leaves rounding residue off the origin, which must not pass for a curve.
+        fsc[1:] = np.nan
+        reason = "; ".join(problems)
+        reasons[f"{prefix}PCC"] = reason
+        reasons.update({f"{prefix}FSCR{t:g}": reason for t in thresholds})
+        return math.nan, fsc, {t: math.nan for t in thresholds}
+    pcc = _pcc_from_sums(sums)
+    if math.isnan(pcc):
+        reasons[f"{prefix}PCC"] = "a map has no variance"
+    resolution = {}
+    for t in thresholds:
+        resolution[t] = fsc_resolution(freqs, fsc, t, low_resolution_angstrom)
+        if math.isnan(resolution[t]):
+            shells = np.flatnonzero(np.isnan(fsc[1:])) + 1
+            reasons[f"{prefix}FSCR{t:g}"] = (f"the FSC is undefined (a map has no power) at shell {int(shells[0])}, "
+                                             f"before it crosses {t:g}")
+    return pcc, fsc, resolution
+
 
 def compare_maps(map1, map2, pixel_size: float, mask=None, thresholds: tuple[float, ...] = FSC_THRESHOLDS,
-                 low_resolution_angstrom: float = 30.0) -> MapComparison:
+                 low_resolution_angstrom: float = 30.0, names: tuple[str, str] = ("map1", "map2")) -> MapComparison:
     """PCC, FSC and FSC resolutions of two cubic maps, over the whole box and, if ``mask`` is given,
     of the maps multiplied by the mask.
 
     One Fourier pass per variant: the PCC comes from the same shell sums as the FSC (Parseval), so
     two 232³ maps cost two real FFTs each, unmasked or masked.
+
+    A map that is zero, constant or not finite (:func:`map_degeneracy`) makes every value NaN,
+    masked ones included; a map that is only zero inside the mask makes the masked values NaN.
+    ``names`` name the maps in the reasons (``result.reasons``), e.g. ``"V1 is zero"``.
     """
     a, b = _prepare_pair(map1, map2, pixel_size, None, "compare_maps")
     freqs = _shell_frequencies(a.shape[0], pixel_size)
-    sums = _shell_sums(a, b)
-    fsc = _fsc_from_sums(sums)
-    result = MapComparison(pcc=_pcc_from_sums(sums), frequencies=freqs, fsc=fsc,
-                           resolution={t: fsc_resolution(freqs, fsc, t, low_resolution_angstrom) for t in thresholds})
+    problems = [f"{n} {p}" for n, x in zip(names, (a, b)) if (p := map_degeneracy(x))]
+    reasons: dict[str, str] = {}
+    pcc, fsc, resolution = _compare_variant(a, b, freqs, thresholds, low_resolution_angstrom, problems, "", reasons)
+    result = MapComparison(pcc=pcc, frequencies=freqs, fsc=fsc, resolution=resolution, reasons=reasons)
     if mask is not None:
         ma, mb = _prepare_pair(a, b, pixel_size, mask, "compare_maps")
-        msums = _shell_sums(ma, mb)
-        result.masked_fsc = _fsc_from_sums(msums)
-        result.masked_pcc = _pcc_from_sums(msums)
-        result.masked_resolution = {t: fsc_resolution(freqs, result.masked_fsc, t, low_resolution_angstrom)
-                                    for t in thresholds}
+        # A degenerate map stays the reason (a constant map times a soft mask is the mask's shape,
+        # not signal); otherwise a map may still be empty where the mask is.
+        masked_problems = problems or [f"{n} {p} inside the mask" for n, x in zip(names, (ma, mb))
+                                       if (p := map_degeneracy(x))]
+        result.masked_pcc, result.masked_fsc, result.masked_resolution = _compare_variant(
+            ma, mb, freqs, thresholds, low_resolution_angstrom, masked_problems, "masked_", reasons)
     return result

@@ -22,7 +22,6 @@ import functools
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -223,6 +222,23 @@ def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.nd
     return vol[start:start + s, start:start + s, start:start + s].cpu().numpy().astype(np.float32)
 
 
+def _checked_weights(particles, star_path: Path) -> torch.Tensor:
+    """The rlnParticleFigureOfMerit weights, refused unless finite, >= 0 and not all 0: all-zero
+    weights insert nothing, and the zero map they make would be scored as if it were a map."""
+    if "rlnParticleFigureOfMerit" not in particles.columns:
+        raise InputError("use_weights needs per-particle weights", path=star_path, where="rlnParticleFigureOfMerit")
+    weights = torch.tensor(particles["rlnParticleFigureOfMerit"].to_numpy(np.float64))
+    bad = torch.nonzero(~torch.isfinite(weights) | (weights < 0)).flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise InputError(f"weight {float(weights[row])} in row {row} (0-based); weights must be finite and >= 0",
+                         path=star_path, where="rlnParticleFigureOfMerit")
+    if not bool((weights > 0).any()):
+        raise InputError(f"all {len(weights)} weights are 0: nothing would be reconstructed; expected at least one "
+                         f"weight > 0", path=star_path, where="rlnParticleFigureOfMerit")
+    return weights
+
+
 def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: bool = False, pad: int = 2,
                       wiener: float = 1e-3, batch_size: int = 128, device: str | None = None,
                       progress: bool = True, compile: bool | None = None) -> tuple[np.ndarray, float]:
@@ -257,8 +273,6 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         if col not in table.columns:
             raise InputError("missing pose column", path=star_path, where=col)
-    if use_weights and "rlnParticleFigureOfMerit" not in table.columns:
-        raise InputError("use_weights needs per-particle weights", path=star_path, where="rlnParticleFigureOfMerit")
     if "rlnCtfDataArePhaseFlipped" in table.columns and (table["rlnCtfDataArePhaseFlipped"] == 1).any():
         raise InputError("phase-flipped stacks are not supported by the torch backend; reconstruct the "
                          "unflipped entry", path=star_path, where="rlnCtfDataArePhaseFlipped")
@@ -268,10 +282,7 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
     for j, col in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
         if col in table.columns:
             origins[:, j] = torch.tensor(table[col].to_numpy(np.float64)) / px
-    weights = (torch.tensor(table["rlnParticleFigureOfMerit"].to_numpy(np.float64)) if use_weights
-               else torch.ones(len(table), dtype=torch.float64))
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise InputError("weights must be finite and non-negative", path=star_path, where="rlnParticleFigureOfMerit")
+    weights = (_checked_weights(table, star_path) if use_weights else torch.ones(len(table), dtype=torch.float64))
     ops = symmetry_matrices(symmetry)
 
     if compile is None:
@@ -345,9 +356,13 @@ def reconstruct_relion(star_path: str | Path, symmetry: str = "C1", use_weights:
     """
     star_path = Path(star_path).resolve()
     star = io.read_particles_star(star_path)
+    if use_weights:  # relion_reconstruct would make a zero map of all-zero weights without a word
+        _checked_weights(star.particles, star_path)
     cmd = relion_command(launcher, mpi_processes)
     flipped = "rlnCtfDataArePhaseFlipped" in star.optics.columns and bool((star.optics["rlnCtfDataArePhaseFlipped"] == 1).any())
-    with tempfile.TemporaryDirectory(prefix=".reconstruct-", dir=star_path.parent) as tmp:
+    # RELION runs in the STAR file's folder, so its output goes there too, in a scratch folder that
+    # an interruption removes and the next run cleans up after a SIGKILL.
+    with io.temporary_folder(star_path.parent, "reconstruct") as tmp:
         out = Path(tmp) / "map.mrc"
         cmd = cmd + ["--i", star_path.name, "--o", os.path.relpath(out, star_path.parent), "--ctf",
                      "--sym", symmetry, "--pad", str(pad)]

@@ -35,7 +35,7 @@ from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
 
 __all__ = ["parse_perturbation", "perturbation_name", "perturb_angles", "write_perturbed_predictions",
-           "sensitivity_table", "monotone_violations", "write_sensitivity", "EXPERIMENTS"]
+           "sensitivity_table", "monotone_violations", "missing_values", "write_sensitivity", "EXPERIMENTS"]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 #: experiment → (label, unit of the level)
@@ -132,7 +132,9 @@ def write_perturbed_predictions(entry: io.Entry, half: int, perturbation: str, o
 def sensitivity_table(metrics_files) -> pd.DataFrame:
     """One row per (entry, experiment, level) from the evaluations' ``metrics.json``, whose
     ``method`` is ``perturbation:<name>``; the ``exact`` evaluation is level 0 of both experiments.
-    Columns: entry, experiment, level, unit, then :data:`METRICS`."""
+    Columns: entry, experiment, level, unit, then :data:`METRICS` (NaN where ``metrics.json`` has
+    null: an undefined metric, e.g. of a zero map), then ``null_reasons`` (``"metric: reason; ..."``
+    or empty)."""
     rows = []
     for path in metrics_files:
         path = Path(path)
@@ -146,9 +148,11 @@ def sensitivity_table(metrics_files) -> pd.DataFrame:
                              path=path, where="method")
         kind, level = parse_perturbation(method.split(":", 1)[1])
         values = {k: (math.nan if m.get(k) is None else float(m[k])) for k in METRICS}
+        reasons = m.get("null_reasons") or {}
+        why = "; ".join(f"{k}: {reasons[k]}" for k in METRICS if m.get(k) is None and k in reasons)
         for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
             rows.append({"entry": m["entry"], "experiment": experiment, "level": level,
-                         "unit": EXPERIMENTS[experiment][1], **values})
+                         "unit": EXPERIMENTS[experiment][1], **values, "null_reasons": why})
     if not rows:
         raise InputError("no evaluations given", where="metrics")
     table = pd.DataFrame(rows).sort_values(["entry", "experiment", "level"], ignore_index=True)
@@ -165,13 +169,16 @@ def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
     (the tables' precision), a resolution in Å finer by more than ``resolution_tolerance`` of its
     value, or MAnE down at all (beyond float rounding). The tolerances are for the half-maps'
     noise: ±1° moves the density of a 130 Å particle by about 1 Å, invisible in an 8–13 Å map,
-    where the (V0, V1) metrics then wander by a few 10⁻⁴. Empty when monotone."""
+    where the (V0, V1) metrics then wander by a few 10⁻⁴. Empty when monotone. Missing values
+    (NaN) are skipped: each value is compared with the previous level that has one
+    (:func:`missing_values` lists them)."""
     out = []
     for (entry, experiment), g in table.groupby(["entry", "experiment"]):
         g = g.sort_values("level")
-        levels = g["level"].to_numpy()
         for metric in METRICS:
-            v = g[metric].to_numpy(dtype=float)
+            present = g[metric].notna().to_numpy()
+            levels = g["level"].to_numpy()[present]
+            v = g[metric].to_numpy(dtype=float)[present]
             if "PCC" in metric:
                 better = np.diff(v) > pcc_tolerance
             elif metric == "MAnE":
@@ -184,6 +191,19 @@ def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
     return out
 
 
+def missing_values(table: pd.DataFrame) -> list[str]:
+    """``"<entry>, <experiment>: <metric> is missing at <level> (<reason>)"`` for every NaN of
+    :data:`METRICS` in ``table``; empty when every value is there."""
+    out = []
+    for _, r in table.sort_values(["entry", "experiment", "level"]).iterrows():
+        reasons = dict(part.split(": ", 1) for part in str(r.get("null_reasons") or "").split("; ") if ": " in part)
+        for metric in METRICS:
+            if pd.isna(r[metric]):
+                out.append(f"{r['entry']}, {r['experiment']}: {metric} is missing at {r['level']:g} "
+                           f"({reasons.get(metric, 'null in metrics.json')})")
+    return out
+
+
 def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict | None = None) -> list[Path]:
     """``out_csv``, a Markdown table beside it (``.md``) and the figure (``.png``): PCC and FSC
     resolution against the level, per entry (the paper's Tables 4–5). ``fsc_files``:
@@ -191,22 +211,34 @@ def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict 
     level (the paper's Figures 4–5)."""
     from .plots import plot_sensitivity, plot_sensitivity_fsc
 
-    out_csv = Path(out_csv)
+    out_csv, md, png, *fsc_png = sensitivity_paths(out_csv, bool(fsc_files))
     written = []
     with io.atomic_write(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     written.append(out_csv)
-    md = out_csv.with_suffix(".md")
     with io.atomic_write(md) as tmp:
         tmp.write_text(_markdown(table))
     written.append(md)
-    plot_sensitivity(table, out_csv.with_suffix(".png"))
-    written.append(out_csv.with_suffix(".png"))
+    plot_sensitivity(table, png)
+    written.append(png)
     if fsc_files:
-        path = out_csv.with_name(out_csv.stem + "_fsc.png")
-        plot_sensitivity_fsc({k: pd.read_csv(v) for k, v in fsc_files.items()}, path)
-        written.append(path)
+        plot_sensitivity_fsc({k: pd.read_csv(v) for k, v in fsc_files.items()}, fsc_png[0])
+        written.append(fsc_png[0])
     return written
+
+
+def sensitivity_paths(out_csv: str | Path, fsc: bool = True) -> list[Path]:
+    """The files :func:`write_sensitivity` writes: ``out_csv``, ``<stem>.md``, ``<stem>.png`` and,
+    with FSC curves, ``<stem>_fsc.png``."""
+    out_csv = Path(out_csv)
+    paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".png")]
+    return paths + ([out_csv.with_name(out_csv.stem + "_fsc.png")] if fsc else [])
+
+
+def _cell(value, metric: str) -> str:
+    if value is None or pd.isna(value):
+        return "–"  # undefined (null in metrics.json) or not evaluated: never a number
+    return f"{value:.3f}" if "PCC" in metric else f"{value:.2f}"
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -222,8 +254,10 @@ def _markdown(table: pd.DataFrame) -> str:
             g = g.set_index("level")
             for metric in HALF_MAP_METRICS:
                 unit_m = " Å" if "FSCR" in metric else ""
-                cells = " | ".join(f"{g.loc[lv, metric]:.3f}" if "PCC" in metric else f"{g.loc[lv, metric]:.2f}"
-                                   for lv in levels)
+                cells = " | ".join(_cell(g[metric].get(lv), metric) for lv in levels)
                 lines.append(f"| {entry} | {metric}{unit_m} | {cells} |")
         lines.append("")
+    missing = missing_values(table[table["experiment"].isin(list(EXPERIMENTS))])
+    if missing:
+        lines += ["Missing values (–):", "", *[f"- {line}" for line in dict.fromkeys(missing)], ""]
     return "\n".join(lines)
