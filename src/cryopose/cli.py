@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
+from .guard import refuse_overwriting_inputs  # every writing command calls it before it writes
+from .interrupt import Terminated, terminate_with_exception
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -20,21 +22,43 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                       f"{s.n_particles} particles/half\tSNR {s.snr}")
         return 0
     if args.spec:
-        data = json.loads(Path(args.spec).read_text())
-        specs = [SimulationSpec.from_dict(d) for d in (data if isinstance(data, list) else [data])]
+        path = Path(args.spec)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise InputError(f"not UTF-8 text ({err})", path=path) from err
+        except json.JSONDecodeError as err:
+            raise InputError(f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
+                             path=path) from err
+        # Every spec is judged before the first entry is written; a list's specs are named by index.
+        items = list(enumerate(data)) if isinstance(data, list) else [(None, data)]
+        specs = [SimulationSpec.from_dict(d, path=path, where=None if i is None else f"[{i}]") for i, d in items]
+        _refuse_simulating_over_inputs(args, specs)
         paths = [simulate_entry(s, args.out, overwrite=args.overwrite, progress=not args.quiet) for s in specs]
     elif args.name:
         spec = SimulationSpec(
             name=args.name, symmetry=args.symmetry, box_size=args.box_size, pixel_size=args.pixel_size,
             n_particles=args.n_particles, snr=args.snr, seed=args.seed, source=args.source,
             preferred_fraction=args.preferred_fraction)
+        _refuse_simulating_over_inputs(args, [spec])
         paths = [simulate_entry(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)]
     else:
+        # An unknown suite or entry is left to simulate_suite's message.
+        _refuse_simulating_over_inputs(args, [s for s in SUITES.get(args.suite, ())
+                                              if not args.entries or s.name in args.entries])
         paths = simulate_suite(args.suite, args.out, entries=args.entries, overwrite=args.overwrite,
                                progress=not args.quiet)
     for p in paths:
         print(p)
     return 0
+
+
+def _refuse_simulating_over_inputs(args: argparse.Namespace, specs) -> None:
+    """Each spec's entry ``OUT/<name>`` may replace an earlier simulation (--overwrite decides),
+    but not lie inside an entry, hold one, or hold the spec file or source map it is made from."""
+    refuse_overwriting_inputs({"--out": [Path(args.out) / s.name for s in specs]},
+                              {"--spec": args.spec, "--source": [s.source for s in specs if s.source != "pseudo"]},
+                              builds_entries=True)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -55,10 +79,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data import write_preprocessed_entry
+    from .data import resolve_entry, write_preprocessed_entry
 
     ctf = None if args.ctf_correction == "none" else args.ctf_correction
-    out = write_preprocessed_entry(args.entry, args.out, image_size=args.image_size, crop_fraction=args.crop_fraction,
+    entry = resolve_entry(args.entry, args.benchmark_dir)
+    # The copy replaces OUT/<name> whole: an earlier copy, never the entry itself or a folder holding it.
+    refuse_overwriting_inputs({"--out": Path(args.out) / entry.name}, {"entry": entry.root}, builds_entries=True)
+    out = write_preprocessed_entry(entry, args.out, image_size=args.image_size, crop_fraction=args.crop_fraction,
                                    normalise=not args.no_normalise, ctf_correction=ctf,
                                    wiener_constant=args.wiener_constant, benchmark_dir=args.benchmark_dir,
                                    progress=not args.quiet)
@@ -83,9 +110,16 @@ def _reconstruct_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import GROUND_TRUTH_FILES, evaluate, evaluation_files
 
     entry = _entry(args)
+    # The files written, not their folders: the workflow evaluates into the folder that holds the
+    # predictions (sensitivity, generalisation), which is safe while no written file is one of them.
+    gt_dir = args.ground_truth_dir or (Path(args.out) / "ground_truth" if args.out else None)
+    refuse_overwriting_inputs(
+        {"--out": [Path(args.out) / n for n in evaluation_files(not args.no_plots)] if args.out else None,
+         "--ground-truth-dir": [Path(gt_dir) / n for n in GROUND_TRUTH_FILES] if gt_dir else None},
+        {"entry": entry.root, "--half0": args.half0, "--half1": args.half1})
     options = _reconstruct_options(args)
     result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
                       use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
@@ -99,9 +133,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if f"masked_{name}" in m:
             rows.append((f"masked_{name}", m[f"masked_{name}"]))
     print(f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})")
+    reasons = m.get("null_reasons") or {}
     for name, value in rows:
         unit = " Å" if "FSCR" in name and value is not None else ""
-        print(f"  {name:<28} {'n/a' if value is None else f'{value:.4g}'}{unit}")
+        shown = f"n/a ({reasons.get(name, 'undefined')})" if value is None else f"{value:.4g}"
+        print(f"  {name:<28} {shown}{unit}")
     if args.out:
         print(f"written to {args.out}")
     return 0
@@ -112,6 +148,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     entry = _entry(args)
+    refuse_overwriting_inputs({"--out": args.out, "--work-dir": args.work_dir}, {"--entry": entry.root})
     entry.validate()
     method.train(entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
                  Path(args.work_dir) if args.work_dir else None)
@@ -124,6 +161,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     entry = _entry(args)
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--model": args.model})
     entry.validate()
     method.predict(Path(args.model), entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
                    transfer=args.transfer)
@@ -136,6 +174,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from .methods import parse_params, refine_defaults
 
     entry = _entry(args)
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--predictions": args.predictions,
+                                                    "--reference": args.reference})
     entry.validate()
     config = config_from_params(RefineConfig, parse_params(args.param, refine_defaults()))
     refine_entry(entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config,
@@ -145,9 +185,10 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _cmd_ground_truth(args: argparse.Namespace) -> int:
-    from .evaluate import ground_truth_maps
+    from .evaluate import GROUND_TRUTH_FILES, ground_truth_maps
 
     entry = _entry(args)
+    refuse_overwriting_inputs({"--out": [Path(args.out) / n for n in GROUND_TRUTH_FILES]}, {"entry": entry.root})
     entry.validate()
     ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs,
                       **_reconstruct_options(args))
@@ -156,8 +197,12 @@ def _cmd_ground_truth(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import benchmark_seconds, leaderboard_table, to_markdown, summary_table, write_leaderboard
+    from .leaderboard import (benchmark_seconds, leaderboard_paths, leaderboard_table, to_markdown, summary_table,
+                              write_leaderboard)
 
+    refuse_overwriting_inputs({"--out": leaderboard_paths(args.out)},
+                              {"metrics": args.metrics, **{f"--{kind}-benchmarks": getattr(args, f"{kind}_benchmarks")
+                                                           for kind in ("train", "predict", "refine")}})
     timings: dict = {}
     for kind in ("train", "predict", "refine"):
         for path in getattr(args, f"{kind}_benchmarks") or []:
@@ -188,6 +233,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
         return 0
     if not args.entries:
         raise InputError("name the entries to download (or --list them)", where="entries")
+    # OUT/<name> may be kept or built (an entry already there is kept); an unknown name is
+    # download_entry's to name.
+    refuse_overwriting_inputs({"--out": [Path(args.out) / n for n in args.entries if n in CESPED_RECORDS]}, {},
+                              builds_entries=True)
     for name in args.entries:
         print(download_entry(name, Path(args.out), base_url=args.base_url, retries=args.retries,
                              backoff=args.backoff, keep_chunks=args.keep_chunks, progress=not args.quiet))
@@ -198,14 +247,19 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
     from .sensitivity import write_perturbed_predictions
 
     entry = _entry(args)
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root})
     entry.validate()
     print(write_perturbed_predictions(entry, args.half, args.perturbation, Path(args.out), seed=args.seed))
     return 0
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
-    from .sensitivity import monotone_violations, sensitivity_table, write_sensitivity
+    from .sensitivity import (missing_values, monotone_violations, sensitivity_paths, sensitivity_table,
+                              write_sensitivity)
 
+    beside = [Path(p).with_name("fsc.csv") for p in args.metrics]  # read too, for the FSC figure
+    refuse_overwriting_inputs({"--out": sensitivity_paths(args.out, any(p.is_file() for p in beside))},
+                              {"metrics": args.metrics, "fsc.csv": beside})
     table = sensitivity_table(args.metrics)
     fsc = {}
     for path in args.metrics:  # fsc.csv lies beside each metrics.json
@@ -214,18 +268,24 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
         if fsc_path.is_file():
             fsc[(record["entry"], record["method"].split(":", 1)[1])] = fsc_path
     write_sensitivity(table, args.out, fsc)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    # Undefined metrics (null in metrics.json) print as "–" and are listed with their reasons.
+    print(table.drop(columns="null_reasons").to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–"))
+    for line in dict.fromkeys(missing_values(table)):
+        print(f"missing: {line}")
     for line in monotone_violations(table):
         print(f"not monotone: {line}")
     return 0
 
 
 def _cmd_generalisation(args: argparse.Namespace) -> int:
-    from .leaderboard import generalisation_table, write_generalisation
+    from .leaderboard import generalisation_paths, generalisation_table, write_generalisation
 
+    refuse_overwriting_inputs({"--out": generalisation_paths(args.out)}, {"metrics": args.metrics})
     table = generalisation_table(args.metrics)
     write_generalisation(table, args.out)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(table.drop(columns="null_reasons").to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="–"))
+    for _, r in table[table["null_reasons"].notna()].iterrows():
+        print(f"missing: {r['method']} on {r['entry']} (trained on {r['trained_on']}): {r['null_reasons']}")
     return 0
 
 
@@ -391,14 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (Slurm's and Snakemake's cancel) becomes an exception, so every writer's clean-up
+    # runs: temporaries and staging folders are removed and earlier outputs stay as they were.
     try:
-        return args.func(args)
+        with terminate_with_exception():
+            return args.func(args)
     except (InputError, ValueError) as err:
         print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a missing file, a full disk, a missing program: the message names it
         print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except Terminated as stop:
+        print(f"cryopose {args.command}: {stop}; its temporary files were removed and earlier outputs are "
+              "unchanged", file=sys.stderr)
+        return stop.code
 
 
 if __name__ == "__main__":

@@ -135,9 +135,9 @@ class ParticlesDataset(Dataset):
                 raise InputError(f"particles refer to image {highest + 1} (1-based) but the stack holds {n}",
                                  path=self.star_path, where=f"rlnImageName ({path.name})")
         self._ids = merged["rlnImageName"].astype(str).tolist()
-        if len(set(self._ids)) != len(self._ids):
-            raise InputError("duplicate rlnImageName: particle ids must be unique", path=self.star_path,
-                             where="rlnImageName")
+        # The same image under two spellings (7@x.mrcs, 000007@./x.mrcs) is one particle: io's
+        # particle_keys is the single definition.
+        io.check_unique_particles(self._ids, self.star_path)
         self._row_of_id = {pid: i for i, pid in enumerate(self._ids)}
         self._refresh_labels()
         self._stacks: dict[int, object] = {}
@@ -361,6 +361,7 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
     complete, so a failure (a bad image, a full disk) leaves an earlier copy as it was.
     """
     src = resolve_entry(entry, benchmark_dir)
+    src.check_independent_halves()  # halves sharing particles are refused before anything is written
     with io.staged_folder(Path(out_dir) / src.name) as work:
         _write_preprocessed(src, work, image_size=image_size, crop_fraction=crop_fraction, normalise=normalise,
                             ctf_correction=ctf_correction, wiener_constant=wiener_constant, batch_size=batch_size,

@@ -25,7 +25,7 @@ from . import io
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .masks import mask_from_ground_truth
-from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, pose_error_summary, shift_errors
+from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
 from .reconstruct import reconstruct, relion_command
 
 __all__ = ["Predictions", "load_predictions", "PREDICTION_TYPES", "evaluate", "ground_truth_maps",
@@ -51,13 +51,15 @@ class Predictions:
     table: pd.DataFrame
 
 
-def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_type: str = "SO3") -> Predictions:
+def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_type: str = "SO3",
+                     use_confidence: bool = True) -> Predictions:
     """Read and check the predictions for ``half`` of ``entry``.
 
     Raises :class:`InputError` naming the file when: the type is unknown; ids (rlnImageName) are
     missing, repeated or unknown (with a specific message when they belong to the other half);
     angles are missing or not finite; SO3xR2 predictions lack finite origins; confidences are not
-    finite or negative.
+    finite or negative. With ``use_confidence`` False the confidence column is not read
+    (``confidence`` is ``None``), so a column the evaluation ignores cannot stop it.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
@@ -65,28 +67,33 @@ def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_ty
     path = Path(path)
     pred = io.read_particles_star(path).particles
     truth = entry.read_star(half).particles
-    ids = pred["rlnImageName"].astype(str)
-    dup = ids[ids.duplicated()]
+    # Particles are matched by identity (io.particle_keys), not by spelling: "7@./particles_0.mrcs"
+    # is the entry's "000007@particles_0.mrcs". Prediction names are the entry's, so relative
+    # stack names are resolved against the entry's folder.
+    ids = pd.Series(io.particle_keys(pred["rlnImageName"], entry.star_path(half)), index=pred.index)
+    names = pred["rlnImageName"].astype(str)
+    dup = names[ids.duplicated()]
     if len(dup):
         raise InputError(f"{len(dup)} particle ids appear more than once, e.g. {dup.iloc[0]!r}", path=path,
                          where="rlnImageName")
     expected = truth["rlnImageName"].astype(str)
-    unknown = sorted(set(ids) - set(expected))
-    if unknown:
-        other = set(entry.read_star(1 - half).particles["rlnImageName"].astype(str))
-        if set(unknown) <= other:
+    expected_ids = pd.Series(entry.particle_keys(half), index=expected.index)
+    unknown_rows = ~ids.isin(set(expected_ids))
+    if unknown_rows.any():
+        unknown = sorted(names[unknown_rows])
+        if ids[unknown_rows].isin(set(entry.particle_keys(1 - half))).all():
             raise InputError(f"these are predictions for half {1 - half} (ids such as {unknown[0]!r}), "
                              f"not half {half}", path=path, where="rlnImageName")
         raise InputError(f"{len(unknown)} particle ids are not in half {half} of {entry.name}, e.g. {unknown[0]!r}",
                          path=path, where="rlnImageName")
-    missing = expected[~expected.isin(set(ids))]
+    missing = expected[~expected_ids.isin(set(ids))]
     if len(missing):
         raise InputError(f"{len(missing)} of the {len(expected)} particles of half {half} have no prediction, "
                          f"e.g. {missing.iloc[0]!r}", path=path, where="rlnImageName")
     for col in EULER:
         if col not in pred.columns:
             raise InputError("missing predicted angle column", path=path, where=col)
-    aligned = pred.set_index(ids).loc[expected.to_numpy()].reset_index(drop=True)
+    aligned = pred.set_index(ids.to_numpy()).loc[expected_ids.to_numpy()].reset_index(drop=True)
     angles = aligned[EULER].to_numpy(dtype=np.float64)
     needed = 2 if prediction_type == "S2" else 3
     bad = np.flatnonzero(~np.isfinite(angles[:, :needed]).all(axis=1))
@@ -104,11 +111,12 @@ def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_ty
                              where=f"particle {expected.iloc[bad[0]]}, rlnOriginXAngst/rlnOriginYAngst")
         shifts = torch.tensor(aligned[ORIGIN].to_numpy(dtype=np.float64))
     confidence = None
-    if "rlnParticleFigureOfMerit" in aligned.columns:
+    if use_confidence and "rlnParticleFigureOfMerit" in aligned.columns:
         conf = aligned["rlnParticleFigureOfMerit"].to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(conf) | (conf < 0))
         if len(bad):
-            raise InputError(f"confidence {conf[bad[0]]} must be finite and >= 0", path=path,
+            raise InputError(f"confidence {conf[bad[0]]}: expected finite values >= 0, not all 0 (to ignore "
+                             f"the column, evaluate with --no-pred-confidence)", path=path,
                              where=f"particle {expected.iloc[bad[0]]}, rlnParticleFigureOfMerit")
         confidence = torch.tensor(conf)
     return Predictions(rotmats=euler_to_matrix(torch.tensor(angles)), shifts=shifts, confidence=confidence,
@@ -156,7 +164,8 @@ def _entry_fingerprint(entry: io.Entry, backend: str, symmetry: str, pad: int) -
         digest.update(entry.star_path(h).read_bytes())
         st = entry.stack_path(h).stat()
         digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return {"entry": entry.name, "backend": backend, "symmetry": symmetry, "pad": pad, "inputs": digest.hexdigest()}
+    return {"entry": entry.name, "backend": backend, "symmetry": symmetry, "pad": pad, "inputs": digest.hexdigest(),
+            "box_size": entry.box_size, "pixel_size": entry.pixel_size}
 
 
 def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tuple[np.ndarray, float]]:
@@ -168,37 +177,113 @@ def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tupl
         return list(pool.map(lambda p: reconstruct(p, **options), star_paths))
 
 
+#: The files :func:`ground_truth_maps` keeps in its cache folder (the record last).
+GROUND_TRUTH_FILES = ("GT_half0.mrc", "GT_half1.mrc", "ground_truth.json")
+
+
+def evaluation_files(plots: bool = True) -> list[str]:
+    """The names of the files :func:`evaluate` writes into ``outdir`` (the command line checks
+    before it starts that none of them is an input)."""
+    names = ["metrics.json", "V_half0.mrc", "V_half1.mrc", "V.mrc", "particles.csv", "fsc.csv"]
+    return names + (["fsc.png", "angular_errors.png", "orientations.png"] if plots else [])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_ground_truth(entry: io.Entry, cache_dir: Path, fingerprint: dict) -> tuple[list[np.ndarray], float] | None:
+    """The cached pair when ``cache_dir`` holds a complete cache for exactly these inputs, else
+    ``None`` (it is rebuilt). A map of another box or pixel size is an error naming it: it is
+    another entry's cache (or an older version's), never used and never silently overwritten."""
+    *paths, record_path = [cache_dir / name for name in GROUND_TRUTH_FILES]
+    box, px = entry.box_size, entry.pixel_size
+    maps = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            volume, volume_px = io.read_map(path)
+        except InputError:
+            continue  # a damaged map: the cache is rebuilt
+        if volume.shape != (box,) * 3 or not math.isclose(volume_px, px, rel_tol=1e-3):
+            raise InputError(f"a ground-truth map of box {volume.shape[0]} at {volume_px:g} Å/px, but {entry.name} has "
+                             f"box {box} at {px:g} Å/px: this cache is of another entry (or an earlier version of "
+                             f"this one); delete {cache_dir} or give --ground-truth-dir a folder of its own",
+                             path=path)
+        maps.append(volume)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("entry") not in (None, entry.name):
+        raise InputError(f"the ground-truth cache of entry {record.get('entry')!r}, not of {entry.name!r}: delete "
+                         f"{cache_dir} or give --ground-truth-dir a folder of its own", path=record_path,
+                         where="entry")
+    if len(maps) != len(paths):
+        return None
+    # The record names the checksums of the two maps it was written with: a pair mixed from two
+    # runs (or a map edited since) does not match and is rebuilt.
+    expected = {**fingerprint, "maps": {p.name: _sha256(p) for p in paths}}
+    if record != expected:
+        return None
+    return maps, px
+
+
+def _check_cache_folder(cache_dir: Path) -> None:
+    """The cache is published by replacing its whole folder: refuse a folder that holds anything
+    but a ground-truth cache (and cryopose's temporaries), rather than sweep it away."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError("the ground-truth cache must be a folder, but this is a file", path=cache_dir)
+    if not cache_dir.is_dir():
+        return
+    others = sorted(p.name for p in cache_dir.iterdir() if p.name not in GROUND_TRUTH_FILES and not io.is_temporary(p.name))
+    if others:
+        raise InputError(f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which are not part of a "
+                         f"ground-truth cache ({', '.join(GROUND_TRUTH_FILES)}); the cache replaces its folder as a "
+                         "whole, so give it a folder of its own", path=cache_dir, where="ground-truth cache")
+
+
 def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
                       progress: bool = True, jobs: int = 1,
                       **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
     """The half-maps GT0, GT1 reconstructed from the entry's ground-truth poses, cached.
 
-    They are written to ``cache_dir/GT_half{h}.mrc`` with a ``ground_truth.json`` fingerprint of the
-    inputs (STAR contents, stack sizes and times, backend, symmetry, padding), and reused while the
-    fingerprint matches: every method evaluated on an entry shares them.
+    The folder ``cache_dir`` holds ``GT_half{h}.mrc`` and a ``ground_truth.json`` record of the
+    inputs (entry, STAR contents, stack sizes and times, box and pixel size, backend, symmetry,
+    padding) and of the two maps' checksums. It is built in a hidden sibling folder and renamed
+    into place whole, so an interruption never leaves a half-made pair; it is reused only when it
+    is complete and its record matches, so every method evaluated on an entry shares it.
+
+    Raises:
+        InputError: when ``cache_dir`` holds maps of another box or pixel size, the record of
+            another entry, or files that are not part of a cache (it is not overwritten).
 
     Returns:
         ``(GT0, GT1, pixel_size)``.
     """
     cache_dir = Path(cache_dir)
     fingerprint = _entry_fingerprint(entry, backend, entry.symmetry, pad)
-    record = cache_dir / "ground_truth.json"
-    paths = [cache_dir / f"GT_half{h}.mrc" for h in entry.halves]
-    if record.is_file() and all(p.is_file() for p in paths):
-        try:
-            if json.loads(record.read_text()) == fingerprint:
-                (m0, px), (m1, _) = io.read_map(paths[0]), io.read_map(paths[1])
-                return m0, m1, px
-        except (json.JSONDecodeError, InputError, ValueError):
-            pass  # a damaged cache is rebuilt
+    cached = _cached_ground_truth(entry, cache_dir, fingerprint)
+    if cached is not None:
+        (m0, m1), px = cached
+        return m0, m1, px
+    _check_cache_folder(cache_dir)
     results = _reconstruct_each([entry.star_path(h) for h in entry.halves], jobs, symmetry=entry.symmetry,
                                 backend=backend, pad=pad, progress=progress, **reconstruct_options)
     maps = [vol for vol, _ in results]
     px = results[0][1]
-    for path, vol in zip(paths, maps):
-        io.write_map(path, vol, px)
-    with io.atomic_write(record) as tmp:
-        tmp.write_text(json.dumps(fingerprint, indent=2))
+    *names, record_name = GROUND_TRUTH_FILES
+    with io.staged_folder(cache_dir) as work:
+        for name, vol in zip(names, maps):
+            io.write_map(work / name, vol, px)
+        record = {**fingerprint, "maps": {name: _sha256(work / name) for name in names}}
+        with io.atomic_write(work / record_name) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     return maps[0], maps[1], px
 
 
@@ -215,7 +300,11 @@ def _read_entry_mask(entry: io.Entry) -> np.ndarray | None:
                          path=entry.mask_path, where="voxel size")
     if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
         raise InputError("mask values must lie in [0, 1]", path=entry.mask_path)
-    return np.clip(mask, 0, 1)
+    mask = np.clip(mask, 0, 1)
+    if not mask.any():  # it would zero both maps: every masked metric undefined
+        raise InputError("mask is zero everywhere; expected values in [0, 1] that are > 0 over the molecule",
+                         path=entry.mask_path)
+    return mask
 
 
 @dataclass
@@ -246,7 +335,9 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
        (GT, V), (V0, V1) and (GT0, GT1), unmasked and masked (the entry's mask, else one built from
        GT: ``mask_source`` says which). ``delta_PCC = PCC(GT0,GT1) − PCC(GT,V)`` (paper eq. 9) and
        ``delta_FSCR<t> = FSCR<t>(GT,V) − FSCR<t>(GT0,GT1)`` in Å, so both are ≥ 0 when the
-       predictions lose quality; the masked deltas use masked values on both sides.
+       predictions lose quality; the masked deltas use masked values on both sides. A metric of
+       a map that is zero, constant or not finite once reconstructed is ``None`` (null), as is
+       every delta using it; ``null_reasons`` maps each such metric to why (e.g. ``"V1 is zero"``).
     3. Poses: symmetry-aware angular errors; MAnE, wMAnE (weights: rlnMaxValueProbDistribution,
        1 when absent), median, accuracies, per half and for both; shift errors for SO3xR2.
 
@@ -260,9 +351,10 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     and (``plots``) ``fsc.png``, ``angular_errors.png``, ``orientations.png``. The ground-truth
     half-maps go to ``ground_truth_dir`` (default ``outdir/ground_truth``, or a temporary folder).
 
-    Bad input (predictions missing, repeating, adding or swapping particles; non-finite values; a
-    mask of the wrong box; RELION missing for the relion backend) raises :class:`InputError` before
-    any file is written.
+    Bad input (predictions missing, repeating, adding or swapping particles; non-finite values;
+    confidences that are negative, NaN or all 0 when they weight the maps; a mask of the wrong box
+    or zero everywhere; complex-valued stacks; RELION missing for the relion backend) raises
+    :class:`InputError` before any file is written.
     """
     t_start = time.perf_counter()
     if not isinstance(entry, io.Entry):
@@ -273,14 +365,25 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     if backend not in ("torch", "relion"):
         raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
     entry.validate()
-    predictions = [load_predictions(entry, h, p, prediction_type)
+    predictions = [load_predictions(entry, h, p, prediction_type, use_confidence=use_pred_confidence)
                    for h, p in zip(entry.halves, (half0_predictions, half1_predictions))]
+    for path, pred in zip((half0_predictions, half1_predictions), predictions):
+        # All-zero weights reconstruct a zero map: refused here, naming the predictions, rather
+        # than scored or refused later under the temporary STAR's name.
+        if pred.confidence is not None and not bool((pred.confidence > 0).any()):
+            raise InputError(f"all {len(pred.confidence)} confidences are 0, so they weight nothing into the map; "
+                             f"expected finite values >= 0, not all 0 (to ignore the column, evaluate with "
+                             f"--no-pred-confidence)", path=path, where="rlnParticleFigureOfMerit")
     if backend == "relion":
         relion_command(reconstruct_options.get("launcher"), reconstruct_options.get("mpi_processes", 1))
     mask = _read_entry_mask(entry)  # read and checked before any work
     symmetry = entry.symmetry
 
-    with tempfile.TemporaryDirectory(prefix="cryopose-evaluate-") as tmp:
+    # Scratch files (the predicted STARs) live next to the output, where the next run finds and
+    # removes what a killed run left; only a call that names no folder at all uses the system's.
+    scratch = Path(outdir) if outdir else Path(ground_truth_dir) if ground_truth_dir else None
+    with (io.temporary_folder(scratch.parent, scratch.name) if scratch is not None
+          else io.temporary_folder(tempfile.gettempdir(), "cryopose-evaluate")) as tmp:
         gt_dir = Path(ground_truth_dir) if ground_truth_dir else (Path(outdir) / "ground_truth" if outdir
                                                                   else Path(tmp) / "ground_truth")
         t0 = time.perf_counter()
@@ -301,10 +404,20 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     gt = 0.5 * (gt0 + gt1)
     vmean = 0.5 * (v[0] + v[1])
     mask_source = "entry" if mask is not None else "ground truth map"
+    no_mask = None  # why there is no mask, when none can be built
     if mask is None:
-        mask = mask_from_ground_truth(gt, px)
+        # A mask cannot be built from a ground truth without density; the masked metrics are then
+        # null with this reason rather than an error: the unmasked ones still mean something.
+        problem = map_degeneracy(gt)
+        try:
+            mask = None if problem else mask_from_ground_truth(gt, px)
+        except ValueError as err:  # no voxel above the threshold (a map with nothing positive)
+            problem = f"has no density to threshold ({err})"
+        if mask is None:
+            no_mask, mask_source = f"no mask: GT {problem}, so none can be built from it", "none"
     pairs = {"(GT,V)": (gt, vmean), "(V0,V1)": (v[0], v[1]), "(GT0,GT1)": (gt0, gt1)}
-    comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom)
+    comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom,
+                                      names=tuple(name.strip("()").split(",")))
                    for name, (a, b) in pairs.items()}
 
     particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
@@ -313,13 +426,25 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
                      "backend": backend, "use_pred_confidence": bool(use_pred_confidence),
                      "mask_source": mask_source, "pixel_size": float(px), "box_size": float(entry.box_size)}
     metrics.update(pose_metrics)
+    # Undefined map metrics are NaN (null in metrics.json); null_reasons says why for each.
+    null_reasons: dict[str, str] = {}
     for name, cmp in comparisons.items():
         metrics.update(cmp.as_dict(name))
+        null_reasons.update(cmp.null_reasons(name))
+        if no_mask:
+            for key in cmp.as_dict(name):
+                metrics[f"masked_{key}"] = math.nan
+                null_reasons[f"masked_{key}"] = no_mask
     for prefix in ("", "masked_"):
-        metrics[f"{prefix}delta_PCC"] = metrics[f"{prefix}PCC(GT0,GT1)"] - metrics[f"{prefix}PCC(GT,V)"]
-        for t in FSC_THRESHOLDS:
-            metrics[f"{prefix}delta_FSCR{t:g}"] = (metrics[f"{prefix}FSCR{t:g}(GT,V)"]
-                                                   - metrics[f"{prefix}FSCR{t:g}(GT0,GT1)"])
+        deltas = {f"{prefix}delta_PCC": (f"{prefix}PCC(GT0,GT1)", f"{prefix}PCC(GT,V)")}
+        deltas.update({f"{prefix}delta_FSCR{t:g}": (f"{prefix}FSCR{t:g}(GT,V)", f"{prefix}FSCR{t:g}(GT0,GT1)")
+                       for t in FSC_THRESHOLDS})
+        for delta, (minuend, subtrahend) in deltas.items():
+            metrics[delta] = metrics[minuend] - metrics[subtrahend]
+            causes = [null_reasons[k] for k in (minuend, subtrahend) if k in null_reasons]
+            if causes:
+                null_reasons[delta] = "; ".join(dict.fromkeys(causes))
+    metrics["null_reasons"] = null_reasons
     metrics["seconds_ground_truth_reconstruction"] = t_gt
     metrics["seconds_predicted_reconstruction"] = t_pred
     metrics["seconds_total"] = time.perf_counter() - t_start
@@ -340,7 +465,8 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
 
 
 def _plain(value):
-    """JSON-ready: numbers become Python floats, NaN (e.g. the PCC of a constant map) becomes None."""
+    """JSON-ready: numbers become Python floats, NaN (an undefined map metric, whose reason is in
+    ``null_reasons``) becomes None."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, float, np.floating, np.integer)):
@@ -393,9 +519,7 @@ def _pose_metrics(entry: io.Entry, predictions: list[Predictions], prediction_ty
 def _write_outputs(outdir: Path, result: EvaluationResult, pixel_size: float, vmean: np.ndarray, plots: bool) -> None:
     from . import plots as plotting
 
-    names = ["metrics.json", "V_half0.mrc", "V_half1.mrc", "V.mrc", "particles.csv", "fsc.csv"]
-    if plots:
-        names += ["fsc.png", "angular_errors.png", "orientations.png"]
+    names = evaluation_files(plots)
     # All files are written under temporary names first and renamed together at the end, so a
     # failure (a full disk) leaves an earlier evaluation's files as they were; metrics.json is
     # renamed last: its presence means the evaluation is complete.

@@ -20,8 +20,9 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
-import tempfile
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,10 +35,12 @@ import pandas as pd
 import starfile
 
 from .errors import InputError
+from .interrupt import uninterrupted
 
 __all__ = [
-    "atomic_write", "atomic_writes", "staged_folder", "WriteError", "ParticleStar", "read_particles_star",
-    "write_particles_star", "particles_with_optics", "parse_image_name", "resolve_stack_path", "open_stack",
+    "atomic_write", "atomic_writes", "staged_folder", "temporary_folder", "is_temporary", "WriteError", "ParticleStar", "read_particles_star",
+    "write_particles_star", "particles_with_optics", "parse_image_name", "particle_keys", "check_unique_particles",
+    "resolve_stack_path", "open_stack",
     "stack_shape", "read_images", "StackWriter", "read_map", "write_map", "Entry",
 ]
 
@@ -73,18 +76,111 @@ def _write_error(err: OSError, what, kept: str) -> WriteError:
     return WriteError(err.errno, f"could not write {what}: {os.strerror(err.errno)}; {kept}")
 
 
+# Temporaries: hidden, next to their destination, and named after it and after the process that
+# made them (".<name>.tmp-<pid>-h<host>-<random>"), so that a later writer of the same destination
+# recognises the leftovers of a process that died without cleaning up (SIGKILL, a power cut) and
+# removes them. A process is taken for dead only on this host (a shared file system may hold the
+# temporaries of a live process on another node) and when its pid is gone or now belongs to a
+# process started after the temporary was last touched (pid reuse).
+_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")[:6]
+_TEMPORARY_TAIL = r"\.(tmp|old)-([0-9]+)-(?:h([0-9a-f]{6})-)?[0-9a-f]{8}"  # the host tag is absent in older names
+
+
+def _temporary_name(base: str, kind: str = "tmp", suffix: str = "") -> str:
+    return f".{base}.{kind}-{os.getpid()}-h{_HOST}-{secrets.token_hex(4)}{suffix}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a file or folder name that cryopose's writers give their temporaries."""
+    return re.search(_TEMPORARY_TAIL, name) is not None and name.startswith(".")
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; ``None`` if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(pid: int, touched: float) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    started = _process_start(pid)
+    # A 2 s margin: /proc's boot time is whole seconds and the clocks may have been stepped.
+    return started is None or started <= touched + 2.0
+
+
+def _remove_stale_temporaries(folder: Path, base: str, suffix: str = "") -> None:
+    """Remove the temporaries that dead processes left for the destination ``folder/base+suffix``.
+
+    A staged folder's ``.old-`` copy left by a process killed in the middle of its swap is put
+    back when the destination is missing (the earlier output is restored, not lost)."""
+    # One tail, or several: a writer writing into another's temporary (write_map into a file of
+    # atomic_writes) makes "..name.tmp-<pid>-...tmp-<pid>-....mrc".
+    pattern = re.compile(rf"^\.+{re.escape(base)}((?:{_TEMPORARY_TAIL})+){re.escape(suffix)}$")
+    try:
+        entries = [(e, re.findall(_TEMPORARY_TAIL, m.group(1))) for e in os.scandir(folder)
+                   if (m := pattern.match(e.name))]
+    except OSError:
+        return
+    for e, owners in sorted(entries, key=lambda item: item[1][0][0]):  # "old" before "tmp"
+        kind = owners[0][0]
+        if any(host and host != _HOST for _, _, host in owners):
+            continue
+        try:
+            touched = e.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if any(_owner_alive(int(pid), touched) for _, pid, _ in owners):
+            continue
+        path = Path(e.path)
+        if e.is_dir(follow_symlinks=False):
+            kept = path / base
+            target = folder / base
+            if kind == "old" and kept.exists() and not target.exists() and not target.is_symlink():
+                with contextlib.suppress(OSError):
+                    os.replace(kept, target)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _make_temporary_folder(parent: Path, base: str, kind: str = "tmp") -> Path:
+    """A new hidden folder ``parent/.base.<kind>-...``, made by os.mkdir: its permissions follow the
+    umask like any folder's (mkdtemp's 0700 would survive the rename into place)."""
+    while True:
+        path = parent / _temporary_name(base, kind)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it to ``path`` only if the body succeeds.
 
-    The temporary name is hidden and keeps the suffix (``.particles_0.tmp-<pid>-<hex>.star``) so
-    libraries that look at the suffix behave. On success the file is fsync'ed and renamed over
-    ``path`` with :func:`os.replace` (atomic on one file system). On any exception the temporary
-    file is removed and an existing ``path`` is left untouched.
+    The temporary name is hidden and keeps the suffix (``.particles_0.tmp-<pid>-h<host>-<hex>.star``)
+    so libraries that look at the suffix behave. On success the file is fsync'ed and renamed over
+    ``path`` with :func:`os.replace` (atomic on one file system). On any exception (SIGTERM
+    included, see :mod:`cryopose.interrupt`) the temporary file is removed and an existing
+    ``path`` is left untouched; temporaries of ``path`` that a killed process left are removed
+    first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    _remove_stale_temporaries(path.parent, path.stem, path.suffix)
+    tmp = path.with_name(_temporary_name(path.stem, "tmp", path.suffix))
     try:
         try:
             yield tmp
@@ -114,43 +210,50 @@ def atomic_writes(paths) -> Iterator[dict[str, Path]]:
     """:func:`atomic_write` for a group of files: yields ``{name: temporary path}`` (keyed by file
     name); nothing is renamed until the body has written them all, then they are renamed in
     reverse order of ``paths`` (the first is renamed last: put the file that marks completion
-    first). On any exception every temporary file is removed and no destination changes."""
+    first), with SIGTERM held back until the last rename so the group is never split. On any
+    exception every temporary file is removed and no destination changes."""
     paths = [Path(p) for p in paths]
     if len({p.name for p in paths}) != len(paths):
         raise ValueError(f"atomic_writes: file names must be distinct, got {[p.name for p in paths]}")
-    with contextlib.ExitStack() as stack:
-        temporaries = {p.name: stack.enter_context(atomic_write(p)) for p in paths}
-        try:
-            yield temporaries
-        except OSError as err:
-            if err.errno in _NO_SPACE:
-                names = ", ".join(p.name for p in paths)
-                raise _write_error(err, f"{names} in {paths[0].parent}", "no file there was changed") from err
-            raise
+    with contextlib.ExitStack() as guard:  # exits after the renames below
+        with contextlib.ExitStack() as stack:
+            temporaries = {p.name: stack.enter_context(atomic_write(p)) for p in paths}
+            try:
+                yield temporaries
+            except OSError as err:
+                if err.errno in _NO_SPACE:
+                    names = ", ".join(p.name for p in paths)
+                    raise _write_error(err, f"{names} in {paths[0].parent}", "no file there was changed") from err
+                raise
+            guard.enter_context(uninterrupted())
 
 
 @contextlib.contextmanager
 def staged_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty hidden sibling of ``target``; on success it replaces ``target`` (an existing
-    folder is moved aside first and deleted after the swap), on any exception it is deleted and
-    ``target`` stays as it was. For outputs made of several files that must change together."""
+    folder is moved aside first and deleted after the swap), on any exception (SIGTERM included)
+    it is deleted and ``target`` stays as it was. For outputs made of several files that must
+    change together. The swap is not cut short by SIGTERM; the staging folders of a killed
+    process are removed (and a target it had moved aside put back) by the next call."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temporaries(target.parent, target.name)
+    work = _make_temporary_folder(target.parent, target.name, "tmp")
     try:
         yield work
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        try:
-            os.replace(work, target)
-        except BaseException:
+        with uninterrupted():
+            old = None
+            if target.exists():
+                old = _make_temporary_folder(target.parent, target.name, "old")
+                os.replace(target, old / target.name)
+            try:
+                os.replace(work, target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old / target.name, target)
+                raise
             if old is not None:
-                os.replace(old / target.name, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(work, ignore_errors=True)
         if err.errno in _NO_SPACE:
@@ -160,6 +263,22 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: str | Path, base: str) -> Iterator[Path]:
+    """A hidden scratch folder ``parent/.base.tmp-...`` for the duration of the block, deleted on
+    any exit (SIGTERM included); scratch folders of ``base`` that a killed process left in
+    ``parent`` are removed first. Put it next to the output it serves, not in the system temp
+    folder, so that it is on the same disk and found by the next run."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(parent, base)
+    work = _make_temporary_folder(parent, base, "tmp")
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,9 +581,68 @@ def resolve_stack_path(star_path: str | Path, stack_rel: str | Path) -> Path:
                      f"{Path.cwd() / p} (working directory)", path=star_path, where="rlnImageName")
 
 
+def _stack_identity(star_path: str | Path | None, stack_rel: str) -> str:
+    """The file a stack name in a STAR file denotes, as an absolute path with ``.``, ``..`` and
+    symbolic links resolved. Looked up as :func:`resolve_stack_path` does (beside the STAR file,
+    then the working directory); a stack that exists nowhere is taken beside the STAR file."""
+    p = Path(stack_rel)
+    if not p.is_absolute():
+        base = Path(star_path).parent if star_path is not None else Path.cwd()
+        beside = base / p
+        p = beside if beside.exists() or not p.exists() else p
+    return os.path.realpath(p)
+
+
+def particle_keys(names, star_path: str | Path | None = None) -> list[str]:
+    """The identity of each particle image named in ``names`` (rlnImageName values of the STAR
+    file ``star_path``): ``<index from 1>@<real path of the stack>``.
+
+    This is the one definition of "the same particle" in cryopose, and it is RELION's: the index
+    is a number (``000007@`` is ``7@``) and the stack is a file, however its path is spelt
+    (``./stack.mrcs``, ``dir/../stack.mrcs``, an absolute path, a symbolic link). Relative names
+    are resolved against the STAR file's folder (see :func:`resolve_stack_path`).
+
+    Raises:
+        InputError: for a name not of the form ``<index from 1>@<stack file>``, naming the row.
+    """
+    names = pd.Series(list(names), dtype=object).astype(str)
+    parts = names.str.extract(_IMAGE_NAME_PATTERN)
+    bad = parts[0].isna().to_numpy()
+    if not bad.any():
+        index = parts[0].astype(np.int64).to_numpy()
+        bad = index < 1
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        parse_image_name(names.iloc[row], star_path, row)  # raises, naming the row
+    where = {stack: _stack_identity(star_path, stack) for stack in parts[1].unique()}
+    return [f"{i}@{where[stack]}" for i, stack in zip(index.tolist(), parts[1])]
+
+
+def check_unique_particles(names, star_path: str | Path | None = None, block: str = "data_particles") -> list[str]:
+    """:func:`particle_keys` of ``names``, after checking that no two rows name the same image.
+
+    Raises:
+        InputError: naming the STAR file, the later row and the earlier one with both spellings.
+    """
+    names = [str(n) for n in names]
+    keys = particle_keys(names, star_path)
+    first: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        earlier = first.setdefault(key, row)
+        if earlier != row:
+            index, stack = key.split("@", 1)
+            raise InputError(f"duplicate rlnImageName: {names[row]!r} names the same image as row {earlier} "
+                             f"({names[earlier]!r}), image {index} of {stack}; each particle may appear once",
+                             path=star_path, where=f"{block} row {row} (0-based), column rlnImageName")
+    return keys
+
+
 # ----------------------------------------------------------------------------------------------
 # MRC
 # ----------------------------------------------------------------------------------------------
+
+_COMPLEX_MRC_MODES = {3: "complex int16", 4: "complex float32"}
+
 
 def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
     """Data shape and the byte count the header promises; checks the header and the file size."""
@@ -473,8 +651,17 @@ def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
     try:
         with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
             header = mrc.header.copy()
-        dtype = mrcfile.utils.data_dtype_from_header(header)
     except Exception as err:  # mrcfile raises ValueError/OSError/EOFError for bad headers
+        raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
+    # Every stack and map is opened through here. Complex data (Fourier transforms) would be cast
+    # to real when read, dropping the imaginary part with no more than a numpy warning: refused.
+    mode = int(header.mode)
+    if mode in _COMPLEX_MRC_MODES:
+        raise InputError(f"MRC mode {mode} holds complex values ({_COMPLEX_MRC_MODES[mode]}); real-valued "
+                         f"images or maps expected (mode 0, 1, 2, 6 or 12)", path=path, where="header mode")
+    try:
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except Exception as err:
         raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
     dims = (int(header.nz), int(header.ny), int(header.nx))
     if min(dims) < 1:
@@ -749,6 +936,10 @@ class Entry:
 
     @property
     def name(self) -> str:
+        # "." (also "./", "g/.") has the empty name and "g/.." the name "..": the folder's real name
+        # is the entry's, or a copy would be written to "<out>/" itself and replace every entry there.
+        if self.root.name in ("", ".."):
+            return self.root.resolve().name
         return self.root.name
 
     def _half(self, h) -> int:
@@ -836,6 +1027,35 @@ class Entry:
     def n_particles(self, h: int) -> int:
         return len(self.read_star(h).particles)
 
+    def particle_keys(self, h: int) -> list[str]:
+        """The identity of each particle of half ``h`` (:func:`particle_keys`), in row order."""
+        h = self._half(h)
+        return particle_keys(self.read_star(h).particles["rlnImageName"], self.star_path(h))
+
+    def check_independent_halves(self) -> None:
+        """No image appears twice in a half, no half uses the other half's stack or images: the
+        halves must be independent, or cross-prediction (train on one, predict the other) is void."""
+        keys, names = {}, {}
+        for h in self.halves:
+            names[h] = self.read_star(h).particles["rlnImageName"].astype(str).tolist()
+            keys[h] = check_unique_particles(names[h], self.star_path(h))
+        for h in self.halves:
+            other = 1 - h
+            other_stack = os.path.realpath(self.stack_path(other))
+            for row, key in enumerate(keys[h]):
+                if key.split("@", 1)[1] == other_stack:
+                    raise InputError(f"{names[h][row]!r} is an image of {self.stack_path(other).name}, the stack of "
+                                     f"half {other}: the halves must be independent (each particle in one half only)",
+                                     path=self.star_path(h), where=f"data_particles row {row} (0-based), column "
+                                                                   "rlnImageName")
+        row_of = {key: row for row, key in enumerate(keys[0])}
+        for row, key in enumerate(keys[1]):
+            if key in row_of:
+                raise InputError(f"{names[1][row]!r} is also particle {names[0][row_of[key]]!r} of half 0 (row "
+                                 f"{row_of[key]} of {self.star_path(0).name}): the halves must be independent "
+                                 "(each particle in one half only)", path=self.star_path(1),
+                                 where=f"data_particles row {row} (0-based), column rlnImageName")
+
     def validate(self) -> None:
         """Check that the entry's files exist and agree; raise :class:`InputError` naming the problem.
 
@@ -843,7 +1063,8 @@ class Entry:
         pixel and box sizes agree across optics groups and halves; every stack a STAR file refers
         to exists, has a valid header and its full data, holds at least the highest image index
         referenced, and has images of the optics' rlnImageSize; the mask and the ground-truth map,
-        when present, are cubes of that box size.
+        when present, are cubes of that box size; no image appears twice, in one half or in both,
+        however its name is spelt (:func:`particle_keys`), and no half uses the other half's stack.
         """
         for h in self.halves:
             for p in (self.star_path(h), self.stack_path(h), self.info_path(h)):
@@ -853,6 +1074,7 @@ class Entry:
         _ = self.symmetry
         _ = self.pixel_size
         box = self.box_size
+        self.check_independent_halves()
         for h in self.halves:
             star_path = self.star_path(h)
             names = self.read_star(h).particles["rlnImageName"].astype(str)
