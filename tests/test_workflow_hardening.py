@@ -190,3 +190,13 @@ def test_a_tiny_run_with_nasty_paths_succeeds_and_runs_nothing_else(tmp_path):
     assert (entry / "h_c1_source_map.mrc").exists()
     board = pd.read_csv(work / "results" / "leaderboard.csv")
     assert sorted(board["method"]) == ["ground_truth", "random"] and board["MAnE"].notna().all()
+
+
+def test_a_quoted_relion_launcher_keeps_its_arguments_whole():
+    """`--relion-launcher` is split as a shell would split it: a container image in a folder with a
+    space stays one argument (str.split would cut it in two)."""
+    from cryopose.cli import _reconstruct_options, build_parser
+
+    args = build_parser().parse_args(["ground-truth", "e", "--out", "o", "--backend", "relion",
+                                      "--relion-launcher", "apptainer exec '/images/my images/relion.sif'"])
+    assert _reconstruct_options(args)["launcher"] == ["apptainer", "exec", "/images/my images/relion.sif"]

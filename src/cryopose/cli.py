@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def _reconstruct_options(args: argparse.Namespace) -> dict:
     if args.backend == "relion":
         options = {"mpi_processes": args.mpi_processes}
         if args.relion_launcher:
-            options["launcher"] = args.relion_launcher.split()
+            # Split as a shell would: an image path with a space stays one argument when quoted.
+            options["launcher"] = shlex.split(args.relion_launcher)
         return options
     return {"device": args.device} if args.device else {}
 
