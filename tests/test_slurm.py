@@ -74,7 +74,8 @@ def test_tiny_workflow_through_slurm(slurm, tmp_path):
     (work / "config" / "gpu.yaml").write_text("devices:\n  train_gpus: 1\nthreads:\n  train: 1\n  reconstruct: 1\n")
     before = len(_jobs()) if JOBCOMP.exists() else 0
     out = snakemake(work, "--profile", "slurm", "--configfile", "config/gpu.yaml",
-                    "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2", "--verbose")
+                    "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2", "--verbose",
+                    timeout=1800)
     board = pd.read_csv(work / "results" / "leaderboard.csv")
     assert len(board) == 3 and board["MAnE"].notna().all()
     assert (work / "results" / "generalisation.csv").is_file()
