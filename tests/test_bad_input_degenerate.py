@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 
 from cryopose import io, sensitivity
@@ -314,3 +315,14 @@ def test_generalisation_table_with_a_null_shows_missing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nan" not in out.lower() and "–" in out
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_a_reason_with_several_causes_is_kept_whole(tmp_path):
+    """One null can have several causes joined by '; ': the table keeps them all."""
+    files = [_perturbation(tmp_path, "exact", 8.0, {}),
+             _perturbation(tmp_path, "noise1", None, {"FSCR0.5(V0,V1)": "V0 is zero; V1 is zero"})]
+    assert sensitivity.missing_values(sensitivity_table(files)) == [
+        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"]
+    write_sensitivity(sensitivity_table(files), tmp_path / "s.csv")
+    assert sensitivity.missing_values(pd.read_csv(tmp_path / "s.csv")) == [
+        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"]

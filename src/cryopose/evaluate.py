@@ -173,8 +173,16 @@ def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tupl
     is its own single-threaded process, so two halves on two cores take the time of one)."""
     if jobs <= 1 or len(star_paths) == 1:
         return [reconstruct(p, **options) for p in star_paths]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         return list(pool.map(lambda p: reconstruct(p, **options), star_paths))
+    except BaseException:
+        # On SIGTERM (or a failed half) the clean-up runs now, not after the other reconstruction
+        # (minutes): a scheduler follows SIGTERM with SIGKILL, and then none would run at all.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 #: The files :func:`ground_truth_maps` keeps in its cache folder (the record last).

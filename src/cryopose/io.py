@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,6 @@ import secrets
 import shutil
 import socket
 import sys
-import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -82,8 +82,10 @@ def _write_error(err: OSError, what, kept: str) -> WriteError:
 # removes them. A process is taken for dead only on this host (a shared file system may hold the
 # temporaries of a live process on another node) and when its pid is gone or now belongs to a
 # process started after the temporary was last touched (pid reuse).
-_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")[:6]
-_TEMPORARY_TAIL = r"\.(tmp|old)-([0-9]+)-(?:h([0-9a-f]{6})-)?[0-9a-f]{8}"  # the host tag is absent in older names
+# The host tag is a 64-bit hash: with a short one, two nodes of a large cluster sharing a file
+# system would take each other's live temporaries for a dead local process's.
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=8).hexdigest()
+_TEMPORARY_TAIL = r"\.(tmp|old)-([0-9]+)-(?:h([0-9a-f]{16})-)?[0-9a-f]{8}"  # the host tag is absent in older names
 
 
 def _temporary_name(base: str, kind: str = "tmp", suffix: str = "") -> str:
@@ -241,17 +243,22 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     work = _make_temporary_folder(target.parent, target.name, "tmp")
     try:
         yield work
-        with uninterrupted():
-            old = None
-            if target.exists():
-                old = _make_temporary_folder(target.parent, target.name, "old")
-                os.replace(target, old / target.name)
-            try:
-                os.replace(work, target)
-            except BaseException:
-                if old is not None:
-                    os.replace(old / target.name, target)
-                raise
+        old = None
+        try:
+            with uninterrupted():
+                if target.exists():
+                    old = _make_temporary_folder(target.parent, target.name, "old")
+                    os.replace(target, old / target.name)
+                try:
+                    os.replace(work, target)
+                except BaseException:
+                    if old is not None:
+                        os.replace(old / target.name, target)
+                    raise
+        finally:
+            # Outside the held section: deleting a large old copy (a preprocessed entry) takes long
+            # enough for a scheduler to follow SIGTERM with SIGKILL; cut short, the next writer
+            # removes what is left.
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as err:

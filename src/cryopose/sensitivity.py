@@ -149,7 +149,9 @@ def sensitivity_table(metrics_files) -> pd.DataFrame:
         kind, level = parse_perturbation(method.split(":", 1)[1])
         values = {k: (math.nan if m.get(k) is None else float(m[k])) for k in METRICS}
         reasons = m.get("null_reasons") or {}
-        why = "; ".join(f"{k}: {reasons[k]}" for k in METRICS if m.get(k) is None and k in reasons)
+        # JSON, not "k: reason; ...": a reason may itself hold "; " (several causes of one null).
+        why = {k: reasons[k] for k in METRICS if m.get(k) is None and k in reasons}
+        why = json.dumps(why) if why else ""
         for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
             rows.append({"entry": m["entry"], "experiment": experiment, "level": level,
                          "unit": EXPERIMENTS[experiment][1], **values, "null_reasons": why})
@@ -196,7 +198,8 @@ def missing_values(table: pd.DataFrame) -> list[str]:
     :data:`METRICS` in ``table``; empty when every value is there."""
     out = []
     for _, r in table.sort_values(["entry", "experiment", "level"]).iterrows():
-        reasons = dict(part.split(": ", 1) for part in str(r.get("null_reasons") or "").split("; ") if ": " in part)
+        raw = r.get("null_reasons")
+        reasons = json.loads(raw) if isinstance(raw, str) and raw else {}  # NaN when read back from a CSV
         for metric in METRICS:
             if pd.isna(r[metric]):
                 out.append(f"{r['entry']}, {r['experiment']}: {metric} is missing at {r['level']:g} "
