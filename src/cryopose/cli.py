@@ -187,10 +187,11 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _cmd_ground_truth(args: argparse.Namespace) -> int:
-    from .evaluate import GROUND_TRUTH_FILES, ground_truth_maps
+    from .evaluate import ground_truth_maps
 
     entry = _entry(args)
-    refuse_overwriting_inputs({"--out": [Path(args.out) / n for n in GROUND_TRUTH_FILES]}, {"entry": entry.root})
+    # The cache is published by replacing the whole folder: the folder is the output.
+    refuse_overwriting_inputs({"--out": Path(args.out)}, {"entry": entry.root})
     entry.validate()
     ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs,
                       **_reconstruct_options(args))
