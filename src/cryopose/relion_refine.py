@@ -23,12 +23,12 @@ Fourier shells — and ends 41–89° from the truth, warning that its angular a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,10 +169,14 @@ def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star
                                  f"or configure an Apptainer launcher)", where="relion_refine")
     diameter = config.particle_diameter_A or 0.9 * entry.box_size * entry.pixel_size
     out_star.parent.mkdir(parents=True, exist_ok=True)
-    keep = work_dir is not None
-    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=".relion_refine-", dir=out_star.parent))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    # RELION's run folder: the caller's (kept), or a scratch folder beside the output, removed on
+    # any exit (SIGTERM included) and, if a killed run left one, by the next run.
+    with contextlib.ExitStack() as scratch:
+        if work_dir is None:
+            work = scratch.enter_context(io.temporary_folder(out_star.parent, "relion_refine"))
+        else:
+            work = Path(work_dir)
+            work.mkdir(parents=True, exist_ok=True)
         names = blind_particles(entry, half, work / "particles.star")
         cmd = auto_refine_command(config, work / "particles.star", reference, work / "run", entry.symmetry, diameter)
         started = time.monotonic()
@@ -198,6 +202,3 @@ def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star
         pred["rlnParticleFigureOfMerit"] = refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
         io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), pred))
         return seconds
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
