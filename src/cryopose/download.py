@@ -120,11 +120,8 @@ def record_files(record: int, base_url: str = ZENODO, timeout: float = 60.0, ret
 
 
 def _md5(path: Path):
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h
+        return hashlib.file_digest(f, "md5")
 
 
 def _fetch_once(remote: RemoteFile, part: Path, timeout: float, bar) -> None:

@@ -197,11 +197,8 @@ def evaluation_files(plots: bool = True) -> list[str]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _cached_ground_truth(entry: io.Entry, cache_dir: Path, fingerprint: dict) -> tuple[list[np.ndarray], float] | None:

@@ -592,12 +592,13 @@ def _stack_identity(star_path: str | Path | None, stack_rel: str) -> str:
     """The file a stack name in a STAR file denotes, as an absolute path with ``.``, ``..`` and
     symbolic links resolved. Looked up as :func:`resolve_stack_path` does (beside the STAR file,
     then the working directory); a stack that exists nowhere is taken beside the STAR file."""
-    p = Path(stack_rel)
-    if not p.is_absolute():
-        base = Path(star_path).parent if star_path is not None else Path.cwd()
-        beside = base / p
-        p = beside if beside.exists() or not p.exists() else p
-    return os.path.realpath(p)
+    if star_path is None:
+        return os.path.realpath(stack_rel)
+    try:
+        found = resolve_stack_path(star_path, stack_rel)
+    except InputError:  # missing: its identity is where the STAR file says it is
+        found = Path(star_path).parent / stack_rel
+    return os.path.realpath(found)
 
 
 def particle_keys(names, star_path: str | Path | None = None) -> list[str]:
