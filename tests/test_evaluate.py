@@ -4,7 +4,7 @@ import torch
 
 from cryopose import io
 from cryopose.errors import InputError
-from cryopose.evaluate import load_predictions
+from cryopose.predictions import load_predictions
 from cryopose.geometry import euler_to_matrix
 from cryopose.simulate import SimulationSpec, simulate_entry
 

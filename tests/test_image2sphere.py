@@ -15,15 +15,15 @@ from cryopose import io
 from cryopose.augment import inplane_rotation
 from cryopose.data import ParticlesDataset, write_preprocessed_entry
 from cryopose.errors import InputError
-from cryopose.evaluate import load_predictions
+from cryopose.predictions import load_predictions
 from cryopose.geometry import random_rotations
 from cryopose.grids import nearest_grid_index, so3_healpix_grid, symmetric_grid_target
 from cryopose.methods import get_method, parse_params
 from cryopose.metrics import angular_errors
-from cryopose.models import Image2Sphere, Image2SphereConfig
+from cryopose.methods.image2sphere.network import Image2Sphere, Image2SphereConfig
 from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.symmetry import symmetry_matrices
-from cryopose.train import TrainConfig, load_model, train_image2sphere
+from cryopose.methods.image2sphere.training import TrainConfig, load_model, train_image2sphere
 
 # Small enough to build and train in seconds on 2 cores.
 TINY = dict(image_size=32, resnet="resnet18", sphere_channels=16, projector_order=2, lmax=3, s2_channels=4,
@@ -75,7 +75,7 @@ def test_separable_activation_is_e3nns_activation(lmax, resolution):
     """The factorised SO(3) activation computes e3nn's SO3Activation (grid, ReLU, quadrature back):
     the same values and gradients to float rounding (a wrong basis order or quadrature weight is
     off by O(1))."""
-    from cryopose.models.image2sphere import SeparableSO3Activation, _so3_activation
+    from cryopose.methods.image2sphere.network import SeparableSO3Activation, _so3_activation
 
     reference = _so3_activation(lmax, resolution)
     separable = SeparableSO3Activation(lmax, resolution, reference.act)
@@ -204,27 +204,28 @@ def test_a_checkpoint_of_another_configuration_is_refused(entry, tmp_path):
 
 def test_method_cross_predicts_with_original_particle_names(entry, tmp_path):
     method = get_method("image2sphere")
-    params = parse_params([f"{k}={v}" for k, v in TINY.items()] + ["max_epochs=1", "batch_size=16", "device=cpu", "refine_steps=2"], method.default_params)
-    method.train(entry, 1, tmp_path / "model", params, tmp_path / "work")
+    params = parse_params(method, [f"{k}={v}" for k, v in TINY.items()] + ["max_epochs=1", "batch_size=16", "device=cpu",
+                                                                           "refine_steps=2"])
+    method.run_train(entry, 1, tmp_path / "model", params, tmp_path / "work")
     record = (tmp_path / "model" / "model.json").read_text()
     assert '"trained_on_half": 1' in record
     out = tmp_path / "half0.star"
-    method.predict(tmp_path / "model", entry, 0, out, params)
+    method.run_predict(tmp_path / "model", entry, 0, out, params)
     star = io.read_particles_star(out).particles
     assert "rlnImageOriginalName" not in star.columns
     assert (star["rlnImageName"] == entry.read_star(0).particles["rlnImageOriginalName"]).all()
     fom = star["rlnParticleFigureOfMerit"].to_numpy()
     assert np.all((fom > 0) & (fom <= 1))
     with pytest.raises(InputError, match="other half"):
-        method.predict(tmp_path / "model", entry, 1, tmp_path / "x.star", params)
+        method.run_predict(tmp_path / "model", entry, 1, tmp_path / "x.star", params)
 
 
 def test_bad_parameters_name_the_problem(entry, tmp_path):
     method = get_method("image2sphere")
     with pytest.raises(InputError, match="resnet"):
-        method.train(entry, 0, tmp_path, parse_params(["resnet=resnet7"], method.default_params))
+        method.run_train(entry, 0, tmp_path, parse_params(method, ["resnet=resnet7"]))
     with pytest.raises(InputError, match="unknown parameter"):
-        parse_params(["lmaxx=3"], method.default_params)
+        parse_params(method, ["lmaxx=3"])
 
 
 def test_model_file_round_trip(entry, tmp_path):
@@ -240,7 +241,7 @@ def test_model_file_round_trip(entry, tmp_path):
 def test_training_learns_poses(tmp_path):
     """Six epochs (~4 min on 2 cores) on the default suite's C4 entry (SNR 0.1, 3,000 particles per
     half, 30 % preferred views) bring the cross-predicted median error far below random's (94°)."""
-    from cryopose.predict import predict_image2sphere
+    from cryopose.methods.image2sphere.prediction import predict_image2sphere
     from cryopose.simulate import SUITES
 
     spec = next(s for s in SUITES["default"] if s.name == "sim_c4")

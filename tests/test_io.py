@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cryopose.entry import resolve_entry
 from cryopose.errors import InputError
 from cryopose.io import (Entry, ParticleStar, StackWriter, atomic_write, open_stack, parse_image_name,
                          particles_with_optics, read_images, read_map, read_particles_star, resolve_stack_path,
@@ -437,7 +438,7 @@ def test_map_round_trip(tmp_path):
 def test_entry_layout_and_properties(tmp_path):
     entry = _entry(tmp_path / "bench" / "10280", symmetry="c2")
     entry.validate()
-    assert Entry.from_benchmark(tmp_path / "bench", "10280") == entry
+    assert resolve_entry("10280", tmp_path / "bench") == entry
     assert entry.name == "10280" and entry.symmetry == "C2" and entry.box_size == 16
     assert entry.pixel_size == pytest.approx(PX)
     assert entry.n_particles(1) == 5 and entry.halves == (0, 1)
@@ -450,8 +451,8 @@ def test_entry_layout_and_properties(tmp_path):
     for bad in (2, -1, "0", True):
         with pytest.raises(InputError, match="half must be 0 or 1"):
             entry.star_path(bad)
-    with pytest.raises(InputError, match=r"no entry 'nope'.*10280"):
-        Entry.from_benchmark(tmp_path / "bench", "nope")
+    with pytest.raises(InputError, match=r"no entry 'nope'.*benchmark directory"):
+        resolve_entry("nope", tmp_path / "bench")
 
 
 def test_entry_stack_box_disagreeing_with_optics(tmp_path):

@@ -9,9 +9,10 @@ from torch_fourier_slice import project_3d_to_2d
 from cryopose import io, matching
 from cryopose.ctf import ctf_2d
 from cryopose.errors import InputError
-from cryopose.evaluate import load_predictions
+from cryopose.predictions import load_predictions
 from cryopose.geometry import euler_to_matrix, random_rotations, rotation_about_axis
 from cryopose.methods import get_method, parse_params
+from cryopose.refine import refine_predictions
 from cryopose.simulate import SimulationSpec, pseudo_molecule, simulate_entry, simulate_images
 from cryopose.symmetry import symmetry_aware_angle
 
@@ -124,23 +125,23 @@ def _truth(entry, half):
 def test_projection_matching_method_cross_predicts(entry, tmp_path):
     method = get_method("projection_matching")
     assert method.prediction_type == "SO3xR2"
-    params = parse_params(["fine_resolution=9.0"], method.default_params)
-    method.train(entry, 1, tmp_path / "m1", params)
+    params = parse_params(method, ["fine_resolution=9.0"])
+    method.run_train(entry, 1, tmp_path / "m1", params)
     reference, px = io.read_map(tmp_path / "m1" / "reference.mrc")
     assert reference.shape == (32,) * 3 and px == pytest.approx(4.1)
-    method.predict(tmp_path / "m1", entry, 0, tmp_path / "p0.star", params)
+    method.run_predict(tmp_path / "m1", entry, 0, tmp_path / "p0.star", params)
     pred = load_predictions(entry, 0, tmp_path / "p0.star", "SO3xR2")
     rot, origins = _truth(entry, 0)
     err = symmetry_aware_angle(rot, pred.rotmats, "C4")
     assert err.median() < 6
     assert (pred.shifts - origins).norm(dim=-1).median() < 2.0  # Å: origins are predicted, in RELION's sign
     with pytest.raises(InputError, match="cannot predict half 1"):
-        method.predict(tmp_path / "m1", entry, 1, tmp_path / "p1.star", params)
+        method.run_predict(tmp_path / "m1", entry, 1, tmp_path / "p1.star", params)
     with pytest.raises(InputError, match="coarse_resolution must be > 0"):
-        method.predict(tmp_path / "m1", entry, 0, tmp_path / "p0.star", {**params, "coarse_resolution": 0})
+        method.run_predict(tmp_path / "m1", entry, 0, tmp_path / "p0.star", {**params, "coarse_resolution": 0})
 
 
-def test_refine_entry_improves_perturbed_predictions(entry, tmp_path):
+def test_refinement_improves_perturbed_predictions(entry, tmp_path):
     from cryopose.reconstruct import reconstruct_torch
 
     volume, px = reconstruct_torch(entry.star_path(1), symmetry="C4", progress=False)
@@ -158,7 +159,7 @@ def test_refine_entry_improves_perturbed_predictions(entry, tmp_path):
     parts["rlnParticleFigureOfMerit"] = np.linspace(0.1, 1, len(parts))
     io.write_particles_star(tmp_path / "start.star", io.ParticleStar(star.optics, parts))
     config = matching.RefineConfig(local_resolution=9.0, local_step=4.0, local_rounds=6)
-    matching.refine_entry(entry, 0, tmp_path / "start.star", tmp_path / "ref.mrc", tmp_path / "out.star", config,
+    refine_predictions(entry, 0, tmp_path / "start.star", tmp_path / "ref.mrc", tmp_path / "out.star", config,
                           progress=False)
     pred = load_predictions(entry, 0, tmp_path / "out.star", "SO3xR2")
     assert symmetry_aware_angle(rot, pred.rotmats, "C4").median() < 3
@@ -167,7 +168,7 @@ def test_refine_entry_improves_perturbed_predictions(entry, tmp_path):
     # A reference on another grid is refused, naming the file.
     io.write_map(tmp_path / "small.mrc", volume[:16, :16, :16], px)
     with pytest.raises(InputError, match="small.mrc.*16×16×16"):
-        matching.refine_entry(entry, 0, tmp_path / "start.star", tmp_path / "small.mrc", tmp_path / "x.star")
+        refine_predictions(entry, 0, tmp_path / "start.star", tmp_path / "small.mrc", tmp_path / "x.star")
     assert not (tmp_path / "x.star").exists()
 
 
@@ -176,9 +177,9 @@ def test_refine_variant_of_any_method(entry, tmp_path):
     assert method.prediction_type == "SO3xR2" and "local_step" in method.default_params
     assert method.default_params["seed"] == 0
     params = dict(method.default_params, local_rounds=1)
-    method.train(entry, 0, tmp_path / "m0", params)
+    method.run_train(entry, 0, tmp_path / "m0", params)
     assert (tmp_path / "m0" / "reference.mrc").is_file() and (tmp_path / "m0" / "base" / "model.json").is_file()
-    method.predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", params)
+    method.run_predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", params)
     pred = load_predictions(entry, 1, tmp_path / "p1.star", "SO3xR2")
     assert len(pred.rotmats) == entry.n_particles(1)
     with pytest.raises(InputError, match="unknown method 'nothing\\+refine'"):

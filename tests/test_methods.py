@@ -27,8 +27,8 @@ def _poses(star_path):
 @pytest.mark.parametrize("name", ["ground_truth", "random"])
 def test_oracles_cross_predict(entry, tmp_path, name):
     method = get_method(name)
-    method.train(entry, 0, tmp_path / "m0", dict(method.default_params))
-    method.predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", dict(method.default_params))
+    method.run_train(entry, 0, tmp_path / "m0", dict(method.default_params))
+    method.run_predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", dict(method.default_params))
     truth = euler_to_matrix(torch.tensor(entry.read_star(1).particles[EULER].to_numpy()))
     err = angular_errors(truth, _poses(tmp_path / "p1.star"), "C2")
     if name == "ground_truth":
@@ -37,18 +37,18 @@ def test_oracles_cross_predict(entry, tmp_path, name):
         assert err.mean() > 70
     # The model of half 0 may not predict half 0, and a model of another method is refused.
     with pytest.raises(InputError, match="cannot predict half 0"):
-        method.predict(tmp_path / "m0", entry, 0, tmp_path / "p0.star", {})
+        method.run_predict(tmp_path / "m0", entry, 0, tmp_path / "p0.star", {})
     other = "random" if name == "ground_truth" else "ground_truth"
     with pytest.raises(InputError, match="model is for method"):
-        get_method(other).predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", {})
+        get_method(other).run_predict(tmp_path / "m0", entry, 1, tmp_path / "p1.star", {})
 
 
 def test_random_predictions_depend_on_the_seed(entry, tmp_path):
     method = get_method("random")
-    method.train(entry, 1, tmp_path / "m1", {"seed": 0})
-    method.predict(tmp_path / "m1", entry, 0, tmp_path / "a.star", {"seed": 0})
-    method.predict(tmp_path / "m1", entry, 0, tmp_path / "b.star", {"seed": 0})
-    method.predict(tmp_path / "m1", entry, 0, tmp_path / "c.star", {"seed": 1})
+    method.run_train(entry, 1, tmp_path / "m1", {"seed": 0})
+    method.run_predict(tmp_path / "m1", entry, 0, tmp_path / "a.star", {"seed": 0})
+    method.run_predict(tmp_path / "m1", entry, 0, tmp_path / "b.star", {"seed": 0})
+    method.run_predict(tmp_path / "m1", entry, 0, tmp_path / "c.star", {"seed": 1})
     assert torch.equal(_poses(tmp_path / "a.star"), _poses(tmp_path / "b.star"))
     assert not torch.allclose(_poses(tmp_path / "a.star"), _poses(tmp_path / "c.star"))
 
@@ -56,11 +56,14 @@ def test_random_predictions_depend_on_the_seed(entry, tmp_path):
 def test_registry_and_params():
     with pytest.raises(InputError, match="known methods: ground_truth, image2sphere, projection_matching, random"):
         get_method("image2spher")
-    assert parse_params(["seed=3"], {"seed": 0}) == {"seed": 3}
+    random = get_method("random")
+    assert parse_params(random, ["seed=3"]) == {"seed": 3}
     with pytest.raises(InputError, match="unknown parameter 'lr'"):
-        parse_params(["lr=0.1"], {"seed": 0})
+        parse_params(random, ["lr=0.1"])
     with pytest.raises(InputError, match="key=value"):
-        parse_params(["seed"], {"seed": 0})
+        parse_params(random, ["seed"])
+    with pytest.raises(InputError, match="seed must be an integer"):
+        parse_params(random, ["seed=abc"])
 
 
 def test_transfer_prediction_needs_a_model_of_another_entry(entry, tmp_path):
@@ -68,15 +71,15 @@ def test_transfer_prediction_needs_a_model_of_another_entry(entry, tmp_path):
                           molecule_seed=4)
     other = io.Entry(simulate_entry(spec, tmp_path / "b", progress=False))
     method = get_method("ground_truth")
-    method.train(entry, 0, tmp_path / "m0", {})
+    method.run_train(entry, 0, tmp_path / "m0", {})
     # Any half of another entry; the model's own entry is refused as a transfer.
     for half in (0, 1):
-        method.predict(tmp_path / "m0", other, half, tmp_path / f"t{half}.star", {}, transfer=True)
+        method.run_predict(tmp_path / "m0", other, half, tmp_path / f"t{half}.star", {}, transfer=True)
         assert len(io.read_particles_star(tmp_path / f"t{half}.star").particles) == 50
     with pytest.raises(InputError, match="model is for entry 'me'"):
-        method.predict(tmp_path / "m0", other, 1, tmp_path / "x.star", {})
+        method.run_predict(tmp_path / "m0", other, 1, tmp_path / "x.star", {})
     with pytest.raises(InputError, match="transfer predicts another entry"):
-        method.predict(tmp_path / "m0", entry, 1, tmp_path / "x.star", {}, transfer=True)
+        method.run_predict(tmp_path / "m0", entry, 1, tmp_path / "x.star", {}, transfer=True)
 
 
 def test_generalisation_table(tmp_path):

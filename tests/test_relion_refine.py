@@ -10,12 +10,12 @@ import torch
 
 from cryopose import io
 from cryopose.errors import InputError
-from cryopose.evaluate import load_predictions
+from cryopose.predictions import load_predictions
 from cryopose.methods import get_method, parse_params
 from cryopose.geometry import euler_to_matrix, matrix_to_euler
 from cryopose.metrics import angular_errors
 from cryopose.reconstruct import reconstruct_relion
-from cryopose.relion_refine import RelionRefineConfig, auto_refine_command, blind_particles, relion_environment
+from cryopose.methods.relion_refine.auto_refine import RelionRefineConfig, auto_refine_command, blind_particles, relion_environment
 from cryopose.simulate import SimulationSpec, simulate_entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -41,8 +41,8 @@ def test_the_refined_half_is_blind(entry, tmp_path):
 
 
 def test_command_and_parameters():
-    config = RelionRefineConfig.from_params(parse_params(["ini_high_A=35", "mpi_processes=4"],
-                                                         get_method("relion_refine").default_params))
+    method = get_method("relion_refine")
+    config = method.settings(parse_params(method, ["ini_high_A=35", "mpi_processes=4"]))
     cmd = auto_refine_command(config, "p.star", "ref.mrc", "run", "D2", 120.0)
     assert cmd[:3] == ["mpirun", "-np", "4"] and "relion_refine_mpi" in cmd
     text = " ".join(cmd)
@@ -50,9 +50,9 @@ def test_command_and_parameters():
                    "--particle_diameter 120.0", "--firstiter_cc"):
         assert option in text
     with pytest.raises(InputError, match="mpi_processes must be >= 3"):
-        RelionRefineConfig.from_params({"mpi_processes": 2})
+        method.settings({"mpi_processes": 2})
     with pytest.raises(InputError, match="unknown parameter"):
-        RelionRefineConfig.from_params({"ini_hi": 30})
+        method.settings({"ini_hi": 30})
 
 
 def _median_error(entry: io.Entry, half: int, angles) -> float:
@@ -116,8 +116,8 @@ def test_auto_refine_recovers_the_poses(entry, tmp_path):
     cannot align its 2 × 100 particles (median error 41–89°, measured)."""
     method = get_method("relion_refine")
     params = dict(method.default_params, ini_high_A=20.0, offset_range_px=3.0, offset_step_px=1.5)
-    method.train(entry, 0, tmp_path / "model", params)
-    method.predict(tmp_path / "model", entry, 1, tmp_path / "pred.star", params)
+    method.run_train(entry, 0, tmp_path / "model", params)
+    method.run_predict(tmp_path / "model", entry, 1, tmp_path / "pred.star", params)
     pred = load_predictions(entry, 1, tmp_path / "pred.star", "SO3xR2")
     truth = entry.read_star(1).particles
     err = angular_errors(euler_to_matrix(torch.tensor(truth[EULER].to_numpy())), pred.rotmats, "C1")

@@ -152,8 +152,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     entry = _entry(args)
     refuse_overwriting_inputs({"--out": args.out, "--work-dir": args.work_dir}, {"--entry": entry.root})
     entry.validate()
-    method.train(entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
-                 Path(args.work_dir) if args.work_dir else None)
+    method.run_train(entry, args.half, Path(args.out), parse_params(method, args.param),
+                     Path(args.work_dir) if args.work_dir else None)
     print(args.out)
     return 0
 
@@ -165,24 +165,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     entry = _entry(args)
     refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--model": args.model})
     entry.validate()
-    method.predict(Path(args.model), entry, args.half, Path(args.out), parse_params(args.param, method.default_params),
-                   transfer=args.transfer)
+    method.run_predict(Path(args.model), entry, args.half, Path(args.out), parse_params(method, args.param),
+                       transfer=args.transfer)
     print(args.out)
     return 0
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from .matching import RefineConfig, config_from_params, refine_entry
-    from .methods import parse_params, refine_defaults
+    from . import parameters
+    from .refine import RefineConfig, refine_predictions
 
     entry = _entry(args)
     refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--predictions": args.predictions,
                                                     "--reference": args.reference})
     entry.validate()
-    config = config_from_params(RefineConfig, parse_params(args.param, refine_defaults()))
-    refine_entry(entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config,
-                 progress=not args.quiet)
+    config = parameters.build(RefineConfig, parameters.parse_pairs(RefineConfig, args.param))
+    refine_predictions(entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config,
+                       progress=not args.quiet)
     print(args.out)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import method_table
+
+    print(method_table())
     return 0
 
 
@@ -445,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", help="metrics.json files of the perturbed evaluations (and 'exact')")
     p.add_argument("--out", required=True, help="table CSV (.md, .png and _fsc.png are written beside it)")
     p.set_defaults(func=_cmd_sensitivity)
+
+    p = sub.add_parser("methods", help="list the registered methods and their parameters (Markdown)")
+    p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
     p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from . import io
 from .augment import AugmentConfig, augment_batch
 from .ctf import ctf_from_parameters, ctf_parameters
+from .entry import DEFAULT_BENCHMARK_DIR, resolve_entry
 from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
@@ -29,31 +30,15 @@ from .symmetry import symmetry_mates
 
 __all__ = ["ParticlesDataset", "DEFAULT_BENCHMARK_DIR"]
 
-DEFAULT_BENCHMARK_DIR = Path(os.environ.get("CRYOPOSE_BENCHMARK_DIR", "resources/benchmark"))
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
-
-
-def resolve_entry(entry, benchmark_dir=None) -> io.Entry:
-    """An :class:`~cryopose.io.Entry` from an Entry, an entry folder, or a name in ``benchmark_dir``
-    (default ``resources/benchmark``)."""
-    if isinstance(entry, io.Entry):
-        return entry
-    path = Path(entry)
-    if path.is_dir() and (path / "particles_0.star").exists():
-        return io.Entry(path)
-    root = Path(benchmark_dir if benchmark_dir is not None else DEFAULT_BENCHMARK_DIR) / str(entry)
-    if not root.is_dir():
-        raise InputError(f"no entry {entry!r}: neither an entry folder nor a name in the benchmark directory "
-                         f"{root.parent}", path=root)
-    return io.Entry(root)
 
 
 class ParticlesDataset(Dataset):
     """One half of an entry.
 
     Args:
-        entry: entry name in ``benchmark_dir``, an entry folder, or an :class:`~cryopose.io.Entry`.
+        entry: entry name in ``benchmark_dir``, an entry folder, or an :class:`~cryopose.entry.Entry`.
         halfset: 0 or 1.
         benchmark_dir: folder holding entries (default ``resources/benchmark`` or
             ``$CRYOPOSE_BENCHMARK_DIR``).

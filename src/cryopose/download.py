@@ -41,7 +41,8 @@ __all__ = ["CESPED_RECORDS", "MASK_RECORD", "ZENODO", "RemoteFile", "record_file
            "download_entry"]
 
 ZENODO = "https://zenodo.org"
-#: Zenodo record ids of each entry's halves (shared/NOTES.md; the paper's 10647 is 10648 here).
+#: Zenodo record ids of each entry's halves, as CESPED published them (``cryopose download --list``);
+#: the paper's EMPIAR 10647 is deposited as 10648 (README, "Running the real CESPED entries").
 CESPED_RECORDS: dict[str, tuple[int, int]] = {
     "TEST": (10998049, 10998591),  # a subset of 11120
     "10166": (8353634, 8353702),

@@ -1,9 +1,8 @@
 """The benchmark's judge: predictions checked against an entry's half, then scored.
 
-This module holds the evaluation protocol (paper section 2.5, Appendix D). Predictions for a
-half are a RELION STAR file whose particles are identified by rlnImageName, exactly as in the
-entry's ``particles_{h}.star``; :func:`load_predictions` checks them against the entry and aligns
-them row by row with the ground truth.
+This module holds the evaluation protocol (paper section 2.5, Appendix D). The predictions of a
+half are read and checked by :func:`cryopose.predictions.load_predictions` (the one predictions
+format); here they become half-maps and are scored against the ground truth.
 """
 
 from __future__ import annotations
@@ -25,102 +24,12 @@ from . import io
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .masks import mask_from_ground_truth
+from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
 from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
 from .reconstruct import reconstruct, relion_command
 
-__all__ = ["Predictions", "load_predictions", "PREDICTION_TYPES", "evaluate", "ground_truth_maps",
-           "prediction_star", "EvaluationResult"]
+__all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult"]
 
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
-PREDICTION_TYPES = ("S2", "SO3", "SO3xR2")
-
-
-@dataclass
-class Predictions:
-    """Predictions of one half aligned with the entry's particle order.
-
-    ``rotmats``: ``(N, 3, 3)`` predicted poses; ``shifts``: ``(N, 2)`` predicted origins in Å, or
-    ``None`` when the predictions carry none (SO3); ``confidence``: ``(N,)``
-    rlnParticleFigureOfMerit or ``None``; ``table``: the prediction rows in entry order.
-    """
-
-    rotmats: torch.Tensor
-    shifts: torch.Tensor | None
-    confidence: torch.Tensor | None
-    table: pd.DataFrame
-
-
-def load_predictions(entry: io.Entry, half: int, path: str | Path, prediction_type: str = "SO3",
-                     use_confidence: bool = True) -> Predictions:
-    """Read and check the predictions for ``half`` of ``entry``.
-
-    Raises :class:`InputError` naming the file when: the type is unknown; ids (rlnImageName) are
-    missing, repeated or unknown (with a specific message when they belong to the other half);
-    angles are missing or not finite; SO3xR2 predictions lack finite origins; confidences are not
-    finite or negative. With ``use_confidence`` False the confidence column is not read
-    (``confidence`` is ``None``), so a column the evaluation ignores cannot stop it.
-    """
-    if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
-                         where="prediction_type")
-    path = Path(path)
-    pred = io.read_particles_star(path).particles
-    truth = entry.read_star(half).particles
-    # Particles are matched by identity (io.particle_keys), not by spelling: "7@./particles_0.mrcs"
-    # is the entry's "000007@particles_0.mrcs". Prediction names are the entry's, so relative
-    # stack names are resolved against the entry's folder.
-    ids = pd.Series(io.particle_keys(pred["rlnImageName"], entry.star_path(half)), index=pred.index)
-    names = pred["rlnImageName"].astype(str)
-    dup = names[ids.duplicated()]
-    if len(dup):
-        raise InputError(f"{len(dup)} particle ids appear more than once, e.g. {dup.iloc[0]!r}", path=path,
-                         where="rlnImageName")
-    expected = truth["rlnImageName"].astype(str)
-    expected_ids = pd.Series(entry.particle_keys(half), index=expected.index)
-    unknown_rows = ~ids.isin(set(expected_ids))
-    if unknown_rows.any():
-        unknown = sorted(names[unknown_rows])
-        if ids[unknown_rows].isin(set(entry.particle_keys(1 - half))).all():
-            raise InputError(f"these are predictions for half {1 - half} (ids such as {unknown[0]!r}), "
-                             f"not half {half}", path=path, where="rlnImageName")
-        raise InputError(f"{len(unknown)} particle ids are not in half {half} of {entry.name}, e.g. {unknown[0]!r}",
-                         path=path, where="rlnImageName")
-    missing = expected[~expected_ids.isin(set(ids))]
-    if len(missing):
-        raise InputError(f"{len(missing)} of the {len(expected)} particles of half {half} have no prediction, "
-                         f"e.g. {missing.iloc[0]!r}", path=path, where="rlnImageName")
-    for col in EULER:
-        if col not in pred.columns:
-            raise InputError("missing predicted angle column", path=path, where=col)
-    aligned = pred.set_index(ids.to_numpy()).loc[expected_ids.to_numpy()].reset_index(drop=True)
-    angles = aligned[EULER].to_numpy(dtype=np.float64)
-    needed = 2 if prediction_type == "S2" else 3
-    bad = np.flatnonzero(~np.isfinite(angles[:, :needed]).all(axis=1))
-    if len(bad):
-        raise InputError("predicted angle is NaN or infinite", path=path,
-                         where=f"particle {expected.iloc[bad[0]]}, {', '.join(EULER[:needed])}")
-    shifts = None
-    if prediction_type == "SO3xR2":
-        for col in ORIGIN:
-            if col not in aligned.columns:
-                raise InputError("SO3xR2 predictions need predicted origins", path=path, where=col)
-        bad = np.flatnonzero(~np.isfinite(aligned[ORIGIN].to_numpy(dtype=np.float64)).all(axis=1))
-        if len(bad):
-            raise InputError("predicted origin is not finite", path=path,
-                             where=f"particle {expected.iloc[bad[0]]}, rlnOriginXAngst/rlnOriginYAngst")
-        shifts = torch.tensor(aligned[ORIGIN].to_numpy(dtype=np.float64))
-    confidence = None
-    if use_confidence and "rlnParticleFigureOfMerit" in aligned.columns:
-        conf = aligned["rlnParticleFigureOfMerit"].to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(conf) | (conf < 0))
-        if len(bad):
-            raise InputError(f"confidence {conf[bad[0]]}: expected finite values >= 0, not all 0 (to ignore "
-                             f"the column, evaluate with --no-pred-confidence)", path=path,
-                             where=f"particle {expected.iloc[bad[0]]}, rlnParticleFigureOfMerit")
-        confidence = torch.tensor(conf)
-    return Predictions(rotmats=euler_to_matrix(torch.tensor(angles)), shifts=shifts, confidence=confidence,
-                       table=aligned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +57,9 @@ def prediction_star(entry: io.Entry, half: int, predictions: Predictions, predic
             parts[col] = table[col].to_numpy(dtype=np.float64)
     if use_pred_confidence:
         conf = predictions.confidence
-        parts["rlnParticleFigureOfMerit"] = 1.0 if conf is None else conf.numpy()
-    elif "rlnParticleFigureOfMerit" in parts.columns:
-        parts = parts.drop(columns="rlnParticleFigureOfMerit")
+        parts[CONFIDENCE] = 1.0 if conf is None else conf.numpy()
+    elif CONFIDENCE in parts.columns:
+        parts = parts.drop(columns=CONFIDENCE)
     star_path = entry.star_path(half)
     located = [io.parse_image_name(n, star_path, r) for r, n in enumerate(parts["rlnImageName"].astype(str))]
     resolved = {stack: io.resolve_stack_path(star_path, stack).resolve() for stack in {s for _, s in located}}

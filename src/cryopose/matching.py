@@ -26,7 +26,7 @@ about x, y, z) and shifts at higher resolution with steps halved each round.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from .geometry import axis_turns
 from .grids import so3_grid_size, so3_healpix_grid
+from .parameters import param
 from .preprocess import fourier_resize_map
 
 __all__ = ["MatchingConfig", "RefineConfig", "fourier_cube", "band_mask", "central_slices", "image_spectra",
            "shift_phases", "shift_grid", "match_scores", "projection_match",
-           "refine_poses", "entry_particles", "match_entry", "refine_entry", "config_from_params"]
+           "refine_poses", "entry_particles", "check_reference"]
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,16 @@ class MatchingConfig:
     size; a value finer than Nyquist is clipped to Nyquist.
     """
 
-    coarse_order: int = 2  #: SO(3) HEALPix grid of the global search (order 2: 4,608 rotations, ~15°)
-    coarse_resolution: float = 16.0  #: Å: band of the global search
-    coarse_shift_step: float = 2.0  #: pixels between shifts of the global search
-    max_shift: float = 13.0  #: Å: shifts searched within this radius of the box centre
-    candidates: int = 8  #: grid cells, best first, each refined locally
-    fine_resolution: float = 8.0  #: Å: band of the local search
-    rounds: int = 5  #: local rounds; each halves the rotation and shift steps
-    batch_size: int = 64  #: particles scored at once
-    pad: int = 2  #: padding of the reference before its transform (interpolation accuracy)
-    device: str = "auto"
+    coarse_order: int = param(2, "SO(3) HEALPix grid of the global search (order 2: 4,608 rotations, ~15°)", min=0)
+    coarse_resolution: float = param(16.0, "Å: band of the global search (clipped to Nyquist)")
+    coarse_shift_step: float = param(2.0, "pixels between shifts of the global search")
+    max_shift: float = param(13.0, "Å: shifts searched within this radius of the box centre")
+    candidates: int = param(8, "grid cells, best first, each refined locally", min=1)
+    fine_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)")
+    rounds: int = param(5, "local rounds; each halves the rotation and shift steps", min=0)
+    batch_size: int = param(64, "particles scored at once", min=1)
+    pad: int = param(2, "padding of the reference before its transform (interpolation accuracy)", min=1)
+    device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     def __post_init__(self):
         for name in ("coarse_resolution", "fine_resolution", "coarse_shift_step", "max_shift"):
@@ -73,12 +74,12 @@ class MatchingConfig:
 class RefineConfig:
     """Settings of the local refinement of given poses (:func:`refine_poses`)."""
 
-    local_resolution: float = 8.0  #: Å: band of the local search
-    local_step: float = 10.0  #: degrees: first rotation step (halved each round; ~ the grid spacing of the input)
-    local_rounds: int = 8  #: rounds of the local pattern search
-    local_max_shift: float = 13.0  #: Å: radius of the initial shift search around the given shift
-    local_batch_size: int = 128
-    local_device: str = "auto"
+    local_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)")
+    local_step: float = param(10.0, "degrees: first rotation step, halved each round (~ the input's grid spacing)")
+    local_rounds: int = param(8, "rounds of the local pattern search", min=0)
+    local_max_shift: float = param(13.0, "Å: radius of the initial shift search around the given shift")
+    local_batch_size: int = param(128, "particles refined at once", min=1)
+    local_device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     def __post_init__(self):
         for name in ("local_resolution", "local_step", "local_max_shift"):
@@ -86,9 +87,6 @@ class RefineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.local_rounds < 0 or self.local_batch_size < 1:
             raise ValueError("local_rounds >= 0 and local_batch_size >= 1 expected")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _device(name: str) -> torch.device:
@@ -363,12 +361,6 @@ def refine_poses(images: torch.Tensor | callable, ctf: torch.Tensor | callable, 
     return rot_out, shift_out, score_out
 
 
-def config_from_params(cls, params: dict):
-    """``cls(**params)`` for the keys ``cls`` has (:class:`MatchingConfig`, :class:`RefineConfig`)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in names})
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry level: particles streamed from an entry's stack, predictions written as STAR
 # ---------------------------------------------------------------------------------------------
@@ -393,43 +385,7 @@ def entry_particles(entry, half: int):
     return dataset, dataset.read_raw, ctf, len(dataset), px
 
 
-def match_entry(entry, half: int, reference_path, out_star, config: MatchingConfig = MatchingConfig(),
-                progress: bool = True) -> None:
-    """Predict the poses and shifts of half ``half`` of ``entry`` by :func:`projection_match`
-    against the map ``reference_path`` (on the entry's pixel grid) and write the predictions STAR."""
-    from . import io
-    from .predict import write_predictions_star
-
-    dataset, images, ctf, n, px = entry_particles(entry, half)
-    reference, ref_px = io.read_map(reference_path)
-    _check_reference(reference, ref_px, dataset.original_box_size, px, reference_path)
-    rot, shifts, conf = projection_match(images, ctf, n, torch.from_numpy(reference), px, config, progress)
-    write_predictions_star(dataset, rot, conf, out_star, shifts_angstrom=-shifts * px)
-
-
-def refine_entry(entry, half: int, predictions_star, reference_path, out_star, config: RefineConfig = RefineConfig(),
-                 progress: bool = True) -> None:
-    """Refine the predictions ``predictions_star`` of half ``half`` locally (:func:`refine_poses`)
-    against ``reference_path`` and write them, with the predicted origins, to ``out_star``. The
-    confidence (rlnParticleFigureOfMerit) is the input's, 1 where it has none."""
-    from . import io
-    from .evaluate import load_predictions
-    from .predict import write_predictions_star
-
-    dataset, images, ctf, n, px = entry_particles(entry, half)
-    reference, ref_px = io.read_map(reference_path)
-    _check_reference(reference, ref_px, dataset.original_box_size, px, reference_path)
-    table = io.read_particles_star(predictions_star).particles
-    has_origins = {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table.columns)
-    pred = load_predictions(dataset.entry, half, predictions_star, "SO3xR2" if has_origins else "SO3")
-    start = -pred.shifts / px if pred.shifts is not None else torch.zeros(n, 2, dtype=torch.float64)
-    rot, shifts, _ = refine_poses(images, ctf, n, torch.from_numpy(reference), px, pred.rotmats, start, config,
-                                  progress)
-    conf = pred.confidence if pred.confidence is not None else torch.ones(n, dtype=torch.float64)
-    write_predictions_star(dataset, rot, conf, out_star, shifts_angstrom=-shifts * px)
-
-
-def _check_reference(reference: np.ndarray, ref_px: float, box: int, pixel_size: float, path) -> None:
+def check_reference(reference: np.ndarray, ref_px: float, box: int, pixel_size: float, path) -> None:
     from .errors import InputError
 
     if reference.shape != (box,) * 3:

@@ -37,7 +37,7 @@ from .geometry import euler_to_matrix
 from .symmetry import symmetry_matrices
 
 __all__ = ["reconstruct", "reconstruct_torch", "reconstruct_relion", "insert_particles", "RelionNotFound",
-           "relion_command"]
+           "relion_command", "write_half_map"]
 
 
 class RelionNotFound(InputError):
@@ -390,3 +390,12 @@ def reconstruct(star_path: str | Path, symmetry: str = "C1", backend: str = "tor
         options.pop("progress", None)  # relion_reconstruct reports nothing we could turn into a bar
         return reconstruct_relion(star_path, symmetry=symmetry, use_weights=use_weights, **options)
     raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
+
+
+def write_half_map(entry, half: int, path: str | Path) -> Path:
+    """Write ``path``: half ``half`` of ``entry`` reconstructed from its true poses with the torch
+    backend (RELION's padding 2, no weights), the map a reference-based method is given of its
+    training half. It is the evaluation's ground-truth map of that half with the torch backend."""
+    volume, pixel_size = reconstruct_torch(entry.star_path(half), symmetry=entry.symmetry, progress=False)
+    io.write_map(path, volume, pixel_size)
+    return Path(path)

@@ -1,4 +1,4 @@
-"""Pose prediction with a trained grid classifier, and the predictions STAR.
+"""Pose prediction with a trained Image2Sphere grid classifier.
 
 The prediction of a particle is the rotation of the most probable grid cell; its probability is
 the confidence (rlnParticleFigureOfMerit). For symmetric entries the probability of a view is
@@ -8,20 +8,13 @@ Optionally the pose is refined off the grid by a local ascent of the network's o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from . import io
-from .data import ParticlesDataset
-from .geometry import axis_turns as local_offsets
-from .geometry import matrix_to_euler
+from ...data import ParticlesDataset
+from ...geometry import axis_turns
 
-__all__ = ["predict_image2sphere", "write_predictions_star", "local_offsets", "bf16_autocast"]
-
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
+__all__ = ["predict_image2sphere", "bf16_autocast"]
 
 
 def bf16_autocast(device: torch.device):
@@ -64,7 +57,7 @@ def predict_image2sphere(model, dataset: ParticlesDataset, batch_size: int = 64,
         pose = grid[best.cpu()]
         step = spacing / 2
         for _ in range(refine_steps):
-            candidates = pose[:, None] @ local_offsets(step)[None]  # (B, 7, 3, 3): R·δ
+            candidates = pose[:, None] @ axis_turns(step)[None]  # (B, 7, 3, 3): R·δ
             pick = model.logits_at(signal, candidates).argmax(-1).cpu()
             pose = candidates[torch.arange(len(idx)), pick]
             step /= 2
@@ -72,22 +65,3 @@ def predict_image2sphere(model, dataset: ParticlesDataset, batch_size: int = 64,
         bar.update(len(idx))
     bar.close()
     return rotmats, confidence
-
-
-def write_predictions_star(dataset: ParticlesDataset, rotmats: torch.Tensor, confidence: torch.Tensor,
-                           out_star: str | Path, shifts_angstrom: torch.Tensor | None = None) -> None:
-    """The predictions STAR of ``dataset``'s half: its particle rows with the predicted angles,
-    origins (zero unless ``shifts_angstrom`` is given) and rlnParticleFigureOfMerit.
-
-    Particles are named as in the source entry: a preprocessed copy's rlnImageOriginalName
-    becomes rlnImageName again, so the evaluator can match them to the ground truth.
-    """
-    star = dataset.entry.read_star(dataset.halfset)
-    parts = star.particles.copy().reset_index(drop=True)
-    if "rlnImageOriginalName" in parts.columns:
-        parts["rlnImageName"] = parts.pop("rlnImageOriginalName")
-    parts[EULER] = matrix_to_euler(torch.as_tensor(rotmats, dtype=torch.float64)).numpy()
-    shifts = np.zeros((len(parts), 2)) if shifts_angstrom is None else np.asarray(shifts_angstrom, dtype=np.float64)
-    parts[ORIGIN] = shifts
-    parts["rlnParticleFigureOfMerit"] = np.asarray(confidence, dtype=np.float64)
-    io.write_particles_star(Path(out_star), io.ParticleStar(star.optics.copy(), parts))

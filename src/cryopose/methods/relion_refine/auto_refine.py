@@ -24,7 +24,6 @@ Fourier shells — and ends 41–89° from the truth, warning that its angular a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shlex
 import shutil
@@ -35,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
-from .errors import InputError
-from .reconstruct import RelionNotFound
+from ... import io
+from ...predictions import EULER, ORIGIN, write_predictions
+from ...errors import InputError
+from ...parameters import param
+from ...reconstruct import RelionNotFound
 
 __all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half", "relion_environment"]
 
@@ -51,41 +52,23 @@ POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 class RelionRefineConfig:
     """Options of ``relion_refine --auto_refine``; see the module docstring for the choices."""
 
-    ini_high_A: float = 40.0
-    healpix_order: int = 2
-    auto_local_healpix_order: int = 4
-    offset_range_px: float = 5.0
-    offset_step_px: float = 2.0
-    particle_diameter_A: float | None = None
-    low_resol_join_halves_A: float = 40.0
-    pad: int = 2
-    mpi_processes: int = 3
-    threads: int = 1
-    firstiter_cc: bool = True
-    launcher: str = ""
-    extra_args: str = ""
+    ini_high_A: float = param(40.0, "Å: low-pass of the starting reference (the paper starts at 30–40 Å; ~20 on small boxes)")
+    healpix_order: int = param(2, "initial angular sampling (2: 7.5°)", min=0)
+    auto_local_healpix_order: int = param(4, "order from which RELION searches locally", min=0)
+    offset_range_px: float = param(5.0, "pixels: translational search range")
+    offset_step_px: float = param(2.0, "pixels: translational search step")
+    particle_diameter_A: float | None = param(None, "Å: mask diameter (default 90 % of the box)")
+    low_resol_join_halves_A: float = param(40.0, "Å: resolution below which the two halves are joined")
+    pad: int = param(2, "padding factor of RELION's Fourier grid", min=1)
+    mpi_processes: int = param(3, "mpirun -np N (≥ 3: a leader and one process per half)", min=3)
+    threads: int = param(1, "threads per MPI process (relion_refine --j)", min=1)
+    firstiter_cc: bool = param(True, "cross-correlation in the first iteration (our reference is not on RELION's scale)")
+    launcher: str = param("", "command prefix, e.g. 'apptainer exec relion.sif'")
+    extra_args: str = param("", "more relion_refine options, split as a shell would")
 
     def __post_init__(self):
-        if self.mpi_processes < 3:
-            raise ValueError(f"mpi_processes must be >= 3 (gold-standard auto-refine needs a leader and one "
-                             f"process per half), got {self.mpi_processes}")
-        if self.ini_high_A <= 0 or self.threads < 1 or not 0 <= self.healpix_order <= self.auto_local_healpix_order:
-            raise ValueError("ini_high_A > 0, threads >= 1 and 0 <= healpix_order <= auto_local_healpix_order needed")
-
-    @classmethod
-    def from_params(cls, params: dict) -> "RelionRefineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise InputError(f"relion_refine: unknown parameter(s) {', '.join(unknown)}; it takes "
-                             f"{', '.join(sorted(known))}", where="--param")
-        try:
-            return cls(**params)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"relion_refine parameters: {err}", where="--param") from err
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        if self.ini_high_A <= 0 or not self.healpix_order <= self.auto_local_healpix_order:
+            raise ValueError("ini_high_A > 0 and healpix_order <= auto_local_healpix_order needed")
 
 
 def auto_refine_command(config: RelionRefineConfig, particles: Path, reference: Path, out_prefix: Path,
@@ -196,9 +179,7 @@ def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star
             raise RuntimeError(f"{result}: its particles are not those of {entry.star_path(half)}")
         star = entry.read_star(half)
         refined = refined.set_axis(original).loc[star.particles["rlnImageName"].astype(str)]
-        pred = star.particles.copy()
-        for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
-            pred[col] = refined[col].to_numpy(dtype=np.float64)
-        pred["rlnParticleFigureOfMerit"] = refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
-        io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), pred))
+        write_predictions(entry, half, out_star, angles_deg=refined[EULER].to_numpy(dtype=np.float64),
+                          shifts_angstrom=refined[ORIGIN].to_numpy(dtype=np.float64),
+                          confidence=refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64))
         return seconds

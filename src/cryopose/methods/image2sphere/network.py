@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import io
-from ..grids import so3_healpix_grid
+from ... import io
+from ...grids import so3_healpix_grid
 
 __all__ = ["Image2SphereConfig", "Image2Sphere", "cache_dir", "wigner_table", "RESNETS"]
 

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
-from .augment import AugmentConfig
-from .data import ParticlesDataset
-from .grids import grid_quaternions_of, symmetric_grid_cells
-from .metrics import angular_errors
-from .models.image2sphere import Image2Sphere, Image2SphereConfig
-from .predict import bf16_autocast
+from ... import io
+from ...augment import AugmentConfig
+from ...data import ParticlesDataset
+from ...grids import grid_quaternions_of, symmetric_grid_cells
+from ...symmetry import symmetry_aware_angle
+from .network import Image2Sphere, Image2SphereConfig
+from .prediction import bf16_autocast
 
 __all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS"]
 
@@ -150,7 +150,9 @@ def _validate(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarra
             cells[start] = symmetric_grid_cells(rot, model.grid.cpu(), dataset.symmetry, grid_quaternions=grid_q)
         losses.append(float(_weighted_loss(logits, cells[start], conf.to(device))) * len(idx))
         pred = grid[logits.argmax(-1)].cpu()
-        errors.append(angular_errors(rot, pred, dataset.symmetry).numpy())
+        # The benchmark's error (paper eq. 5), computed here without importing the judge.
+        errors.append(symmetry_aware_angle(torch.as_tensor(rot, dtype=torch.float64),
+                                           torch.as_tensor(pred, dtype=torch.float64), dataset.symmetry).numpy())
     return sum(losses) / len(indices), np.concatenate(errors)
 
 
@@ -273,7 +275,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
     if not (out_dir / "model.pt").is_file():
         raise RuntimeError("training ended without a model (no epoch finished)")
     _write_log(out_dir / "train_log.csv", rows)
-    from .plots import plot_training
+    from ...plots import plot_training
 
     plot_training(rows, out_dir / "training.png", f"{fingerprint['entry']} half {half}: Image2Sphere training")
     return rows
