@@ -1,0 +1,51 @@
+"""One ``+refine``: the library's ``<method>+refine`` and the workflow's rule (``cryopose refine``
+against the evaluation's ground-truth map) run the same code on the same map and give the same
+poses."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from cryopose import io
+from cryopose.cli import main
+from cryopose.evaluate import ground_truth_maps
+from cryopose.methods import get_method
+from cryopose.simulate import SimulationSpec, simulate_entry
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    spec = SimulationSpec(name="rf", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=60, snr=1.0, seed=9)
+    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+
+
+def test_library_and_workflow_refine_identically(entry, tmp_path):
+    params = {"seed": 5, "local_rounds": 2, "local_device": "cpu"}
+    refined = get_method("random+refine")
+    refined.run_train(entry, 0, tmp_path / "model", params)
+    refined.run_predict(tmp_path / "model", entry, 1, tmp_path / "library.star", params)
+
+    # The workflow: the base method's own model and prediction, the evaluation's ground-truth maps
+    # (torch backend, the default), then rule refine_predictions' command.
+    base = get_method("random")
+    base.run_train(entry, 0, tmp_path / "base", {"seed": 5})
+    base.run_predict(tmp_path / "base", entry, 1, tmp_path / "base.star", {"seed": 5})
+    ground_truth_maps(entry, tmp_path / "gt", backend="torch", progress=False)
+    reference, _ = io.read_map(tmp_path / "gt" / "GT_half0.mrc")
+    assert (io.read_map(tmp_path / "model" / "reference.mrc")[0] == reference).all()  # the same map, bit for bit
+    assert main(["refine", "--entry", str(entry.root), "--half", "1", "--predictions", str(tmp_path / "base.star"),
+                 "--reference", str(tmp_path / "gt" / "GT_half0.mrc"), "--out", str(tmp_path / "workflow.star"),
+                 "--param", "local_rounds=2", "--param", "local_device=cpu", "--quiet"]) == 0
+
+    library = io.read_particles_star(tmp_path / "library.star").particles
+    workflow = io.read_particles_star(tmp_path / "workflow.star").particles
+    pd.testing.assert_frame_equal(library, workflow, check_exact=True)
+    record = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert record["method"] == "random+refine" and record["params"]["local_rounds"] == 2
+
+
+def test_refine_takes_only_the_refinement_parameters(entry, tmp_path, capsys):
+    assert main(["refine", "--entry", str(entry.root), "--half", "1", "--predictions", "p.star",
+                 "--reference", "r.mrc", "--out", str(tmp_path / "x.star"), "--param", "seed=3"]) == 2
+    assert "unknown parameter 'seed'" in capsys.readouterr().err
