@@ -24,6 +24,7 @@ from cryopose.cli import main
 from cryopose.data import ParticlesDataset
 from cryopose.errors import InputError
 from test_bad_input import NAME, Workspace, _fails, golden, ws  # noqa: F401  (fixtures)
+from cryopose.entry import Entry
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -107,10 +108,10 @@ def test_preprocess_of_a_dot_entry_names_it_and_keeps_the_other_entries(ws, caps
 
 def test_an_entry_given_as_dot_is_named_by_its_folder(ws, monkeypatch):
     monkeypatch.chdir(ws.entry)
-    assert io.Entry(Path(".")).name == NAME
-    assert io.Entry(Path("./")).name == NAME
-    assert io.Entry(Path(f"../{NAME}/")).name == NAME
-    assert io.Entry(Path(".")).mask_path.is_file()
+    assert Entry(Path(".")).name == NAME
+    assert Entry(Path("./")).name == NAME
+    assert Entry(Path(f"../{NAME}/")).name == NAME
+    assert Entry(Path(".")).mask_path.is_file()
 
 
 # --------------------------------------------------------------------------------------------

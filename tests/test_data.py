@@ -12,6 +12,7 @@ from cryopose.geometry import euler_to_matrix, random_rotations
 from cryopose.metrics import fsc_curve, pearson_correlation
 from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.symmetry import symmetry_matrices
+from cryopose.entry import Entry
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_unknown_entry_and_bad_half(entry, tmp_path):
 
 def test_preprocessed_entry_reads_back_identically(entry, tmp_path):
     out = write_preprocessed_entry(entry, tmp_path, image_size=32, crop_fraction=0.75, progress=False)
-    pre = io.Entry(out)
+    pre = Entry(out)
     pre.validate()
     assert pre.box_size == 32 and pre.pixel_size == pytest.approx(36 * 2.9 / 32)
     assert (pre.read_star(0).optics["rlnCtfDataArePhaseFlipped"] == 1).all()
@@ -175,7 +176,7 @@ def test_preprocessed_entry_reads_back_identically(entry, tmp_path):
 
 def test_cli_preprocess(entry, tmp_path):
     assert cli.main(["preprocess", str(entry), "--out", str(tmp_path), "--image-size", "24", "--quiet"]) == 0
-    assert io.Entry(tmp_path / entry.name).box_size == 24
+    assert Entry(tmp_path / entry.name).box_size == 24
     assert cli.main(["preprocess", str(entry), "--out", str(tmp_path), "--crop-fraction", "0", "--quiet"]) == 2
 
 

@@ -16,6 +16,7 @@ import pytest
 from cryopose import download, io
 from cryopose.errors import InputError
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 CHUNK = 7000
 
@@ -134,7 +135,7 @@ def test_download_reassembles_the_entry_through_a_cut_connection(source, server,
     out = download.download_entry("TEST", tmp_path, server.url, retries=3, backoff=0, progress=False)
     assert out == tmp_path / "TEST"
     _same_entry(source, out)
-    io.Entry(out).validate()
+    Entry(out).validate()
     # The cut chunk was resumed with a Range request at its 3,000th byte: no byte fetched twice.
     assert ("particles_0.mrcs.chunk_1", 3000) in server.ranges
     assert server.served["particles_0.mrcs.chunk_1"] == CHUNK

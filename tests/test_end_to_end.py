@@ -13,6 +13,7 @@ from cryopose.data import ParticlesDataset
 from cryopose.metrics import pearson_correlation
 from cryopose.reconstruct import reconstruct
 from cryopose.simulate import SUITES
+from cryopose.entry import Entry
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
         batches = list(DataLoader(ds, batch_size=64, num_workers=2))
         assert sum(len(b[0]) for b in batches) == spec.n_particles
         assert all(torch.isfinite(b[1]).all() for b in batches)
-        entry = io.Entry(bench / spec.name)
+        entry = Entry(bench / spec.name)
         source = io.read_map(entry.ground_truth_map_path)[0]
         for backend in backends:
             vol, px = reconstruct(entry.star_path(0), symmetry=spec.symmetry, backend=backend, progress=False)

@@ -24,6 +24,7 @@ from cryopose.methods.image2sphere.network import Image2Sphere, Image2SphereConf
 from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.symmetry import symmetry_matrices
 from cryopose.methods.image2sphere.training import TrainConfig, load_model, train_image2sphere
+from cryopose.entry import Entry
 
 # Small enough to build and train in seconds on 2 cores.
 TINY = dict(image_size=32, resnet="resnet18", sphere_channels=16, projector_order=2, lmax=3, s2_channels=4,
@@ -46,7 +47,7 @@ def entry(tmp_path_factory):
     spec = SimulationSpec(name="i2s_c2", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=160, snr=2.0,
                           seed=7)
     raw = simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False)
-    return io.Entry(write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False))
+    return Entry(write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False))
 
 
 def test_head_is_equivariant_with_the_label_convention(model):
@@ -245,7 +246,7 @@ def test_training_learns_poses(tmp_path):
     from cryopose.simulate import SUITES
 
     spec = next(s for s in SUITES["default"] if s.name == "sim_c4")
-    entry = io.Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
+    entry = Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
                                               image_size=32, progress=False))
     train_image2sphere(entry, 0, tmp_path / "m", Image2SphereConfig(image_size=32),
                        TrainConfig(max_epochs=6, lr_patience=3, early_stop_patience=5, device="cpu"), progress=False)

@@ -48,6 +48,7 @@ def replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
 from cryopose.cli import main
+from cryopose.entry import Entry
 sys.exit(main(sys.argv[4:]))
 """
 
@@ -189,7 +190,7 @@ def test_sigkill_during_simulate_then_a_rerun_cleans_up(ws):
     assert not (ws.bench / "second").exists()
     done = subprocess.run([sys.executable, "-m", "cryopose", *argv], capture_output=True, text=True, env=_env(ws.root))
     assert done.returncode == 0, done.stderr
-    assert io.Entry(ws.bench / "second").validate() is None
+    assert Entry(ws.bench / "second").validate() is None
     assert not _temporaries(ws.root), _temporaries(ws.root)
 
 

@@ -15,6 +15,7 @@ from cryopose.methods import get_method, parse_params
 from cryopose.refine import refine_predictions
 from cryopose.simulate import SimulationSpec, pseudo_molecule, simulate_entry, simulate_images
 from cryopose.symmetry import symmetry_aware_angle
+from cryopose.entry import Entry
 
 BOX, PX = 48, 3.0
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -114,7 +115,7 @@ def test_local_refinement_corrects_small_errors(volume):
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="pm", symmetry="C4", box_size=32, pixel_size=4.1, n_particles=120, snr=1.0, seed=8)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
 def _truth(entry, half):

@@ -10,6 +10,7 @@ from cryopose.geometry import euler_to_matrix
 from cryopose.methods import get_method, parse_params
 from cryopose.metrics import angular_errors
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
@@ -17,7 +18,7 @@ EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="me", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=200, snr=1.0, seed=4)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
 def _poses(star_path):
@@ -69,7 +70,7 @@ def test_registry_and_params():
 def test_transfer_prediction_needs_a_model_of_another_entry(entry, tmp_path):
     spec = SimulationSpec(name="other", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=50, snr=1.0, seed=9,
                           molecule_seed=4)
-    other = io.Entry(simulate_entry(spec, tmp_path / "b", progress=False))
+    other = Entry(simulate_entry(spec, tmp_path / "b", progress=False))
     method = get_method("ground_truth")
     method.run_train(entry, 0, tmp_path / "m0", {})
     # Any half of another entry; the model's own entry is refused as a transfer.

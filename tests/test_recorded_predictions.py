@@ -17,14 +17,15 @@ from cryopose.methods.relion_refine.auto_refine import RelionRefineConfig, auto_
 from cryopose.refine import RefineConfig, refine_predictions
 from cryopose.reconstruct import write_half_map
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 RECORDED = Path(__file__).parent / "data" / "recorded_predictions"
 PARAMS = json.loads((RECORDED / "params.json").read_text())
 
 
-def _entry(folder: Path) -> io.Entry:
+def _entry(folder: Path) -> Entry:
     spec = SimulationSpec(name="recorded", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=60, snr=1.0, seed=4)
-    return io.Entry(simulate_entry(spec, folder, progress=False))
+    return Entry(simulate_entry(spec, folder, progress=False))
 
 
 def predict_all(folder: Path) -> None:

@@ -12,12 +12,13 @@ from cryopose.cli import main
 from cryopose.evaluate import ground_truth_maps
 from cryopose.methods import get_method
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="rf", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=60, snr=1.0, seed=9)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
 def test_library_and_workflow_refine_identically(entry, tmp_path):

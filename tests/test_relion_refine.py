@@ -17,6 +17,7 @@ from cryopose.metrics import angular_errors
 from cryopose.reconstruct import reconstruct_relion
 from cryopose.methods.relion_refine.auto_refine import RelionRefineConfig, auto_refine_command, blind_particles, relion_environment
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
@@ -25,7 +26,7 @@ EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="rr_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=2.0,
                           seed=6)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
 
 
 def test_the_refined_half_is_blind(entry, tmp_path):
@@ -55,14 +56,14 @@ def test_command_and_parameters():
         method.settings({"ini_hi": 30})
 
 
-def _median_error(entry: io.Entry, half: int, angles) -> float:
+def _median_error(entry: Entry, half: int, angles) -> float:
     truth = entry.read_star(half).particles[EULER].to_numpy()
     return float(angular_errors(euler_to_matrix(torch.tensor(truth)),
                                 euler_to_matrix(torch.as_tensor(np.asarray(angles, dtype=np.float64))),
                                 entry.symmetry).median())
 
 
-def _local_refine_from(entry: io.Entry, reference, angles, work) -> tuple[float, float]:
+def _local_refine_from(entry: Entry, reference, angles, work) -> tuple[float, float]:
     """RELION auto-refine with local searches only (HEALPix order 4 from the start) from the given
     angles and the true shifts; returns (median error from the truth in °, final resolution in Å)."""
     work.mkdir()

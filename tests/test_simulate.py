@@ -10,7 +10,7 @@ from scipy import ndimage
 from cryopose import cli, simulate
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix
-from cryopose.io import Entry, read_images, open_stack, write_map
+from cryopose.entry import Entry, read_images, open_stack, write_map
 from cryopose.metrics import pearson_correlation
 from cryopose.simulate import (SUITES, SimulationSpec, map_from_model_file, map_from_mrc, pseudo_molecule,
                                sample_poses, simulate_entry)

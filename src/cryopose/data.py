@@ -27,6 +27,7 @@ from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
 from .symmetry import symmetry_mates
+from .entry import Entry
 
 __all__ = ["ParticlesDataset", "DEFAULT_BENCHMARK_DIR"]
 
@@ -354,7 +355,7 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
     return Path(out_dir) / src.name
 
 
-def _write_preprocessed(src: io.Entry, dest: Path, *, image_size, crop_fraction, normalise, ctf_correction,
+def _write_preprocessed(src: Entry, dest: Path, *, image_size, crop_fraction, normalise, ctf_correction,
                         wiener_constant, batch_size, progress) -> None:
     from tqdm.auto import tqdm
 

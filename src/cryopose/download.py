@@ -240,13 +240,13 @@ def _concatenate(chunks: list[Path], dest: Path, expected_size: int) -> None:
 def download_entry(entry: str, out_dir: str | Path, base_url: str = ZENODO, retries: int = 5,
                    backoff: float = 2.0, timeout: float = 60.0, keep_chunks: bool = False,
                    progress: bool = True) -> Path:
-    """Download one CESPED entry into ``out_dir/<entry>`` (the layout :class:`cryopose.io.Entry`
+    """Download one CESPED entry into ``out_dir/<entry>`` (the layout :class:`cryopose.Entry`
     reads) and return that folder; an entry already there is kept.
 
     Disk: a half's chunks and its concatenated stack coexist until the stack is verified (2× the
     stack, 40–94 GB, transiently); the chunks are then deleted unless ``keep_chunks``.
     """
-    from .io import Entry
+    from .entry import Entry
 
     if entry not in CESPED_RECORDS:
         raise InputError(f"unknown CESPED entry {entry!r}; known: {', '.join(CESPED_RECORDS)}", where="entry")

@@ -19,11 +19,12 @@ import torch
 from . import io
 from .matching import RefineConfig, check_reference, entry_particles, refine_poses
 from .predictions import ORIGIN, load_predictions, write_predictions
+from .entry import Entry
 
 __all__ = ["RefineConfig", "refine_predictions"]
 
 
-def refine_predictions(entry: io.Entry, half: int, predictions_star: str | Path, reference_path: str | Path,
+def refine_predictions(entry: Entry, half: int, predictions_star: str | Path, reference_path: str | Path,
                        out_star: str | Path, config: RefineConfig = RefineConfig(), progress: bool = True) -> Path:
     """Refine the predictions ``predictions_star`` of half ``half`` locally against the map
     ``reference_path`` (the entry's box and pixel size) and write them, with the refined origins,

@@ -138,7 +138,9 @@ def _check_values():
 
 
 def _check_config():
-    from cryopose.methods import METHODS as REGISTERED, refine_defaults
+    from cryopose.methods import METHODS as REGISTERED
+    from cryopose.parameters import defaults
+    from cryopose.refine import RefineConfig
 
     unknown = sorted(set(METHODS) - set(REGISTERED) - set(REFINED))
     if unknown:
@@ -152,7 +154,7 @@ def _check_config():
                 raise WorkflowError(
                     f"config: methods: {name} refines the predictions of {REFINED[name]}, which is not in methods"
                 )
-            accepted = refine_defaults()
+            accepted = defaults(RefineConfig)
         else:
             accepted = REGISTERED[name].default_params
         extra = sorted(set(params or {}) - set(accepted))
@@ -250,22 +252,27 @@ def runtime_per_attempt(minutes):
     return lambda wildcards, attempt: minutes * attempt
 
 
-def predict_threads(wildcards):
-    """relion_refine runs mpi_processes × threads; the other methods take the training threads."""
+def _stage(wildcards, stage):
+    """The method's own resources for one stage (``cryopose.methods.Method.resources``)."""
     from cryopose.methods import get_method
 
-    params = {**get_method(wildcards.method).default_params, **(METHODS[wildcards.method] or {})}
-    if "mpi_processes" in params:
-        return int(params["mpi_processes"]) * int(params.get("threads", 1))
-    return config["threads"]["train"]
+    return get_method(wildcards.method).stage_resources(METHODS[wildcards.method] or {})[stage]
 
 
-def predict_runtime(wildcards, attempt):
+def stage_threads(stage):
+    """Threads of a method's stage: the method's own count, else the config's threads.train."""
+    return lambda wildcards: _stage(wildcards, stage).threads or config["threads"]["train"]
+
+
+def stage_mem_mb(stage):
+    return lambda wildcards, attempt: _stage(wildcards, stage).mem_mb * attempt
+
+
+def stage_runtime(stage):
     """Minutes: a RELION auto-refine of a real half runs for hours; the networks predict in minutes."""
-    return (1440 if wildcards.method.startswith("relion_refine") else 120) * attempt
+    return lambda wildcards, attempt: _stage(wildcards, stage).runtime_min * attempt
 
 
-def gpus(wildcards):
-    from cryopose.methods import get_method
-
-    return int(config["devices"]["train_gpus"]) if get_method(wildcards.method).uses_gpu else 0
+def stage_gpus(stage):
+    """The config's devices.train_gpus for a stage that can use a GPU, else 0."""
+    return lambda wildcards: int(config["devices"]["train_gpus"]) if _stage(wildcards, stage).gpus else 0

@@ -19,11 +19,11 @@ rule predict_transfer:
         "logs/generalisation/predict/{method}/{source}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/generalisation/{method}/{source}/{entry}/half{half}.tsv"
-    threads: config["threads"]["train"]
+    threads: stage_threads("predict")
     resources:
-        mem_mb=mem_mb_per_attempt(8000),
-        runtime=runtime_per_attempt(120),
-        gpu=gpus,
+        mem_mb=stage_mem_mb("predict"),
+        runtime=stage_runtime("predict"),
+        gpu=stage_gpus("predict"),
     conda:
         "../../envs/cryopose.yaml"
     shell:

@@ -15,11 +15,11 @@ rule predict:
         "logs/predict/{method}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/predict/{method}/{entry}/half{half}.tsv"
-    threads: predict_threads
+    threads: stage_threads("predict")
     resources:
-        mem_mb=mem_mb_per_attempt(8000),
-        runtime=predict_runtime,
-        gpu=gpus,
+        mem_mb=stage_mem_mb("predict"),
+        runtime=stage_runtime("predict"),
+        gpu=stage_gpus("predict"),
     conda:
         "../../envs/cryopose.yaml"
     shell:

@@ -17,11 +17,11 @@ rule refine_predictions:
         "logs/refine/{method}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/refine/{method}/{entry}/half{half}.tsv"
-    threads: config["threads"]["train"]
+    threads: stage_threads("refine")
     resources:
-        mem_mb=mem_mb_per_attempt(4000),
-        runtime=runtime_per_attempt(120),
-        gpu=gpus,
+        mem_mb=stage_mem_mb("refine"),
+        runtime=stage_runtime("refine"),
+        gpu=stage_gpus("refine"),
     conda:
         "../../envs/cryopose.yaml"
     shell:

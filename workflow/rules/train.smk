@@ -16,11 +16,11 @@ rule train:
         "logs/train/{method}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/train/{method}/{entry}/half{half}.tsv"
-    threads: config["threads"]["train"]
+    threads: stage_threads("train")
     resources:
-        mem_mb=mem_mb_per_attempt(8000),
-        runtime=runtime_per_attempt(24 * 60),
-        gpu=gpus,
+        mem_mb=stage_mem_mb("train"),
+        runtime=stage_runtime("train"),
+        gpu=stage_gpus("train"),
     conda:
         "../../envs/cryopose.yaml"
     shell:

@@ -38,6 +38,7 @@ from .. import io
 from .. import parameters
 from ..errors import InputError
 from ..predictions import PREDICTION_TYPES
+from ..entry import Entry
 
 __all__ = ["Method", "Resources", "METHODS", "REFINE_SUFFIX", "get_method", "check_params", "parse_params",
            "read_model_record", "write_model_record", "method_table"]
@@ -103,7 +104,7 @@ class Method:
     def stage_resources(self, values: dict | None = None) -> dict[str, Resources]:
         return self.resources(self, self.settings(values))
 
-    def run_train(self, entry: io.Entry, half: int, model_dir: str | Path, values: dict | object | None = None,
+    def run_train(self, entry: Entry, half: int, model_dir: str | Path, values: dict | object | None = None,
                   work_dir: str | Path | None = None) -> dict:
         """Train on half ``half`` into ``model_dir`` and write its model record; returns the record."""
         settings = self.settings(values)
@@ -112,7 +113,7 @@ class Method:
         extra = self.train(entry, half, model_dir, settings, Path(work_dir) if work_dir else None)
         return write_model_record(model_dir, self.name, entry, half, dataclasses.asdict(settings), extra)
 
-    def run_predict(self, model_dir: str | Path, entry: io.Entry, half: int, out_star: str | Path,
+    def run_predict(self, model_dir: str | Path, entry: Entry, half: int, out_star: str | Path,
                     values: dict | object | None = None, transfer: bool = False) -> Path:
         """Predict half ``half`` with the model in ``model_dir``, which must be this method's model of
         the other half of ``entry`` (or, with ``transfer``, of another entry)."""
@@ -122,7 +123,7 @@ class Method:
         return Path(out_star)
 
 
-def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, params: dict,
+def write_model_record(model_dir: Path, method: str, entry: Entry, half: int, params: dict,
                        extra: dict | None = None) -> dict:
     """``model_dir/model.json``: the method, the entry and half it was trained on, its parameters."""
     record = {"method": method, "entry": entry.name, "trained_on_half": int(half),
@@ -133,7 +134,7 @@ def write_model_record(model_dir: Path, method: str, entry: io.Entry, half: int,
     return record
 
 
-def read_model_record(model_dir: Path, method: str, entry: io.Entry, half: int, transfer: bool = False) -> dict:
+def read_model_record(model_dir: Path, method: str, entry: Entry, half: int, transfer: bool = False) -> dict:
     """Read ``model.json`` and check that it is ``method``'s model of ``entry``, trained on the
     other half than ``half`` (cross-prediction: never predict the half a model saw); with
     ``transfer``, that it is a model of *another* entry (the generalisation experiment)."""

@@ -33,6 +33,7 @@ from ...grids import grid_quaternions_of, symmetric_grid_cells
 from ...symmetry import symmetry_aware_angle
 from .network import Image2Sphere, Image2SphereConfig
 from .prediction import bf16_autocast
+from ...entry import Entry
 
 __all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS"]
 
@@ -162,7 +163,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
     """Train on half ``half`` of ``entry``; resume from ``work_dir/checkpoint.pt`` when it exists.
 
     Args:
-        entry: entry name, folder or :class:`~cryopose.io.Entry` (usually the preprocessed copy).
+        entry: entry name, folder or :class:`~cryopose.Entry` (usually the preprocessed copy).
         half: 0 or 1.
         out_dir: receives ``model.pt`` (best validation loss) and ``train_log.csv``.
         model_config: the architecture; its ``image_size`` sets the dataset's image size.

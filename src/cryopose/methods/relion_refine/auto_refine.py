@@ -39,6 +39,7 @@ from ...predictions import EULER, ORIGIN, write_predictions
 from ...errors import InputError
 from ...parameters import param
 from ...reconstruct import RelionNotFound
+from ...entry import Entry
 
 __all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half", "relion_environment"]
 
@@ -96,7 +97,7 @@ def _normalised_name(name: str) -> str:
     return f"{int(index):06d}@{os.path.normpath(stack)}"
 
 
-def blind_particles(entry: io.Entry, half: int, dest: Path) -> dict[str, str]:
+def blind_particles(entry: Entry, half: int, dest: Path) -> dict[str, str]:
     """Write ``dest``: half ``half``'s particles without poses, confidences or subsets, image names
     absolute (RELION resolves them against its working directory) and random subsets alternating
     1, 2 (RELION keeps subsets it finds; the entry's put every particle in one). Returns the map
@@ -126,7 +127,7 @@ def relion_environment() -> dict[str, str]:
     return env
 
 
-def auto_refine_half(entry: io.Entry, half: int, reference: str | Path, out_star: str | Path,
+def auto_refine_half(entry: Entry, half: int, reference: str | Path, out_star: str | Path,
                      config: RelionRefineConfig = RelionRefineConfig(), work_dir: str | Path | None = None,
                      log_path: str | Path | None = None) -> float:
     """Refine half ``half`` of ``entry`` from ``reference`` and write the predictions STAR.
