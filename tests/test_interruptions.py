@@ -31,6 +31,7 @@ import pytest
 
 from cryopose import io
 from cryopose.cli import main
+from cryopose.entry import Entry
 from test_bad_input import N, NAME, _edit_particles, _evaluate, golden, ws  # noqa: F401 (fixtures)
 
 # The child: cryopose's own main() with os.replace wrapped to pause at one publication.
@@ -48,7 +49,6 @@ def replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
 from cryopose.cli import main
-from cryopose.entry import Entry
 sys.exit(main(sys.argv[4:]))
 """
 
