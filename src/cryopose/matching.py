@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .geometry import axis_turns
 from .grids import so3_grid_size, so3_healpix_grid
-from .parameters import param
+from .parameters import param, validate
 from .preprocess import fourier_resize_map
 
 __all__ = ["MatchingConfig", "RefineConfig", "fourier_cube", "band_mask", "central_slices", "image_spectra",
@@ -52,41 +52,34 @@ class MatchingConfig:
     """
 
     coarse_order: int = param(2, "SO(3) HEALPix grid of the global search (order 2: 4,608 rotations, ~15°)", min=0)
-    coarse_resolution: float = param(16.0, "Å: band of the global search (clipped to Nyquist)")
-    coarse_shift_step: float = param(2.0, "pixels between shifts of the global search")
-    max_shift: float = param(13.0, "Å: shifts searched within this radius of the box centre")
+    coarse_resolution: float = param(16.0, "Å: band of the global search (clipped to Nyquist)", above=0)
+    coarse_shift_step: float = param(2.0, "pixels between shifts of the global search", above=0)
+    max_shift: float = param(13.0, "Å: shifts searched within this radius of the box centre", above=0)
     candidates: int = param(8, "grid cells, best first, each refined locally", min=1)
-    fine_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)")
+    fine_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)", above=0)
     rounds: int = param(5, "local rounds; each halves the rotation and shift steps", min=0)
     batch_size: int = param(64, "particles scored at once", min=1)
     pad: int = param(2, "padding of the reference before its transform (interpolation accuracy)", min=1)
     device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     def __post_init__(self):
-        for name in ("coarse_resolution", "fine_resolution", "coarse_shift_step", "max_shift"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.coarse_order < 0 or self.candidates < 1 or self.rounds < 0 or self.batch_size < 1 or self.pad < 1:
-            raise ValueError("coarse_order, rounds >= 0 and candidates, batch_size, pad >= 1 expected")
+        validate(self)  # the bounds declared above
 
 
 @dataclass(frozen=True)
 class RefineConfig:
     """Settings of the local refinement of given poses (:func:`refine_poses`)."""
 
-    local_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)")
-    local_step: float = param(10.0, "degrees: first rotation step, halved each round (~ the input's grid spacing)")
+    local_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)", above=0)
+    local_step: float = param(10.0, "degrees: first rotation step, halved each round (~ the input's grid spacing)",
+                               above=0)
     local_rounds: int = param(8, "rounds of the local pattern search", min=0)
-    local_max_shift: float = param(13.0, "Å: radius of the initial shift search around the given shift")
+    local_max_shift: float = param(13.0, "Å: radius of the initial shift search around the given shift", above=0)
     local_batch_size: int = param(128, "particles refined at once", min=1)
     local_device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     def __post_init__(self):
-        for name in ("local_resolution", "local_step", "local_max_shift"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.local_rounds < 0 or self.local_batch_size < 1:
-            raise ValueError("local_rounds >= 0 and local_batch_size >= 1 expected")
+        validate(self)  # the bounds declared above
 
 
 def _device(name: str) -> torch.device:

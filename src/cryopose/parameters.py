@@ -19,14 +19,16 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["param", "defaults", "build", "check_values", "parse_pairs", "describe", "type_name"]
+__all__ = ["param", "defaults", "build", "check_values", "validate", "parse_pairs", "describe", "type_name"]
 
 
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None) -> Any:
+          above: float | None = None, below: float | None = None, choices: tuple | None = None) -> Any:
     """A parameter field: ``default`` (a list default is copied for each instance), a one-line
-    ``help``, and optionally an inclusive range ``[min, max]`` or the allowed ``choices``."""
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    ``help``, and optionally bounds — inclusive ``min``/``max``, exclusive ``above``/``below`` —
+    or the allowed ``choices``."""
+    meta = {"help": help, "min": min, "max": max, "above": above, "below": below,
+            "choices": tuple(choices) if choices else None}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -73,6 +75,10 @@ def type_name(hint) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def defaults(cls) -> dict:
     """The default parameters of ``cls`` as a plain dict (what a model record stores)."""
     return dataclasses.asdict(cls())
@@ -84,11 +90,17 @@ def _range_problem(f: dataclasses.Field, value) -> str | None:
         return f"must be one of {', '.join(map(repr, meta['choices']))}"
     if value is None or not _is_number(value):
         return None
-    if meta.get("min") is not None and value < meta["min"]:
-        return f"must be >= {meta['min']:g}"
-    if meta.get("max") is not None and value > meta["max"]:
-        return f"must be <= {meta['max']:g}"
+    for bound, fails, sign in (("min", value.__lt__, ">="), ("above", value.__le__, ">"),
+                               ("max", value.__gt__, "<="), ("below", value.__ge__, "<")):
+        if meta.get(bound) is not None and fails(meta[bound]):
+            return f"must be {sign} {meta[bound]:g}"
     return None
+
+
+def validate(instance) -> None:
+    """Check a parameters object's own fields (types, bounds, choices) from their declarations:
+    a ``__post_init__`` calls it, so a dataclass built directly is held to the same rules."""
+    check_values(type(instance), dataclasses.asdict(instance), where=type(instance).__name__)
 
 
 def check_values(cls, values: dict, where: str = "--param") -> None:
@@ -101,7 +113,7 @@ def check_values(cls, values: dict, where: str = "--param") -> None:
                          f"{', '.join(sorted(fields)) or 'none'}", where=where)
     hints = _hints(cls)
     for key, value in values.items():
-        default = dataclasses.asdict(cls())[key]
+        default = _default(fields[key])
         if not _fits(hints[key], value):
             raise InputError(f"{key} must be {type_name(hints[key])} (default {default!r}), got {value!r}",
                              where=where)
@@ -156,10 +168,12 @@ def describe(cls) -> list[dict]:
         limits = ""
         if meta.get("choices"):
             limits = "one of " + ", ".join(map(str, meta["choices"]))
-        elif meta.get("min") is not None or meta.get("max") is not None:
-            lo = "" if meta.get("min") is None else f"{meta['min']:g} ≤ "
-            hi = "" if meta.get("max") is None else f" ≤ {meta['max']:g}"
-            limits = f"{lo}{f.name}{hi}"
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": dataclasses.asdict(cls())[f.name],
+        else:
+            lo = (f"{meta['min']:g} ≤ " if meta.get("min") is not None
+                  else f"{meta['above']:g} < " if meta.get("above") is not None else "")
+            hi = (f" ≤ {meta['max']:g}" if meta.get("max") is not None
+                  else f" < {meta['below']:g}" if meta.get("below") is not None else "")
+            limits = f"{lo}{f.name}{hi}" if lo or hi else ""
+        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": _default(f),
                      "help": meta.get("help", ""), "limits": limits})
     return rows

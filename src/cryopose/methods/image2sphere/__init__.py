@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ...parameters import param
+from ...parameters import param, validate
 from .. import Method
 
 
@@ -32,33 +32,34 @@ class Params:
     drop_maxpool: bool = param(True, "remove the ResNet stem's max-pool (doubles the feature map's side)")
     sphere_channels: int = param(256, "channels after the 1×1 convolution (the paper: 512)", min=1)
     projector_order: int = param(2, "HEALPix order of the hemisphere grid (3 ≈ 7.3°)", min=0)
-    projector_fraction: float = param(0.5, "fraction of hemisphere points drawn in each training step")
+    projector_fraction: float = param(0.5, "fraction of hemisphere points drawn in each training step", above=0, max=1)
     lmax: int = param(6, "highest spherical-harmonic degree", min=1)
     s2_channels: int = param(16, "output channels of the S² convolution", min=1)
     s2_kernel_order: int = param(2, "HEALPix order of the S² kernel grid", min=0)
     activation_resolution: int = param(6, "resolution of the SO(3) grid of the pointwise activation", min=1)
     output_order: int = param(3, "order of the SO(3) output grid (72·8^order rotations)", min=0)
     gaussian_sigmas: list[float] = param([1.0, 2.0], "σ in pixels of the two filtered copies (input channels 2, 3)")
-    so3_kernel_max_beta: float = param(math.pi / 8, "radians: local support of the SO(3) kernel")
+    so3_kernel_max_beta: float = param(math.pi / 8, "radians: local support of the SO(3) kernel", above=0)
     so3_kernel_n_alpha: int = param(8, "SO(3) kernel grid: samples in α", min=1)
     so3_kernel_n_beta: int = param(3, "SO(3) kernel grid: samples in β", min=1)
     batch_size: int = param(32, "images per training step (prediction uses twice as many)", min=1)
-    lr: float = param(1e-3, "learning rate of RAdam")
-    weight_decay: float = param(1e-5, "RAdam's weight decay")
+    lr: float = param(1e-3, "learning rate of RAdam", above=0)
+    weight_decay: float = param(1e-5, "RAdam's weight decay", min=0)
     max_epochs: int = param(6, "epochs at most (the paper: 400)", min=1)
     lr_patience: int = param(2, "epochs of stalled validation loss before the learning rate is halved", min=0)
     early_stop_patience: int = param(4, "epochs without improvement before stopping", min=0)
-    grad_clip: float = param(5.0, "gradient norm clip")
-    val_fraction: float = param(0.1, "fraction of the training half held out for validation")
+    grad_clip: float = param(5.0, "gradient norm clip", above=0)
+    val_fraction: float = param(0.1, "fraction of the training half held out for validation", above=0, below=1)
     augment: bool = param(True, "random in-plane rotations, shifts and noise while training")
     seed: int = param(0, "seed of every random draw (splits, shuffling, augmentation)")
     max_minutes: float | None = param(None, "wall-time budget checked after each epoch (null: none; "
-                                      "a budget makes the run machine-dependent)")
+                                      "a budget makes the run machine-dependent)", above=0)
     device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     refine_steps: int = param(0, "rounds of local ascent of the network's signal from the best grid cell", min=0)
 
     def __post_init__(self):
-        self.model_config(), self.train_config()  # each part's own rules
+        validate(self)  # the bounds declared above
+        self.model_config(), self.train_config()  # and each part's own rules
 
     def model_config(self):
         from .network import Image2SphereConfig

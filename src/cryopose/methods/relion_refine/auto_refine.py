@@ -37,7 +37,7 @@ import numpy as np
 from ... import io
 from ...predictions import EULER, ORIGIN, write_predictions
 from ...errors import InputError
-from ...parameters import param
+from ...parameters import param, validate
 from ...reconstruct import RelionNotFound
 from ...entry import Entry
 
@@ -53,13 +53,14 @@ POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 class RelionRefineConfig:
     """Options of ``relion_refine --auto_refine``; see the module docstring for the choices."""
 
-    ini_high_A: float = param(40.0, "Å: low-pass of the starting reference (the paper starts at 30–40 Å; ~20 on small boxes)")
+    ini_high_A: float = param(40.0, "Å: low-pass of the starting reference (the paper starts at 30–40 Å; ~20 on small boxes)",
+                               above=0)
     healpix_order: int = param(2, "initial angular sampling (2: 7.5°)", min=0)
     auto_local_healpix_order: int = param(4, "order from which RELION searches locally", min=0)
-    offset_range_px: float = param(5.0, "pixels: translational search range")
-    offset_step_px: float = param(2.0, "pixels: translational search step")
-    particle_diameter_A: float | None = param(None, "Å: mask diameter (default 90 % of the box)")
-    low_resol_join_halves_A: float = param(40.0, "Å: resolution below which the two halves are joined")
+    offset_range_px: float = param(5.0, "pixels: translational search range", min=0)
+    offset_step_px: float = param(2.0, "pixels: translational search step", above=0)
+    particle_diameter_A: float | None = param(None, "Å: mask diameter (default 90 % of the box)", above=0)
+    low_resol_join_halves_A: float = param(40.0, "Å: resolution below which the two halves are joined", above=0)
     pad: int = param(2, "padding factor of RELION's Fourier grid", min=1)
     mpi_processes: int = param(3, "mpirun -np N (≥ 3: a leader and one process per half)", min=3)
     threads: int = param(1, "threads per MPI process (relion_refine --j)", min=1)
@@ -68,8 +69,10 @@ class RelionRefineConfig:
     extra_args: str = param("", "more relion_refine options, split as a shell would")
 
     def __post_init__(self):
-        if self.ini_high_A <= 0 or not self.healpix_order <= self.auto_local_healpix_order:
-            raise ValueError("ini_high_A > 0 and healpix_order <= auto_local_healpix_order needed")
+        validate(self)  # the bounds declared above
+        if self.healpix_order > self.auto_local_healpix_order:
+            raise ValueError(f"healpix_order ({self.healpix_order}) must be <= auto_local_healpix_order "
+                             f"({self.auto_local_healpix_order})")
 
 
 def auto_refine_command(config: RelionRefineConfig, particles: Path, reference: Path, out_prefix: Path,
