@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from cryopose import io
+from cryopose.entry import Entry
 from cryopose.evaluate import evaluate
 from cryopose.geometry import euler_to_matrix, matrix_to_euler, rotation_about_axis
 
@@ -78,7 +79,7 @@ def simulate(workdir: Path, n: int, box: int, px: float) -> Path:
     return workdir / name
 
 
-def write_predictions(entry: io.Entry, folder: Path) -> list[Path]:
+def write_predictions(entry: Entry, folder: Path) -> list[Path]:
     gen = torch.Generator().manual_seed(0)
     paths = []
     for h in entry.halves:
@@ -93,7 +94,7 @@ def write_predictions(entry: io.Entry, folder: Path) -> list[Path]:
     return paths
 
 
-def cesped_layout(entry: io.Entry, folder: Path) -> Path:
+def cesped_layout(entry: Entry, folder: Path) -> Path:
     """CESPED's benchmark folder: the entry's files linked, plus its download markers."""
     target = folder / entry.name
     target.mkdir(parents=True)
@@ -104,7 +105,7 @@ def cesped_layout(entry: io.Entry, folder: Path) -> Path:
     return folder
 
 
-def run_cesped(python: str, bench: Path, entry: io.Entry, preds: list[Path], outdir: Path) -> dict:
+def run_cesped(python: str, bench: Path, entry: Entry, preds: list[Path], outdir: Path) -> dict:
     proc = subprocess.run([python, "-c", CESPED, str(bench), entry.name, str(preds[0]), str(preds[1]),
                            str(entry.mask_path), str(outdir)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -129,7 +130,7 @@ def main() -> None:
     if not args.skip_cesped and not Path(args.cesped_python).is_file():
         print(f"(no reference: {args.cesped_python} not found; see benchmarks/README.md to install cesped)")
         args.skip_cesped = True
-    entry = io.Entry(simulate(args.workdir, args.n_particles, args.box_size, args.pixel_size))
+    entry = Entry(simulate(args.workdir, args.n_particles, args.box_size, args.pixel_size))
     rows, metrics = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -54,7 +54,7 @@ import json, resource, statistics, sys, time
 import torch
 torch.set_num_threads(2)
 cfg, steps, batch, device = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), torch.device(sys.argv[4])
-from cryopose.models import Image2Sphere, Image2SphereConfig
+from cryopose.methods.image2sphere.network import Image2Sphere, Image2SphereConfig
 from cryopose.geometry import random_rotations
 from cryopose.grids import symmetric_grid_target
 def timed(fn):

@@ -170,15 +170,15 @@ class Bench:
 
     def predictions(self, entry: Path) -> tuple[Path, Path]:
         """Ground-truth predictions, made as ``cryopose train/predict --method ground_truth`` make them."""
-        from cryopose import io
+        from cryopose.entry import Entry
         from cryopose.methods import get_method
 
         folder = self.fresh(f"predictions_{entry.name}")
-        method, ent = get_method("ground_truth"), io.Entry(entry)
+        method, ent = get_method("ground_truth"), Entry(entry)
         for h in ent.halves:
-            method.train(ent, h, folder / f"model_half{h}", {}, None)
+            method.run_train(ent, h, folder / f"model_half{h}", {}, None)
         for h in ent.halves:
-            method.predict(folder / f"model_half{1 - h}", ent, h, folder / f"half{h}.star", {})
+            method.run_predict(folder / f"model_half{1 - h}", ent, h, folder / f"half{h}.star", {})
         return folder / "half0.star", folder / "half1.star"
 
     def evaluation(self, box: int, n: int, backend: str) -> dict:
@@ -203,7 +203,7 @@ class Bench:
     def train(self, pre_entry: Path, params: dict, tag: str) -> dict:
         model_keys = set(_model_fields())
         # Warm the cache of Wigner tables and grids (untimed): every training after the first finds it.
-        subprocess.run([sys.executable, "-c", "import json, sys\nfrom cryopose.models.image2sphere import "
+        subprocess.run([sys.executable, "-c", "import json, sys\nfrom cryopose.methods.image2sphere.network import "
                         "Image2Sphere, Image2SphereConfig\nImage2Sphere(Image2SphereConfig(**json.loads(sys.argv[1])))",
                         json.dumps({k: v for k, v in params.items() if k in model_keys})], check=True,
                        stdout=subprocess.DEVNULL)
@@ -224,7 +224,7 @@ def _secs(s: float) -> str:
 
 
 def _model_fields() -> list[str]:
-    from cryopose.models.image2sphere import Image2SphereConfig
+    from cryopose.methods.image2sphere.network import Image2SphereConfig
 
     return list(Image2SphereConfig.__dataclass_fields__)
 
@@ -232,10 +232,11 @@ def _model_fields() -> list[str]:
 def trimmed_copy(src: Path, dest: Path, n: int) -> Path:
     """The first ``n`` particles of each half of entry ``src`` as a new entry ``dest``."""
     from cryopose import io
+    from cryopose.entry import Entry
 
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    entry = io.Entry(src)
+    entry = Entry(src)
     for h in entry.halves:
         star = entry.read_star(h)
         parts = star.particles.iloc[:n].copy()

@@ -13,7 +13,7 @@ validation images per epoch), 2 torch threads as the workflow's ``threads: train
 What changed (the reference reproduces the old path):
 
 * the SO(3) activation: e3nn's ``SO3Activation`` (two dense ``(…, 455) × (455, 6,912)`` products
-  and their transposes in backward) → :class:`cryopose.models.image2sphere.SeparableSO3Activation`
+  and their transposes in backward) → :class:`cryopose.methods.image2sphere.network.SeparableSO3Activation`
   (the same function through a block-sparse map and small real Fourier syntheses);
 * the target: a dense ``(32, 36,864)`` target per batch, rebuilt with the quaternions of all 36,864
   grid rotations each time → the grid quaternions once, the loss gathered at the mates' cells;
@@ -124,11 +124,12 @@ def build(entry: Path, half: int):
     from cryopose.augment import AugmentConfig
     from cryopose.data import ParticlesDataset
     from cryopose.grids import grid_quaternions_of
-    from cryopose.methods import IMAGE2SPHERE_DEFAULTS, _image2sphere_settings
-    from cryopose.models.image2sphere import Image2Sphere, _so3_activation
-    from cryopose.train import _split
+    from cryopose.methods.image2sphere import Params
+    from cryopose.methods.image2sphere.network import Image2Sphere, e3nn_so3_activation
+    from cryopose.methods.image2sphere.training import train_val_split
 
-    model_config, train_config = _image2sphere_settings({**IMAGE2SPHERE_DEFAULTS, **WORKFLOW_PARAMS})
+    params = Params(**WORKFLOW_PARAMS)
+    model_config, train_config = params.model_config(), params.train_config()
     if entry.is_dir():
         train_set = ParticlesDataset(entry, half, image_size=32, augment=AugmentConfig())
         val_set = ParticlesDataset(entry, half, image_size=32)
@@ -136,11 +137,11 @@ def build(entry: Path, half: int):
     else:
         train_set = val_set = RandomBatches(1500, 32)
         source = "random images (entry not found)"
-    train_idx, val_idx = _split(len(train_set), train_config.val_fraction, train_config.seed)
+    train_idx, val_idx = train_val_split(len(train_set), train_config.val_fraction, train_config.seed)
     torch.manual_seed(0)
     ours = Image2Sphere(model_config)
     reference = copy.deepcopy(ours)
-    reference.activation = _so3_activation(model_config.lmax, model_config.activation_resolution)
+    reference.activation = e3nn_so3_activation(model_config.lmax, model_config.activation_resolution)
     sides = {}
     for name, model, foreach in (("ours", ours, True), ("reference", reference, False)):
         opt = torch.optim.RAdam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay,
@@ -153,14 +154,14 @@ def build(entry: Path, half: int):
 
 def train_step(ctx, side: str, idx, projector_gen):
     from cryopose.grids import symmetric_grid_cells
-    from cryopose.train import _weighted_loss
+    from cryopose.methods.image2sphere.training import weighted_loss
 
     model, opt = ctx["sides"][side]["model"], ctx["sides"][side]["opt"]
     ds = ctx["train_set"]
     _, images, (rot, _, conf), _ = ds.get_batch(idx)
     if side == "ours":
         cells = symmetric_grid_cells(rot, ctx["grid"], ds.symmetry, grid_quaternions=ctx["grid_q"])
-        loss = _weighted_loss(model.grid_logits(model.signal(images, projector_gen)), cells, conf)
+        loss = weighted_loss(model.grid_logits(model.signal(images, projector_gen)), cells, conf)
     else:
         target = reference_target(rot, ctx["grid"], ds.symmetry)
         loss = reference_loss(model.grid_logits(model.signal(images, projector_gen)), target, conf)
@@ -174,11 +175,11 @@ def train_step(ctx, side: str, idx, projector_gen):
 def interleaved_epoch(ctx, number: int) -> dict:
     """One whole epoch of each side (all its steps, then its validation), the two sides' steps
     interleaved one by one (order alternating) so that both see the same machine load."""
-    from cryopose.train import _generator, _validate
+    from cryopose.methods.image2sphere.training import epoch_generator, validation_pass
 
     tc = ctx["tc"]
-    order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=_generator(tc.seed, number, 1)).numpy()]
-    gens = {side: (_generator(tc.seed, number, 2), _generator(tc.seed, number, 3)) for side in ctx["sides"]}
+    order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=epoch_generator(tc.seed, number, 1)).numpy()]
+    gens = {side: (epoch_generator(tc.seed, number, 2), epoch_generator(tc.seed, number, 3)) for side in ctx["sides"]}
     seconds = {side: 0.0 for side in ctx["sides"]}
     for side in ctx["sides"]:
         ctx["sides"][side]["model"].train()
@@ -192,7 +193,7 @@ def interleaved_epoch(ctx, number: int) -> dict:
         model, cells = ctx["sides"][side]["model"], ctx.setdefault(f"val_cells_{side}", {})
         t = time.perf_counter()
         if side == "ours":
-            _validate(model, ctx["val_set"], ctx["val_idx"], tc.batch_size, torch.device("cpu"), cells)
+            validation_pass(model, ctx["val_set"], ctx["val_idx"], tc.batch_size, torch.device("cpu"), cells)
         else:
             reference_validate(model, ctx["val_set"], ctx["val_idx"], tc.batch_size, cells)
         seconds[side] += time.perf_counter() - t
@@ -229,16 +230,16 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     ctx = build(args.entry, args.half)
     tc = ctx["tc"]
-    from cryopose.train import _generator
+    from cryopose.methods.image2sphere.training import epoch_generator
 
-    order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=_generator(tc.seed, 99, 1)).numpy()]
+    order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=epoch_generator(tc.seed, 99, 1)).numpy()]
     steps = {"ours": [], "reference": []}
     for i in range(args.steps + 1):  # step 0: warm-up of both sides
         idx = order[(i * tc.batch_size) % (len(order) - tc.batch_size):][:tc.batch_size]
         for side in ("ours", "reference") if i % 2 else ("reference", "ours"):
-            ctx["train_set"].generator = _generator(tc.seed, 1000 + i, 2)
+            ctx["train_set"].generator = epoch_generator(tc.seed, 1000 + i, 2)
             t = time.perf_counter()
-            train_step(ctx, side, idx, _generator(tc.seed, 1000 + i, 3))
+            train_step(ctx, side, idx, epoch_generator(tc.seed, 1000 + i, 3))
             if i:
                 steps[side].append(time.perf_counter() - t)
     step = {k: statistics.median(v) for k, v in steps.items()}

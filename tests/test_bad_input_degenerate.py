@@ -163,6 +163,12 @@ def test_zero_half_map_after_reconstruction_is_null_with_a_reason(ws, capsys):
         assert m[key] is None and "GT1" in m["null_reasons"][key]
     assert m["PCC(GT,V)"] is not None and m["FSCR0.143(GT,V)"] is not None
     assert "n/a" in printed and "GT1 is zero" in printed
+    # Cross-half agreement: both halves compare a zero map (V1 against GT0, V0 against GT1), so
+    # the mean over the halves is null, with both reasons; so is every Δ.
+    for key in ("cross_PCC", "cross_FSCR0.5", "masked_cross_FSCR0.143", "delta_cross_PCC",
+                "masked_delta_cross_PCC", "delta_cross_FSCR0.143"):
+        assert m[key] is None, key
+        assert "V1 is zero" in m["null_reasons"][key] and "GT1 is zero" in m["null_reasons"][key], key
     assert BOX_ANGSTROM not in [m[k] for k in FSC_KEYS]
 
 
@@ -181,6 +187,8 @@ def test_zero_ground_truth_without_an_entry_mask_gives_nulls_not_a_crash(ws):
         assert m[key] is None
     assert "no mask: GT is zero" in m["null_reasons"]["masked_PCC(V0,V1)"]
     assert "GT0 is zero" in m["null_reasons"]["FSCR0.5(GT0,GT1)"]
+    assert m["masked_cross_PCC"] is None and "no mask: GT is zero" in m["null_reasons"]["masked_cross_PCC"]
+    assert m["delta_cross_FSCR0.5"] is None and "V0 is zero" in m["null_reasons"]["delta_cross_FSCR0.5"]
 
 
 def test_zero_map_metric_functions_give_nan_not_the_box_size():

@@ -12,7 +12,7 @@ from cryopose.simulate import SimulationSpec, simulate_entry
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="ev", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=30, snr=1.0, seed=2)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
 def _write(entry, tmp_path, half, edit=None, name="pred.star"):
@@ -70,6 +70,7 @@ from cryopose.cli import main as cli_main  # noqa: E402
 from cryopose.evaluate import evaluate, prediction_star  # noqa: E402
 from cryopose.geometry import matrix_to_euler, random_rotations, rotation_about_axis  # noqa: E402
 from cryopose.reconstruct import RelionNotFound  # noqa: E402
+from cryopose.entry import Entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 OUTPUTS = {"metrics.json", "particles.csv", "fsc.csv", "V_half0.mrc", "V_half1.mrc", "V.mrc", "fsc.png",
@@ -80,7 +81,7 @@ OUTPUTS = {"metrics.json", "particles.csv", "fsc.csv", "V_half0.mrc", "V_half1.m
 def c4(tmp_path_factory):
     spec = SimulationSpec(name="evc4", symmetry="C4", box_size=32, pixel_size=4.1, n_particles=800, snr=2.0,
                           seed=5)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
 def _predictions(entry, folder, transform, name):
@@ -195,7 +196,7 @@ def _copy_entry(entry, dest):
     import shutil
 
     shutil.copytree(entry.root, dest / entry.name)
-    return io.Entry(dest / entry.name)
+    return Entry(dest / entry.name)
 
 
 def test_bad_inputs_leave_no_output(c4, tmp_path, monkeypatch):
@@ -254,3 +255,43 @@ def test_relion_backend_evaluation_agrees_with_torch(c4, tmp_path, gt_dir):
     assert rel["backend"] == "relion" and rel["MAnE"] == pytest.approx(10.0, abs=1e-4)
     assert rel["delta_PCC"] == pytest.approx(tor["delta_PCC"], abs=0.02)
     assert rel["PCC(GT0,GT1)"] == pytest.approx(tor["PCC(GT0,GT1)"], abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-half agreement (issue 18): V_h against the other half's ground truth GT_(1-h)
+# ---------------------------------------------------------------------------------------------
+
+CROSS = [f"{masked}{delta}cross_{m}" for masked in ("", "masked_") for delta in ("", "delta_")
+         for m in ("PCC", "FSCR0.143", "FSCR0.5")]
+# Numbers in metrics.json that describe the run, not the predictions: no row in the metric table.
+CONTEXT = {"n_particles", "pixel_size", "box_size", "seconds_ground_truth_reconstruction",
+           "seconds_predicted_reconstruction", "seconds_total"}
+
+
+def test_cross_half_agreement_of_the_true_poses_is_exactly_zero(entry, tmp_path):
+    from cryopose.metric_table import metric
+
+    p0, p1 = _predictions(entry, tmp_path, lambda r, h: r, "truth")
+    m = evaluate(entry, p0, p1, "SO3", plots=False, progress=False).metrics
+    assert sorted(k for k in m if "cross" in k) == sorted(CROSS)
+    # V_h is GT_h, so (V_h, GT_1-h) is (GT_h, GT_1-h): the same maps as (GT0,GT1), exactly.
+    for key in CROSS:
+        if "delta_" in key:
+            assert m[key] == 0.0, key
+    assert m["cross_PCC"] == m["PCC(GT0,GT1)"] and m["masked_cross_FSCR0.5"] == m["masked_FSCR0.5(GT0,GT1)"]
+    # The paper's ΔPCC of the same predictions is well below 0: (GT,V) share the particles' noise.
+    assert m["delta_PCC"] < -0.1 and not m["null_reasons"]
+    # Every number evaluate writes is declared once in the metric table (or describes the run).
+    for key, value in m.items():
+        if isinstance(value, float) and key not in CONTEXT:
+            metric(key)
+
+
+def test_wrong_poses_lose_cross_half_agreement(entry, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    p0, p1 = _predictions(entry, tmp_path, lambda r, h: random_rotations(len(r), generator=gen).double(), "wrong")
+    m = evaluate(entry, p0, p1, "SO3", plots=False, progress=False).metrics
+    assert m["MAnE"] > 60
+    assert m["delta_cross_PCC"] > 0.05 and m["masked_delta_cross_PCC"] > 0.05
+    assert m["delta_cross_FSCR0.5"] > 5 and m["masked_delta_cross_FSCR0.143"] > 5
+    assert m["cross_PCC"] < m["PCC(GT0,GT1)"]

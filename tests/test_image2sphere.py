@@ -76,9 +76,9 @@ def test_separable_activation_is_e3nns_activation(lmax, resolution):
     """The factorised SO(3) activation computes e3nn's SO3Activation (grid, ReLU, quadrature back):
     the same values and gradients to float rounding (a wrong basis order or quadrature weight is
     off by O(1))."""
-    from cryopose.methods.image2sphere.network import SeparableSO3Activation, _so3_activation
+    from cryopose.methods.image2sphere.network import SeparableSO3Activation, e3nn_so3_activation
 
-    reference = _so3_activation(lmax, resolution)
+    reference = e3nn_so3_activation(lmax, resolution)
     separable = SeparableSO3Activation(lmax, resolution, reference.act)
     n = sum((2 * l + 1) ** 2 for l in range(lmax + 1))
     torch.manual_seed(4)

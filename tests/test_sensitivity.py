@@ -13,10 +13,12 @@ from cryopose.cli import main
 from cryopose.errors import InputError
 from cryopose.evaluate import evaluate
 from cryopose.geometry import euler_to_matrix, matrix_to_euler, random_rotations
+from cryopose.metric_table import metric
 from cryopose.metrics import angular_errors
 from cryopose.sensitivity import (METRICS, monotone_violations, parse_perturbation, perturb_angles, perturbation_name,
                                   sensitivity_table, write_perturbed_predictions)
 from cryopose.simulate import SimulationSpec, simulate_entry
+from cryopose.entry import Entry
 
 
 def _gens():
@@ -69,7 +71,7 @@ def test_levels_are_nested():
 def entry(tmp_path_factory):
     spec = SimulationSpec(name="sens_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=1.0,
                           seed=9)
-    return io.Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
+    return Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
 
 
 def test_predictions_keep_everything_but_the_angles(entry, tmp_path):
@@ -116,6 +118,12 @@ def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
         assert t["masked_PCC(V0,V1)"].iloc[-1] < t["masked_PCC(V0,V1)"].iloc[0] - 0.005
         assert t["FSCR0.5(V0,V1)"].iloc[-1] > 1.03 * t["FSCR0.5(V0,V1)"].iloc[0]
         assert t["PCC(GT,V)"].iloc[0] > 0.999 and t["MAnE"].iloc[0] < 1e-3
+        # The cross-half agreement (each perturbed half-map against the other half's ground truth)
+        # worsens like the half-maps' agreement, about half as fast (one of its two maps is
+        # perturbed): its PCC within the noise at ±1°, strictly beyond; its resolution at each level.
+        assert (np.diff(t["cross_PCC"].to_numpy()[1:]) < 0).all()
+        assert t["cross_PCC"].iloc[-1] < t["cross_PCC"].iloc[0] - 0.003
+        assert (np.diff(t["cross_FSCR0.5"]) > 0).all() and (np.diff(t["masked_cross_FSCR0.5"]) > 0).all()
 
     assert main(["sensitivity", *map(str, metrics), "--out", str(tmp_path / "sensitivity.csv")]) == 0
     assert "not monotone" not in capsys.readouterr().out
@@ -134,8 +142,22 @@ def test_a_non_monotone_table_is_reported():
         rows.append({**row, "entry": "e", "experiment": "noise", "level": lv, "unit": "±°", "MAnE": lv,
                      "PCC(GT,V)": pcc, "FSCR0.5(V0,V1)": res})
     # Within the tolerances (PCC + 0.0005, resolution 0.2 % finer) is noise, not a violation.
-    assert monotone_violations(pd.DataFrame(rows)) == ["e, noise: FSCR0.5(V0,V1) goes from 4.99 at 1 to 4.5 at 3",
-                                                       "e, noise: PCC(GT,V) goes from 0.95 at 1 to 0.96 at 3"]
+    assert sorted(monotone_violations(pd.DataFrame(rows))) == [
+        "e, noise: FSCR0.5(V0,V1) goes from 4.99 at 1 to 4.5 at 3",
+        "e, noise: PCC(GT,V) goes from 0.95 at 1 to 0.96 at 3"]
+
+
+def test_the_direction_of_each_metric_comes_from_the_table():
+    """The cross-half agreement has no "PCC(...)"/"FSCR...(...)" spelling to guess from: its PCC is
+    worse when lower, its resolutions when higher, as its rows in cryopose.metric_table say."""
+    rows = []
+    for lv, pcc, res in ((0, 0.80, 10.0), (1, 0.85, 9.0), (3, 0.70, 12.0)):
+        row = {m: (0.9 if metric(m).unit == "" else 6.0) for m in METRICS}
+        rows.append({**row, "entry": "e", "experiment": "noise", "level": lv, "unit": "±°", "MAnE": lv,
+                     "cross_PCC": pcc, "masked_cross_FSCR0.5": res})
+    assert sorted(monotone_violations(pd.DataFrame(rows))) == [
+        "e, noise: cross_PCC goes from 0.8 at 0 to 0.85 at 1",
+        "e, noise: masked_cross_FSCR0.5 goes from 10 at 0 to 9 at 1"]
 
 
 def test_the_table_refuses_other_methods_and_repeats(tmp_path):

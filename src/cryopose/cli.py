@@ -63,7 +63,7 @@ def _refuse_simulating_over_inputs(args: argparse.Namespace, specs) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .io import Entry
+    from .entry import Entry
 
     entry = Entry(Path(args.entry))
     entry.validate()
@@ -113,6 +113,7 @@ def _reconstruct_options(args: argparse.Namespace) -> dict:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import GROUND_TRUTH_FILES, evaluate, evaluation_files
+    from .metric_table import rows
 
     entry = _entry(args)
     # The files written, not their folders: the workflow evaluates into the folder that holds the
@@ -128,18 +129,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
                       jobs=args.jobs, method=args.method, trained_on=args.trained_on, **options)
     m = result.metrics
-    rows = [("MAnE (°)", m["MAnE"]), ("wMAnE (°)", m["wMAnE"]), ("median error (°)", m["median_angular_error"])]
-    for name in ("PCC(GT,V)", "PCC(V0,V1)", "PCC(GT0,GT1)", "delta_PCC", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)",
-                 "FSCR0.143(V0,V1)", "FSCR0.143(GT0,GT1)", "delta_FSCR0.143", "delta_FSCR0.5"):
-        rows.append((name, m[name]))
-        if f"masked_{name}" in m:
-            rows.append((f"masked_{name}", m[f"masked_{name}"]))
     print(f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})")
     reasons = m.get("null_reasons") or {}
-    for name, value in rows:
-        unit = " Å" if "FSCR" in name and value is not None else ""
-        shown = f"n/a ({reasons.get(name, 'undefined')})" if value is None else f"{value:.4g}"
-        print(f"  {name:<28} {shown}{unit}")
+    for row in rows("printed"):  # the metrics, labels and units of cryopose.metric_table
+        if row.key not in m:
+            continue
+        value = m[row.key]
+        unit = f" {row.unit}" if row.unit and value is not None else ""
+        shown = f"n/a ({reasons.get(row.key, 'undefined')})" if value is None else f"{value:.4g}"
+        print(f"  {row.label:<30} {shown}{unit}")
     if args.out:
         print(f"written to {args.out}")
     return 0
@@ -207,27 +205,14 @@ def _cmd_ground_truth(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import (benchmark_seconds, leaderboard_paths, leaderboard_table, to_markdown, summary_table,
-                              write_leaderboard)
+    from .leaderboard import (leaderboard_paths, leaderboard_table, summary_table, timings_from_benchmarks,
+                              to_markdown, write_leaderboard)
 
     refuse_overwriting_inputs({"--out": leaderboard_paths(args.out)},
                               {"metrics": args.metrics, **{f"--{kind}-benchmarks": getattr(args, f"{kind}_benchmarks")
                                                            for kind in ("train", "predict", "refine")}})
-    timings: dict = {}
-    for kind in ("train", "predict", "refine"):
-        for path in getattr(args, f"{kind}_benchmarks") or []:
-            # results/benchmarks/<kind>/<method>/<entry>/half<h>.tsv
-            p = Path(path)
-            key = (p.parent.parent.name, p.parent.name)
-            timings.setdefault(key, {}).setdefault(f"{kind}_seconds", 0.0)
-            timings[key][f"{kind}_seconds"] += benchmark_seconds(p)
-    # A refined variant costs its base's training, and its base's prediction plus the refinement.
-    for (method, entry_name), t in timings.items():
-        base = timings.get((method.removesuffix("+refine"), entry_name), {})
-        if method.endswith("+refine") and "refine_seconds" in t:
-            t["train_seconds"] = base.get("train_seconds")
-            if base.get("predict_seconds") is not None:
-                t["predict_seconds"] = base["predict_seconds"] + t["refine_seconds"]
+    timings = timings_from_benchmarks({kind: getattr(args, f"{kind}_benchmarks") or []
+                                       for kind in ("train", "predict", "refine")})
     table = leaderboard_table(args.metrics, timings)
     write_leaderboard(table, args.out)
     print(to_markdown(table, summary_table(table)))

@@ -27,6 +27,7 @@ from .masks import mask_from_ground_truth
 from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
 from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
 from .reconstruct import reconstruct, relion_command
+from .entry import Entry
 
 __all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult"]
 
@@ -36,7 +37,7 @@ __all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult
 # The protocol: maps from ground-truth and predicted poses, then metrics
 # ---------------------------------------------------------------------------------------------
 
-def prediction_star(entry: io.Entry, half: int, predictions: Predictions, prediction_type: str,
+def prediction_star(entry: Entry, half: int, predictions: Predictions, prediction_type: str,
                     use_pred_confidence: bool) -> io.ParticleStar:
     """The entry's STAR for ``half`` with the predicted pose parameters transplanted into it.
 
@@ -67,7 +68,7 @@ def prediction_star(entry: io.Entry, half: int, predictions: Predictions, predic
     return io.ParticleStar(star.optics.copy(), parts)
 
 
-def _entry_fingerprint(entry: io.Entry, backend: str, symmetry: str, pad: int) -> dict:
+def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int) -> dict:
     digest = hashlib.sha256()
     for h in entry.halves:
         digest.update(entry.star_path(h).read_bytes())
@@ -110,7 +111,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _cached_ground_truth(entry: io.Entry, cache_dir: Path, fingerprint: dict) -> tuple[list[np.ndarray], float] | None:
+def _cached_ground_truth(entry: Entry, cache_dir: Path, fingerprint: dict) -> tuple[list[np.ndarray], float] | None:
     """The cached pair when ``cache_dir`` holds a complete cache for exactly these inputs, else
     ``None`` (it is rebuilt). A map of another box or pixel size is an error naming it: it is
     another entry's cache (or an older version's), never used and never silently overwritten."""
@@ -162,7 +163,7 @@ def _check_cache_folder(cache_dir: Path) -> None:
                          "whole, so give it a folder of its own", path=cache_dir, where="ground-truth cache")
 
 
-def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
+def ground_truth_maps(entry: Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
                       progress: bool = True, jobs: int = 1,
                       **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
     """The half-maps GT0, GT1 reconstructed from the entry's ground-truth poses, cached.
@@ -201,7 +202,7 @@ def ground_truth_maps(entry: io.Entry, cache_dir: str | Path, backend: str = "to
     return maps[0], maps[1], px
 
 
-def _read_entry_mask(entry: io.Entry) -> np.ndarray | None:
+def _read_entry_mask(entry: Entry) -> np.ndarray | None:
     """The entry's own mask, checked against its box and pixel size, or ``None`` when it has none."""
     if not entry.mask_path.is_file():
         return None
@@ -232,7 +233,7 @@ class EvaluationResult:
     maps: dict
 
 
-def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_predictions: str | Path,
+def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_predictions: str | Path,
              prediction_type: str = "SO3", backend: str = "torch", use_pred_confidence: bool = True,
              outdir: str | Path | None = None, ground_truth_dir: str | Path | None = None, pad: int = 2,
              low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True, jobs: int = 1,
@@ -249,7 +250,11 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
        (GT, V), (V0, V1) and (GT0, GT1), unmasked and masked (the entry's mask, else one built from
        GT: ``mask_source`` says which). ``delta_PCC = PCC(GT0,GT1) − PCC(GT,V)`` (paper eq. 9) and
        ``delta_FSCR<t> = FSCR<t>(GT,V) − FSCR<t>(GT0,GT1)`` in Å, so both are ≥ 0 when the
-       predictions lose quality; the masked deltas use masked values on both sides. A metric of
+       predictions lose quality; the masked deltas use masked values on both sides. Cross-half
+       agreement: ``cross_<m>`` is the mean over h of ``<m>(V_h, GT_1−h)`` (PCC, FSCR<t>; no
+       shared particle noise), ``delta_cross_PCC = PCC(GT0,GT1) − cross_PCC`` and
+       ``delta_cross_FSCR<t> = cross_FSCR<t> − FSCR<t>(GT0,GT1)`` (GT_h in place of V_h): exactly 0
+       for the true poses, positive = worse as the paper's deltas. A metric of
        a map that is zero, constant or not finite once reconstructed is ``None`` (null), as is
        every delta using it; ``null_reasons`` maps each such metric to why (e.g. ``"V1 is zero"``).
     3. Poses: symmetry-aware angular errors; MAnE, wMAnE (weights: rlnMaxValueProbDistribution,
@@ -271,8 +276,8 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     :class:`InputError` before any file is written.
     """
     t_start = time.perf_counter()
-    if not isinstance(entry, io.Entry):
-        entry = io.Entry(Path(entry))
+    if not isinstance(entry, Entry):
+        entry = Entry(Path(entry))
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
                          where="prediction_type")
@@ -333,6 +338,10 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom,
                                       names=tuple(name.strip("()").split(",")))
                    for name, (a, b) in pairs.items()}
+    # Cross-half agreement: V_h against the other half's ground truth GT_(1-h), which holds none of
+    # V_h's particles, so none of their noise. Its reference, GT_h against GT_(1-h), is (GT0,GT1).
+    cross = [compare_maps(v[h], (gt1, gt0)[h], px, mask=mask, low_resolution_angstrom=low_resolution_angstrom,
+                          names=(f"V{h}", f"GT{1 - h}")) for h in (0, 1)]
 
     particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
     metrics: dict = {"method": method, "entry": entry.name, "trained_on": trained_on or entry.name,
@@ -349,15 +358,21 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
             for key in cmp.as_dict(name):
                 metrics[f"masked_{key}"] = math.nan
                 null_reasons[f"masked_{key}"] = no_mask
+    _cross_half_metrics(cross, no_mask, metrics, null_reasons)
     for prefix in ("", "masked_"):
         deltas = {f"{prefix}delta_PCC": (f"{prefix}PCC(GT0,GT1)", f"{prefix}PCC(GT,V)")}
         deltas.update({f"{prefix}delta_FSCR{t:g}": (f"{prefix}FSCR{t:g}(GT,V)", f"{prefix}FSCR{t:g}(GT0,GT1)")
+                       for t in FSC_THRESHOLDS})
+        # V's cross-half value against GT's (GT_h in place of V_h), signed as the paper's deltas
+        # (positive = worse): 0 for the true poses by construction.
+        deltas[f"{prefix}delta_cross_PCC"] = (f"{prefix}PCC(GT0,GT1)", f"{prefix}cross_PCC")
+        deltas.update({f"{prefix}delta_cross_FSCR{t:g}": (f"{prefix}cross_FSCR{t:g}", f"{prefix}FSCR{t:g}(GT0,GT1)")
                        for t in FSC_THRESHOLDS})
         for delta, (minuend, subtrahend) in deltas.items():
             metrics[delta] = metrics[minuend] - metrics[subtrahend]
             causes = [null_reasons[k] for k in (minuend, subtrahend) if k in null_reasons]
             if causes:
-                null_reasons[delta] = "; ".join(dict.fromkeys(causes))
+                null_reasons[delta] = _join_reasons(causes)
     metrics["null_reasons"] = null_reasons
     metrics["seconds_ground_truth_reconstruction"] = t_gt
     metrics["seconds_predicted_reconstruction"] = t_pred
@@ -378,6 +393,30 @@ def evaluate(entry: io.Entry | str | Path, half0_predictions: str | Path, half1_
     return result
 
 
+def _join_reasons(causes: list[str]) -> str:
+    """The causes, each once: ``["GT1 is zero; V1 is zero", "GT1 is zero"]`` → ``"GT1 is zero; V1 is zero"``."""
+    return "; ".join(dict.fromkeys(part for cause in causes for part in cause.split("; ")))
+
+
+def _cross_half_metrics(cross: list, no_mask: str | None, metrics: dict, null_reasons: dict) -> None:
+    """``cross_<m>``: the mean over h of ``<m>(V_h, GT_1−h)`` (``cross[h]``) for each metric ``m``
+    of :meth:`~cryopose.metrics.MapComparison.as_dict`, masked ones as ``masked_cross_<m>``. NaN
+    when either half's is, with that half's reason; masked ones NaN with ``no_mask`` when set."""
+    values = [c.as_dict() for c in cross]
+    reasons = [c.null_reasons() for c in cross]
+    for name in values[0]:
+        masked = name.startswith("masked_")
+        key = f"masked_cross_{name.removeprefix('masked_')}" if masked else f"cross_{name}"
+        metrics[key] = 0.5 * (values[0][name] + values[1][name])
+        causes = [r[name] for r in reasons if name in r]
+        if causes:
+            null_reasons[key] = _join_reasons(causes)
+    if no_mask:
+        for name in values[0]:
+            metrics[f"masked_cross_{name}"] = math.nan
+            null_reasons[f"masked_cross_{name}"] = no_mask
+
+
 def _plain(value):
     """JSON-ready: numbers become Python floats, NaN (an undefined map metric, whose reason is in
     ``null_reasons``) becomes None."""
@@ -388,7 +427,7 @@ def _plain(value):
     return value
 
 
-def _pose_metrics(entry: io.Entry, predictions: list[Predictions], prediction_type: str,
+def _pose_metrics(entry: Entry, predictions: list[Predictions], prediction_type: str,
                   symmetry: str) -> tuple[pd.DataFrame, dict]:
     rows, errors, confidences, metrics = [], [], [], {}
     all_shift_errors = []

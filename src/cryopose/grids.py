@@ -94,7 +94,7 @@ def symmetric_grid_cells(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: st
                          grid_quaternions: torch.Tensor | None = None) -> torch.Tensor:
     """``(N, |G|)`` int64: the grid cell of each symmetry mate ``g·R`` (the sparse form of
     :func:`symmetric_grid_target`, small enough to keep for a whole validation set; the training
-    loss reads the target through these cells, see :func:`cryopose.train._weighted_loss`).
+    loss reads the target through these cells, see :func:`cryopose.train.weighted_loss`).
     ``grid_quaternions``: optional :func:`grid_quaternions_of` ``grid``, computed once by the caller."""
     rotmats = torch.as_tensor(rotmats).double()
     ops = symmetry_matrices(symmetry)

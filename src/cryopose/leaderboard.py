@@ -20,18 +20,21 @@ import pandas as pd
 
 from . import io
 from .errors import InputError
+from .methods import REFINE_SUFFIX
+from .metric_table import columns
 
-__all__ = ["COLUMNS", "SUMMARY_COLUMNS", "leaderboard_table", "summary_table", "to_markdown", "write_leaderboard",
-           "benchmark_seconds", "generalisation_table", "write_generalisation", "GENERALISATION_COLUMNS"]
+__all__ = ["timings_from_benchmarks", "COLUMNS", "TIMING_COLUMNS", "SUMMARY_COLUMNS", "leaderboard_table", "summary_table", "to_markdown",
+           "write_leaderboard", "benchmark_seconds", "generalisation_table", "write_generalisation",
+           "GENERALISATION_COLUMNS"]
 
-#: Metric columns, in the paper's order (Table 1, Appendix D), then the masked deltas.
-COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "PCC(V0,V1)", "PCC(GT,V)", "PCC(GT0,GT1)",
-           "FSCR0.143(V0,V1)", "FSCR0.5(V0,V1)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "FSCR0.143(GT0,GT1)",
-           "FSCR0.5(GT0,GT1)", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
-           "masked_delta_FSCR0.5", "masked_delta_FSCR0.143", "shift_error_mean_A"]
+# Every list of metrics below is a view of cryopose.metric_table.METRICS, in its order.
+#: Metric columns from metrics.json, in the paper's order (Table 1, Appendix D), then the masked
+#: deltas, the cross-half agreement and the shift error.
+COLUMNS = columns("leaderboard", timing=False)
+#: Columns measured by the workflow (benchmark files), after ``null_reasons``.
+TIMING_COLUMNS = columns("leaderboard", timing=True)
 #: The columns of the per-method summary (Table 1).
-SUMMARY_COLUMNS = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
-                   "shift_error_mean_A", "train_seconds", "predict_seconds"]
+SUMMARY_COLUMNS = columns("summary")
 
 
 def benchmark_seconds(path: str | Path) -> float:
@@ -45,6 +48,26 @@ def benchmark_seconds(path: str | Path) -> float:
         raise InputError("expected a tab-separated benchmark table with an 's' column and one row", path=path,
                          where="s")
     return float(table["s"].iloc[0])
+
+
+def timings_from_benchmarks(files: dict[str, list]) -> dict[tuple[str, str], dict]:
+    """``{(method, entry): {"<kind>_seconds": s}}`` from the workflow's benchmark files
+    ``results/benchmarks/<kind>/<method>/<entry>/half<h>.tsv`` (``files``: kind → paths; the
+    halves summed). A ``<method>+refine`` row costs its base's training, and its base's
+    prediction plus the refinement (its refine files), as running it from scratch would."""
+    timings: dict[tuple[str, str], dict] = {}
+    for kind, paths in files.items():
+        for path in map(Path, paths):
+            key = (path.parent.parent.name, path.parent.name)
+            timings.setdefault(key, {}).setdefault(f"{kind}_seconds", 0.0)
+            timings[key][f"{kind}_seconds"] += benchmark_seconds(path)
+    for (method, entry_name), t in timings.items():
+        base = timings.get((method.removesuffix(REFINE_SUFFIX), entry_name), {})
+        if method.endswith(REFINE_SUFFIX) and "refine_seconds" in t:
+            t["train_seconds"] = base.get("train_seconds")
+            if base.get("predict_seconds") is not None:
+                t["predict_seconds"] = base["predict_seconds"] + t["refine_seconds"]
+    return timings
 
 
 def _read_metrics(path: Path) -> dict:
@@ -88,13 +111,10 @@ def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, 
                "backend": m.get("backend"), "n_particles": m.get("n_particles")}
         row.update({c: m.get(c) for c in COLUMNS})
         row["null_reasons"] = _null_reasons(m, COLUMNS)
-        t = (timings or {}).get(key, {})
-        row["train_seconds"] = t.get("train_seconds")
-        row["predict_seconds"] = t.get("predict_seconds")
-        row["refine_seconds"] = t.get("refine_seconds")
+        t = dict((timings or {}).get(key, {}))
         n = row["n_particles"]
-        row["predict_particles_per_s"] = (n / row["predict_seconds"]
-                                          if n and row["predict_seconds"] else None)
+        t["predict_particles_per_s"] = n / t["predict_seconds"] if n and t.get("predict_seconds") else None
+        row.update({c: t.get(c) for c in TIMING_COLUMNS})
         rows.append(row)
     if not rows:
         raise InputError("no evaluations to rank", where="metrics files")
@@ -127,9 +147,9 @@ def _fmt(value) -> str:
 
 
 def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """The leaderboard and the per-method summary as Markdown tables."""
-    shown = ["method", "entry", "MAnE", "wMAnE", "PCC(GT,V)", "FSCR0.143(GT,V)", "delta_PCC", "delta_FSCR0.5",
-             "delta_FSCR0.143", "shift_error_mean_A", "train_seconds", "predict_seconds"]
+    """The leaderboard and the per-method summary as Markdown tables (the metrics of the views
+    ``markdown`` and ``markdown_summary`` of :mod:`cryopose.metric_table`)."""
+    shown = ["method", "entry", *columns("markdown")]
     lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in shown) + " |")
@@ -139,7 +159,7 @@ def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
         lines += ["", "Missing values (–), undefined for these reasons:", "", *notes]
     lines += ["", "Per method, mean ± std over the entries with a value (entries without one are left out "
               "and counted as missing):", ""]
-    cols = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143"]
+    cols = columns("markdown_summary")
     lines += ["| method | entries | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
     for _, r in summary.iterrows():
         cells = [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}"
@@ -168,8 +188,7 @@ def write_leaderboard(table: pd.DataFrame, out_csv: str | Path) -> tuple[Path, P
 
 
 #: The columns of the generalisation table.
-GENERALISATION_COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "delta_PCC", "delta_FSCR0.5",
-                          "delta_FSCR0.143", "shift_error_mean_A"]
+GENERALISATION_COLUMNS = columns("generalisation")
 
 
 def generalisation_table(metrics_files: list[str | Path]) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 training run (loss and validation error per epoch), and of the generalisation experiment.
 
 Each function takes the tables :func:`cryopose.evaluate.evaluate` produces and writes one PNG
-atomically. matplotlib runs headless (Agg); healpy draws the Mollweide maps.
+atomically. matplotlib runs headless (Agg); healpy draws the Mollweide maps. Axis labels come from
+:mod:`cryopose.metric_table`; this module imports none of the modules whose tables it draws
+(leaderboard, sensitivity): they pass in what it needs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch  # noqa: E402
 
 from . import io  # noqa: E402
 from .geometry import euler_to_matrix  # noqa: E402
+from .metric_table import heading  # noqa: E402
 
 __all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training",
            "plot_generalisation", "plot_sensitivity", "plot_sensitivity_fsc"]
@@ -137,7 +140,8 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
     for (method, source), g in groups:
         targets = ", ".join(sorted(g[g["setting"] == "transfer"]["entry"].astype(str)))
         labels.append(f"{method}\n{source} → {targets or '–'}")
-    for ax, col, label in zip(axes, ("MAnE", "delta_FSCR0.5"), ("MAnE (°)", "ΔFSCR0.5 (Å)")):
+    for ax, col in zip(axes, ("MAnE", "delta_FSCR0.5")):
+        label = heading(col)
         for k, setting in enumerate(("in-distribution", "transfer")):
             values = [float(pd.to_numeric(g[g["setting"] == setting][col], errors="coerce").mean())
                       if (g["setting"] == setting).any() else np.nan for _, g in groups]
@@ -154,21 +158,19 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-def plot_sensitivity(table: pd.DataFrame, path: str | Path) -> None:
-    """The paper's Tables 4–5 as lines: PCC(V0,V1) (unmasked, masked) and FSCR0.5(V0,V1) against the
-    perturbation level, one line per entry; left column random poses, right column angular noise.
-    ``table`` from :func:`cryopose.sensitivity.sensitivity_table`."""
-    from .sensitivity import EXPERIMENTS
-
-    experiments = [e for e in ("random", "noise") if (table["experiment"] == e).any()]
-    metrics = [("PCC(V0,V1)", "PCC(V0, V1)"), ("masked_PCC(V0,V1)", "masked PCC(V0, V1)"),
-               ("FSCR0.5(V0,V1)", "FSC(V0, V1) = 0.5 resolution (Å)")]
-    fig, axes = plt.subplots(len(metrics), len(experiments), figsize=(4.6 * len(experiments), 8.5), squeeze=False,
-                             sharex="col")
-    for j, experiment in enumerate(experiments):
+def plot_sensitivity(table: pd.DataFrame, path: str | Path, experiments: dict, metrics: list[str]) -> None:
+    """The paper's Tables 4–5 as lines: each of ``metrics`` (e.g. PCC(V0,V1) unmasked and masked,
+    FSC(V0,V1) resolutions) against the perturbation level, one line per entry; left column random
+    poses, right column angular noise. ``table`` from :func:`cryopose.sensitivity.sensitivity_table`;
+    ``experiments``: experiment → (label, unit of the level), as :data:`cryopose.sensitivity.EXPERIMENTS`."""
+    names = [e for e in ("random", "noise") if (table["experiment"] == e).any()]
+    fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.6 * len(names), 2.8 * len(metrics)),
+                             squeeze=False, sharex="col")
+    for j, experiment in enumerate(names):
         t = table[table["experiment"] == experiment]
-        label, unit = EXPERIMENTS[experiment]
-        for i, (col, ylabel) in enumerate(metrics):
+        label, unit = experiments[experiment]
+        for i, col in enumerate(metrics):
+            ylabel = heading(col)
             ax = axes[i, j]
             for k, (entry, g) in enumerate(t.groupby("entry")):
                 g = g.sort_values("level")
@@ -184,29 +186,27 @@ def plot_sensitivity(table: pd.DataFrame, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-def plot_sensitivity_fsc(curves: dict, path: str | Path) -> None:
-    """The paper's Figures 4–5: FSC(V0,V1) curves (the perturbed half-maps) per entry (rows) at each level of random poses
-    (left) and angular noise (right). ``curves``: ``{(entry, perturbation name): fsc table}``
-    (the ``fsc.csv`` of :func:`cryopose.evaluate.evaluate`)."""
-    from .sensitivity import EXPERIMENTS, parse_perturbation
-
-    entries = sorted({e for e, _ in curves})
+def plot_sensitivity_fsc(curves: dict, path: str | Path, experiments: dict) -> None:
+    """The paper's Figures 4–5: FSC(V0,V1) curves (the perturbed half-maps) per entry (rows) at each
+    level of random poses (left) and angular noise (right). ``curves``: ``{(entry, experiment,
+    level): fsc table}`` (the ``fsc.csv`` of :func:`cryopose.evaluate.evaluate`; the unperturbed
+    evaluation is level 0 of both experiments); ``experiments``: experiment → (label, unit)."""
+    entries = sorted({e for e, _, _ in curves})
     fig, axes = plt.subplots(len(entries), 2, figsize=(10, 3.2 * len(entries)), squeeze=False)
     for i, entry in enumerate(entries):
         for j, experiment in enumerate(("random", "noise")):
             ax = axes[i, j]
-            levels = sorted((parse_perturbation(name)[1], name) for e, name in curves
-                            if e == entry and parse_perturbation(name)[0] in (experiment, "exact"))
-            for k, (level, name) in enumerate(levels):
-                fsc = curves[(entry, name)]
+            levels = sorted(lv for e, x, lv in curves if e == entry and x == experiment)
+            for k, level in enumerate(levels):
+                fsc = curves[(entry, experiment, level)]
                 f = fsc["frequency_per_A"].to_numpy()[1:]
-                unit = EXPERIMENTS[experiment][1]
+                unit = experiments[experiment][1]
                 ax.plot(f, fsc["FSC(V0,V1)"].to_numpy()[1:], color=f"C{k}",
                         label=f"{level:g}{'%' if unit == '%' else '°'}")
             for t in (0.143, 0.5):
                 ax.axhline(t, color="grey", lw=0.6, ls=":")
             ax.set_ylim(-0.1, 1.02)
-            ax.set_title(f"{entry}: {EXPERIMENTS[experiment][0]}", fontsize=9)
+            ax.set_title(f"{entry}: {experiments[experiment][0]}", fontsize=9)
             ax.set_xlabel("spatial frequency (1/Å)")
             ax.set_ylabel("FSC(V0, V1)")
             ax.legend(fontsize=7)

@@ -16,7 +16,11 @@ The headline metrics are those of the two half-maps reconstructed from the pertu
 (V0, V1): the gold-standard FSC and PCC that the paper's Tables 4–5 and Figures 4–5 show (their
 0° column is the entries' own half-map agreement, not 1). The table keeps (GT, V) too, the
 perturbed map against the ground-truth map of the same particles: it shares their noise, so its
-PCC starts at 1 and its FSC stays at Nyquist until the misalignment is large.
+PCC starts at 1 and its FSC stays at Nyquist until the misalignment is large; and the cross-half
+agreement, each perturbed half-map against the other half's ground truth (no shared noise).
+
+The metrics kept, and the direction in which each gets worse, are those of the ``sensitivity``
+view of :mod:`cryopose.metric_table`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch
 from . import io
 from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
+from .metric_table import columns, format_value, is_worse, metric
+from .entry import Entry
 
 __all__ = ["parse_perturbation", "perturbation_name", "perturb_angles", "write_perturbed_predictions",
            "sensitivity_table", "monotone_violations", "missing_values", "write_sensitivity", "EXPERIMENTS"]
@@ -41,11 +47,10 @@ EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 #: experiment → (label, unit of the level)
 EXPERIMENTS = {"noise": ("uniform angular noise", "±°"), "random": ("particles with random poses", "%")}
 _NAME = re.compile(r"^(?:(exact)|(noise)(\d+(?:\.\d+)?)|(random)(\d+(?:\.\d+)?))$")
-#: the metrics the table keeps, each worse when lower (PCC) or higher (resolution in Å)
-METRICS = ["MAnE"] + [f"{m}({pair})" for pair in ("V0,V1", "GT,V") for m in
-                      ("PCC", "masked_PCC", "FSCR0.143", "FSCR0.5", "masked_FSCR0.143", "masked_FSCR0.5")]
+#: the metrics the table keeps, each worse in the direction of its row (metric_table.metric(key).better)
+METRICS = columns("sensitivity")
 #: the paper's quantities, shown in the Markdown table and the figures
-HALF_MAP_METRICS = ["PCC(V0,V1)", "masked_PCC(V0,V1)", "FSCR0.5(V0,V1)", "FSCR0.143(V0,V1)"]
+HALF_MAP_METRICS = columns("sensitivity_headline")
 
 
 def parse_perturbation(name: str) -> tuple[str, float]:
@@ -110,7 +115,7 @@ def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_
     raise InputError(f"unknown perturbation kind {kind!r}", where="perturbation")
 
 
-def write_perturbed_predictions(entry: io.Entry, half: int, perturbation: str, out_star: str | Path,
+def write_perturbed_predictions(entry: Entry, half: int, perturbation: str, out_star: str | Path,
                                 seed: int = 0) -> Path:
     """The ground-truth predictions STAR of ``half`` with the angles perturbed as ``perturbation``
     names (:func:`parse_perturbation`); true shifts, confidence 1."""
@@ -167,9 +172,10 @@ def sensitivity_table(metrics_files) -> pd.DataFrame:
 
 def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
                         resolution_tolerance: float = 0.01) -> list[str]:
-    """Where a metric gets better as the level rises: a PCC up by more than ``pcc_tolerance``
-    (the tables' precision), a resolution in Å finer by more than ``resolution_tolerance`` of its
-    value, or MAnE down at all (beyond float rounding). The tolerances are for the half-maps'
+    """Where a metric gets better as the level rises, in the direction of its row in
+    :mod:`cryopose.metric_table`: a correlation (unitless) by more than ``pcc_tolerance`` (the
+    tables' precision), a resolution in Å finer by more than ``resolution_tolerance`` of its
+    value, or a pose error (MAnE) down at all (beyond float rounding). The tolerances are for the half-maps'
     noise: ±1° moves the density of a 130 Å particle by about 1 Å, invisible in an 8–13 Å map,
     where the (V0, V1) metrics then wander by a few 10⁻⁴. Empty when monotone. Missing values
     (NaN) are skipped: each value is compared with the previous level that has one
@@ -177,20 +183,26 @@ def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
     out = []
     for (entry, experiment), g in table.groupby(["entry", "experiment"]):
         g = g.sort_values("level")
-        for metric in METRICS:
-            present = g[metric].notna().to_numpy()
+        for key in METRICS:
+            present = g[key].notna().to_numpy()
             levels = g["level"].to_numpy()[present]
-            v = g[metric].to_numpy(dtype=float)[present]
-            if "PCC" in metric:
-                better = np.diff(v) > pcc_tolerance
-            elif metric == "MAnE":
-                better = -np.diff(v) > 1e-6 * np.abs(v[:-1])
-            else:
-                better = -np.diff(v) > resolution_tolerance * np.abs(v[:-1])
-            for i in np.flatnonzero(better):
-                out.append(f"{entry}, {experiment}: {metric} goes from {v[i]:.4g} at {levels[i]:g} "
-                           f"to {v[i + 1]:.4g} at {levels[i + 1]:g}")
+            v = g[key].to_numpy(dtype=float)[present]
+            tolerance, relative = _tolerance(key, pcc_tolerance, resolution_tolerance)
+            for i in range(len(v) - 1):
+                if is_worse(key, v[i], v[i + 1], tolerance, relative):  # better at the higher level
+                    out.append(f"{entry}, {experiment}: {key} goes from {v[i]:.4g} at {levels[i]:g} "
+                               f"to {v[i + 1]:.4g} at {levels[i + 1]:g}")
     return out
+
+
+def _tolerance(key: str, pcc_tolerance: float, resolution_tolerance: float) -> tuple[float, bool]:
+    """``(tolerance, relative)`` of :func:`monotone_violations` for ``key``, by its unit."""
+    unit = metric(key).unit
+    if unit == "":  # correlations: the tables' precision
+        return pcc_tolerance, False
+    if unit == "Å":
+        return resolution_tolerance, True
+    return 1e-6, True  # pose errors: beyond float rounding
 
 
 def missing_values(table: pd.DataFrame) -> list[str]:
@@ -200,10 +212,10 @@ def missing_values(table: pd.DataFrame) -> list[str]:
     for _, r in table.sort_values(["entry", "experiment", "level"]).iterrows():
         raw = r.get("null_reasons")
         reasons = json.loads(raw) if isinstance(raw, str) and raw else {}  # NaN when read back from a CSV
-        for metric in METRICS:
-            if pd.isna(r[metric]):
-                out.append(f"{r['entry']}, {r['experiment']}: {metric} is missing at {r['level']:g} "
-                           f"({reasons.get(metric, 'null in metrics.json')})")
+        for key in METRICS:
+            if pd.isna(r[key]):
+                out.append(f"{r['entry']}, {r['experiment']}: {key} is missing at {r['level']:g} "
+                           f"({reasons.get(key, 'null in metrics.json')})")
     return out
 
 
@@ -215,6 +227,12 @@ def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict 
     from .plots import plot_sensitivity, plot_sensitivity_fsc
 
     out_csv, md, png, *fsc_png = sensitivity_paths(out_csv, bool(fsc_files))
+    curves = {}  # (entry, experiment, level) → FSC table; exact is level 0 of both experiments
+    for (entry, name), path in (fsc_files or {}).items():
+        kind, level = parse_perturbation(name)
+        fsc = pd.read_csv(path)
+        for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
+            curves[(entry, experiment, level)] = fsc
     written = []
     with io.atomic_write(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
@@ -222,10 +240,10 @@ def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict 
     with io.atomic_write(md) as tmp:
         tmp.write_text(_markdown(table))
     written.append(md)
-    plot_sensitivity(table, png)
+    plot_sensitivity(table, png, EXPERIMENTS, HALF_MAP_METRICS)
     written.append(png)
     if fsc_files:
-        plot_sensitivity_fsc({k: pd.read_csv(v) for k, v in fsc_files.items()}, fsc_png[0])
+        plot_sensitivity_fsc(curves, fsc_png[0], EXPERIMENTS)
         written.append(fsc_png[0])
     return written
 
@@ -238,10 +256,9 @@ def sensitivity_paths(out_csv: str | Path, fsc: bool = True) -> list[Path]:
     return paths + ([out_csv.with_name(out_csv.stem + "_fsc.png")] if fsc else [])
 
 
-def _cell(value, metric: str) -> str:
-    if value is None or pd.isna(value):
-        return "–"  # undefined (null in metrics.json) or not evaluated: never a number
-    return f"{value:.3f}" if "PCC" in metric else f"{value:.2f}"
+def _cell(value, key: str) -> str:
+    # "–" when undefined (null in metrics.json) or not evaluated: never a number
+    return format_value(key, None if value is None or pd.isna(value) else float(value))
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -255,10 +272,10 @@ def _markdown(table: pd.DataFrame) -> str:
         lines += [f"### {label}", "", f"| entry | metric | {head} |", "| --- | --- |" + " --- |" * len(levels)]
         for entry, g in t.groupby("entry"):
             g = g.set_index("level")
-            for metric in HALF_MAP_METRICS:
-                unit_m = " Å" if "FSCR" in metric else ""
-                cells = " | ".join(_cell(g[metric].get(lv), metric) for lv in levels)
-                lines.append(f"| {entry} | {metric}{unit_m} | {cells} |")
+            for key in HALF_MAP_METRICS:
+                unit_m = f" {metric(key).unit}" if metric(key).unit else ""
+                cells = " | ".join(_cell(g[key].get(lv), key) for lv in levels)
+                lines.append(f"| {entry} | {key}{unit_m} | {cells} |")
         lines.append("")
     missing = missing_values(table[table["experiment"].isin(list(EXPERIMENTS))])
     if missing:

@@ -39,12 +39,3 @@ __all__ = [
     "open_stack", "stack_shape", "read_images", "StackWriter", "read_map", "write_map",
 ]
 
-
-def __getattr__(name: str):
-    # transitional: call sites move to cryopose.entry.Entry (issue 18)
-    # Lazy, because cryopose.entry imports this package: an import at the top would be circular.
-    if name == "Entry":
-        from ..entry import Entry
-
-        return Entry
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

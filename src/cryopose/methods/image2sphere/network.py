@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ... import io
 from ...grids import so3_healpix_grid
 
-__all__ = ["Image2SphereConfig", "Image2Sphere", "cache_dir", "wigner_table", "RESNETS"]
+__all__ = ["Image2SphereConfig", "Image2Sphere", "cache_dir", "wigner_table", "RESNETS", "e3nn_so3_activation"]
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -193,7 +193,10 @@ def _healpix_xyz(order: int) -> torch.Tensor:
     return torch.tensor(np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside)), nest=True), -1))
 
 
-def _so3_activation(lmax: int, resolution: int) -> nn.Module:
+def e3nn_so3_activation(lmax: int, resolution: int) -> nn.Module:
+    """e3nn's own SO(3) activation (cached): the reference :class:`SeparableSO3Activation` is
+    checked against, in the tests and the training benchmark."""
+
     def build():
         from e3nn.nn import SO3Activation
 
@@ -437,7 +440,7 @@ class Image2Sphere(nn.Module):
         # e3nn's SO3Activation, evaluated separably (same function, ~10× fewer operations); e3nn's
         # module supplies the normalised activation (its constant is cached with it).
         self.activation = SeparableSO3Activation(c.lmax, c.activation_resolution,
-                                                 _so3_activation(c.lmax, c.activation_resolution).act)
+                                                 e3nn_so3_activation(c.lmax, c.activation_resolution).act)
         kernel = near_identity_kernel(c.so3_kernel_max_beta, c.so3_kernel_n_alpha, c.so3_kernel_n_beta)
         self.so3_conv = so3_convolution(c.s2_channels, 1, c.lmax, kernel)
         self.register_buffer("output_wigner", _output_wigner(c.lmax, c.output_order), persistent=False)

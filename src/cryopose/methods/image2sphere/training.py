@@ -35,7 +35,8 @@ from .network import Image2Sphere, Image2SphereConfig
 from .prediction import bf16_autocast
 from ...entry import Entry
 
-__all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS"]
+__all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS", "epoch_generator",
+           "train_val_split", "weighted_loss", "validation_pass"]
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_median_error_deg", "val_mean_error_deg", "lr", "seconds"]
 
@@ -79,17 +80,20 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """The generator of one random stream of one epoch: a resumed run draws what an uninterrupted
+    one would."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 7919 + stream)
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` particle indices of a half, sorted, the same for a seed."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     n_val = max(1, int(round(n * val_fraction)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _weighted_loss(logits: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weighted_loss(logits: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Paper eq. 11: ``mean_i( −conf_i Σ_c P_ic log Q_ic )``, the target ``P`` given by its cells.
 
     ``P_i`` is ``1/|G|`` on the cell of each symmetry mate (:func:`cryopose.grids.symmetric_grid_target`,
@@ -131,7 +135,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 @torch.no_grad()
-def _validate(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarray, batch_size: int,
+def validation_pass(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarray, batch_size: int,
               device: torch.device, cells: dict[int, torch.Tensor]) -> tuple[float, np.ndarray]:
     """Validation loss and errors; ``cells`` keeps each batch's target cells across epochs (the
     validation set is fixed and not augmented, so they are computed once)."""
@@ -149,7 +153,7 @@ def _validate(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarra
             if grid_q is None:
                 grid_q = grid_quaternions_of(model.grid.cpu())
             cells[start] = symmetric_grid_cells(rot, model.grid.cpu(), dataset.symmetry, grid_quaternions=grid_q)
-        losses.append(float(_weighted_loss(logits, cells[start], conf.to(device))) * len(idx))
+        losses.append(float(weighted_loss(logits, cells[start], conf.to(device))) * len(idx))
         pred = grid[logits.argmax(-1)].cpu()
         # The benchmark's error (paper eq. 5), computed here without importing the judge.
         errors.append(symmetry_aware_angle(torch.as_tensor(rot, dtype=torch.float64),
@@ -186,7 +190,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
     data_kw = dict(image_size=model_config.image_size, benchmark_dir=benchmark_dir)
     train_set = ParticlesDataset(entry, half, augment=AugmentConfig() if config.augment else None, **data_kw)
     val_set = ParticlesDataset(entry, half, **data_kw)
-    train_idx, val_idx = _split(len(train_set), config.val_fraction, config.seed)
+    train_idx, val_idx = train_val_split(len(train_set), config.val_fraction, config.seed)
     if len(train_idx) < config.batch_size:
         raise ValueError(f"{train_set.star_path}: {len(train_idx)} training particles are fewer than one batch "
                          f"({config.batch_size})")
@@ -227,9 +231,9 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             break
         t0 = time.monotonic()
         model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=_generator(config.seed, epoch, 1)).numpy()]
-        train_set.generator = _generator(config.seed, epoch, 2)
-        projector_gen = _generator(config.seed, epoch, 3)
+        order = train_idx[torch.randperm(len(train_idx), generator=epoch_generator(config.seed, epoch, 1)).numpy()]
+        train_set.generator = epoch_generator(config.seed, epoch, 2)
+        projector_gen = epoch_generator(config.seed, epoch, 3)
         total = 0.0
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.max_epochs}", unit="batch",
                    disable=not progress, leave=False)
@@ -239,7 +243,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             cells = symmetric_grid_cells(rot, grid_cpu, train_set.symmetry, grid_quaternions=grid_q).to(device)
             with bf16_autocast(device):
                 signal = model.signal(images.to(device), projector_gen)
-            loss = _weighted_loss(model.grid_logits(signal.float()), cells, conf.to(device))
+            loss = weighted_loss(model.grid_logits(signal.float()), cells, conf.to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -248,7 +252,7 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             bar.set_postfix(loss=f"{total / (b + 1):.3f}",
                             val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-")
         bar.close()
-        val_loss, val_err = _validate(model, val_set, val_idx, config.batch_size, device, val_cells)
+        val_loss, val_err = validation_pass(model, val_set, val_idx, config.batch_size, device, val_cells)
         scheduler.step(val_loss)
         row = {"epoch": epoch + 1, "train_loss": total / n_batches, "val_loss": val_loss,
                "val_median_error_deg": float(np.median(val_err)), "val_mean_error_deg": float(val_err.mean()),
