@@ -23,22 +23,36 @@ from pathlib import Path
 
 def add_output_args(parser: argparse.ArgumentParser, quick_help: str | None = None) -> None:
     """``--json PATH`` and ``--quick`` (tiny sizes for a smoke test; the text says which)."""
-    parser.add_argument("--json", type=Path, metavar="PATH",
-                        help="also write the key figures as a JSON list of rows (for benchmarks/run_all)")
-    parser.add_argument("--quick", action="store_true",
-                        help=quick_help or "tiny sizes, for a smoke test (the figures mean nothing)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the key figures as a JSON list of rows (for benchmarks/run_all)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=quick_help or "tiny sizes, for a smoke test (the figures mean nothing)"
+    )
 
 
-def row(figure: str, ours: float, reference: float | None, unit: str, reference_name: str,
-        lower_is_better: bool, **extra) -> dict:
+def row(
+    figure: str, ours: float, reference: float | None, unit: str, reference_name: str, lower_is_better: bool, **extra
+) -> dict:
     """One figure with its ratio oriented so that > 1 favours cryopose."""
     ours = _number(ours)
     reference = _number(reference)
     ratio = None
     if ours is not None and reference is not None and ours > 0 and reference > 0:
         ratio = reference / ours if lower_is_better else ours / reference
-    return {"figure": figure, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit,
-            "reference_name": reference_name, "lower_is_better": lower_is_better, **extra}
+    return {
+        "figure": figure,
+        "ours": ours,
+        "reference": reference,
+        "ratio": ratio,
+        "unit": unit,
+        "reference_name": reference_name,
+        "lower_is_better": lower_is_better,
+        **extra,
+    }
 
 
 def _number(value) -> float | None:
@@ -63,8 +77,12 @@ def cesped_name(python: str | os.PathLike | None) -> str:
     """``CESPED <version>`` of the environment at ``python`` (``CESPED`` if it cannot be asked)."""
     if python and Path(python).is_file():
         try:
-            out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('cesped'))"],
-                                 capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                [str(python), "-c", "import importlib.metadata as m; print(m.version('cesped'))"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return f"CESPED {out.stdout.strip()}"
         except (OSError, subprocess.SubprocessError):

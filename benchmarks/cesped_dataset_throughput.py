@@ -56,29 +56,51 @@ IMPL = "cesped"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--entry-dir", required=True,
-                   help="folder holding particles_{h}.star / particles_{h}.mrcs (and optionally info_{h}.json)")
+    p.add_argument(
+        "--entry-dir",
+        required=True,
+        help="folder holding particles_{h}.star / particles_{h}.mrcs (and optionally info_{h}.json)",
+    )
     p.add_argument("--half", type=int, choices=[0, 1], default=0)
     p.add_argument("--image-size", type=int, default=128, help="final image size in pixels")
-    p.add_argument("--crop-fraction", type=float, default=0.0,
-                   help="CESPED's image_size_factor_for_crop: fraction of the box removed before resizing "
-                        "(0 = resize the whole box; CESPED's ParticlesDataset default is 0.25)")
+    p.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=0.0,
+        help="CESPED's image_size_factor_for_crop: fraction of the box removed before resizing "
+        "(0 = resize the whole box; CESPED's ParticlesDataset default is 0.25)",
+    )
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-images", type=int, default=None,
-                   help="images to time after the warm-up batch (default: the rest of the half set)")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch intra-op threads of the main process (DataLoader workers always use 1); "
-                        "0 keeps torch's default.  With more threads than free cores, CESPED's small "
-                        "per-image FFTs slow down by ~100x, so 1 is the reproducible setting")
-    p.add_argument("--sample-pss", action="store_true",
-                   help="also report the peak summed PSS of the process and its workers, sampled every "
-                        "0.5 s (each sample reads /proc/*/smaps: ~13 ms of CPU per process, which "
-                        "perturbs the timing a little on a small machine)")
-    p.add_argument("--symmetry", default=None,
-                   help="point symmetry to write to info_{h}.json when the entry has none (default C1)")
-    p.add_argument("--scratch-dir", default=None,
-                   help="where to build CESPED's layout (default: a temporary folder, removed afterwards)")
+    p.add_argument(
+        "--n-images",
+        type=int,
+        default=None,
+        help="images to time after the warm-up batch (default: the rest of the half set)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of the main process (DataLoader workers always use 1); "
+        "0 keeps torch's default.  With more threads than free cores, CESPED's small "
+        "per-image FFTs slow down by ~100x, so 1 is the reproducible setting",
+    )
+    p.add_argument(
+        "--sample-pss",
+        action="store_true",
+        help="also report the peak summed PSS of the process and its workers, sampled every "
+        "0.5 s (each sample reads /proc/*/smaps: ~13 ms of CPU per process, which "
+        "perturbs the timing a little on a small machine)",
+    )
+    p.add_argument(
+        "--symmetry", default=None, help="point symmetry to write to info_{h}.json when the entry has none (default C1)"
+    )
+    p.add_argument(
+        "--scratch-dir",
+        default=None,
+        help="where to build CESPED's layout (default: a temporary folder, removed afterwards)",
+    )
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -86,6 +108,7 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # CESPED layout
 # --------------------------------------------------------------------------------------------
+
 
 def target_name_for(entry_dir: str) -> str:
     # A name that is not one of CESPED's published entries (those map to Zenodo record ids, and a
@@ -139,8 +162,8 @@ def make_dataset(benchmark_dir: str, target: str, args):
         targetName=target,
         halfset=args.half,
         benchmarkDir=benchmark_dir,
-        image_size=args.image_size,                      # final size after crop + resize
-        apply_perImg_normalization=True,                 # -> perImg_normalization="noiseStats"
+        image_size=args.image_size,  # final size after crop + resize
+        apply_perImg_normalization=True,  # -> perImg_normalization="noiseStats"
         ctf_correction="phase_flip",
         image_size_factor_for_crop=args.crop_fraction,
     )
@@ -149,6 +172,7 @@ def make_dataset(benchmark_dir: str, target: str, args):
 # --------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------
+
 
 class PssSampler:
     """Peak of the summed PSS of this process and its children (DataLoader workers), sampled.
@@ -165,6 +189,7 @@ class PssSampler:
         if enabled:
             try:
                 import psutil
+
                 self._proc = psutil.Process()
             except ImportError:  # pragma: no cover - psutil missing
                 pass
@@ -196,12 +221,13 @@ class PssSampler:
 
     @property
     def peak_mb(self):
-        return None if self._proc is None else round(self.peak / 2 ** 20, 1)
+        return None if self._proc is None else round(self.peak / 2**20, 1)
 
 
 # --------------------------------------------------------------------------------------------
 # measurement (child process)
 # --------------------------------------------------------------------------------------------
+
 
 def measure(args, workers: int) -> dict:
     import torch
@@ -226,7 +252,7 @@ def measure(args, workers: int) -> dict:
     with PssSampler(args.sample_pss) as pss:
         it = iter(loader)
         t0 = time.perf_counter()
-        iid, img, _labels, _md = next(it)                # warm-up: worker start-up, first reads
+        iid, img, _labels, _md = next(it)  # warm-up: worker start-up, first reads
         warm_s = time.perf_counter() - t0
         expect = (len(iid), 1, args.image_size, args.image_size)
         if tuple(img.shape) != expect or not torch.isfinite(img).all():
@@ -234,12 +260,12 @@ def measure(args, workers: int) -> dict:
 
         n = 0
         t0 = time.perf_counter()
-        for iid, img, _labels, _md in it:
+        for _iid, img, _labels, _md in it:
             n += img.shape[0]
         elapsed = time.perf_counter() - t0
-        del it                                          # join the workers so RUSAGE_CHILDREN sees them
+        del it  # join the workers so RUSAGE_CHILDREN sees them
 
-    ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # KiB on Linux
+    ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     ru_children = children_after / 1024 if children_after > children_before else 0.0
     return {
@@ -273,12 +299,25 @@ def main(argv=None):
     scratch = tempfile.mkdtemp(prefix="cesped-bench-") if own_scratch else args.scratch_dir
     try:
         build_layout(args.entry_dir, args.half, scratch, args.symmetry)
-        base = [sys.executable, osp.abspath(__file__), "--entry-dir", osp.abspath(args.entry_dir),
-                "--half", str(args.half), "--image-size", str(args.image_size),
-                "--crop-fraction", str(args.crop_fraction), "--batch-size", str(args.batch_size),
-                "--torch-threads", str(args.torch_threads),
-                *(["--sample-pss"] if args.sample_pss else []),
-                "--scratch-dir", scratch]
+        base = [
+            sys.executable,
+            osp.abspath(__file__),
+            "--entry-dir",
+            osp.abspath(args.entry_dir),
+            "--half",
+            str(args.half),
+            "--image-size",
+            str(args.image_size),
+            "--crop-fraction",
+            str(args.crop_fraction),
+            "--batch-size",
+            str(args.batch_size),
+            "--torch-threads",
+            str(args.torch_threads),
+            *(["--sample-pss"] if args.sample_pss else []),
+            "--scratch-dir",
+            scratch,
+        ]
         if args.n_images is not None:
             base += ["--n-images", str(args.n_images)]
         rc = 0

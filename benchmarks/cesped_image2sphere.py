@@ -41,11 +41,19 @@ def parse_args(argv=None):
     p.add_argument("--resnet", default="resnet18", help="torchvision resnet name or depth (18, 152, ...)")
     p.add_argument("--lmax", type=int, default=6)
     p.add_argument("--hp-order-projector", type=int, default=2, help="HEALPix order of the image->hemisphere projector")
-    p.add_argument("--hp-order-s2", type=int, default=None,
-                   help="HEALPix order of the S2 conv kernel grid (default: same as the projector, as in CESPED's configs)")
+    p.add_argument(
+        "--hp-order-s2",
+        type=int,
+        default=None,
+        help="HEALPix order of the S2 conv kernel grid (default: same as the projector, as in CESPED's configs)",
+    )
     p.add_argument("--so3-order", type=int, default=3, help="HEALPix order of the output SO(3) grid")
-    p.add_argument("--rand-fraction", type=float, default=0.5,
-                   help="fraction of hemisphere points projected per step (CESPED's config default 0.5)")
+    p.add_argument(
+        "--rand-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of hemisphere points projected per step (CESPED's config default 0.5)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -87,10 +95,16 @@ def main(argv=None):
 
         def build():
             encoder = ResNetImageEncoder(resnetName=args.resnet, load_imagenetweights=False, in_channels=1)
-            return PlModel(image_size=args.image_size, feature_extractor=encoder, symmetry="C1",
-                           lmax=args.lmax, hp_order_projector=args.hp_order_projector,
-                           hp_order_s2=args.hp_order_s2, hp_order_so3=args.so3_order,
-                           rand_fraction_points_to_project=args.rand_fraction)
+            return PlModel(
+                image_size=args.image_size,
+                feature_extractor=encoder,
+                symmetry="C1",
+                lmax=args.lmax,
+                hp_order_projector=args.hp_order_projector,
+                hp_order_s2=args.hp_order_s2,
+                hp_order_so3=args.so3_order,
+                rand_fraction_points_to_project=args.rand_fraction,
+            )
 
         construction_s, model = _timed(build, torch.device("cpu"))
         tempfile.tempdir = None
@@ -112,28 +126,42 @@ def main(argv=None):
         return loss.item()
 
     model.train()
-    train_times = [_timed(train_step, device)[0] for _ in range(args.warmup + args.steps)][args.warmup:]
+    train_times = [_timed(train_step, device)[0] for _ in range(args.warmup + args.steps)][args.warmup :]
 
     infer_batch = (list(range(B)), imgs, (None, None, None), {})
     model.eval()
     with torch.no_grad():
-        infer_times = [_timed(lambda: model.predict_step(infer_batch, 0), device)[0]
-                       for _ in range(args.warmup + args.steps)][args.warmup:]
+        infer_times = [
+            _timed(lambda: model.predict_step(infer_batch, 0), device)[0] for _ in range(args.warmup + args.steps)
+        ][args.warmup :]
 
-    print(json.dumps({
-        "impl": "cesped-image2sphere",
-        "construction_s": round(construction_s, 3),
-        "train_step_s": round(statistics.median(train_times), 4),
-        "infer_particles_per_s": round(B / statistics.median(infer_times), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "image_size": S, "resnet": args.resnet, "lmax": args.lmax,
-        "hp_order_projector": args.hp_order_projector, "hp_order_s2": args.hp_order_s2,
-        "so3_order": args.so3_order, "n_so3_grid": int(model.model.output_rotmats.shape[0]),
-        "rand_fraction": args.rand_fraction, "batch_size": B, "steps": args.steps,
-        "warmup": args.warmup, "threads": args.threads, "device": str(device),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "cesped_version": cesped.__version__, "torch_version": torch.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": "cesped-image2sphere",
+                "construction_s": round(construction_s, 3),
+                "train_step_s": round(statistics.median(train_times), 4),
+                "infer_particles_per_s": round(B / statistics.median(infer_times), 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "image_size": S,
+                "resnet": args.resnet,
+                "lmax": args.lmax,
+                "hp_order_projector": args.hp_order_projector,
+                "hp_order_s2": args.hp_order_s2,
+                "so3_order": args.so3_order,
+                "n_so3_grid": int(model.model.output_rotmats.shape[0]),
+                "rand_fraction": args.rand_fraction,
+                "batch_size": B,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "threads": args.threads,
+                "device": str(device),
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "cesped_version": cesped.__version__,
+                "torch_version": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

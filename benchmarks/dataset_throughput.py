@@ -62,12 +62,12 @@ def child(args) -> None:
     from cryopose.data import ParticlesDataset
 
     torch.set_num_threads(1)  # as the reference script: one thread per process; workers bring parallelism
-    ds = ParticlesDataset(args.entry_dir, 0, image_size=args.image_size, ctf_correction="phase_flip",
-                          normalise=True)
+    ds = ParticlesDataset(args.entry_dir, 0, image_size=args.image_size, ctf_correction="phase_flip", normalise=True)
     n = min(len(ds), args.n_images)
     subset = torch.utils.data.Subset(ds, range(n))
-    loader = DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers, shuffle=False,
-                        persistent_workers=False)
+    loader = DataLoader(
+        subset, batch_size=args.batch_size, num_workers=args.workers, shuffle=False, persistent_workers=False
+    )
     import threading
 
     peak = {"anon": 0.0}
@@ -90,9 +90,21 @@ def child(args) -> None:
     done.set()
     sampler.join()
     assert first[1].shape[-1] == args.image_size
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"impl": "cryopose", "workers": args.workers, "images_per_s": count / elapsed,
-                      "n_images": count, "peak_rss_mb": rss / 1024, "peak_anon_mb": peak["anon"]}))
+    rss = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    print(
+        json.dumps(
+            {
+                "impl": "cryopose",
+                "workers": args.workers,
+                "images_per_s": count / elapsed,
+                "n_images": count,
+                "peak_rss_mb": rss / 1024,
+                "peak_anon_mb": peak["anon"],
+            }
+        )
+    )
 
 
 def run_json(cmd: list[str]) -> list[dict]:
@@ -103,9 +115,29 @@ def run_json(cmd: list[str]) -> list[dict]:
 
 
 def ensure_entry(workdir: Path, name: str, n: int, box: int) -> Path:
-    subprocess.run([sys.executable, "-m", "cryopose", "simulate", "--name", name, "--box-size", str(box),
-                    "--pixel-size", "1.5", "--n-particles", str(n), "--snr", "0.1",
-                    "--out", str(workdir), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cryopose",
+            "simulate",
+            "--name",
+            name,
+            "--box-size",
+            str(box),
+            "--pixel-size",
+            "1.5",
+            "--n-particles",
+            str(n),
+            "--snr",
+            "0.1",
+            "--out",
+            str(workdir),
+            "--quiet",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return workdir / name
 
 
@@ -118,10 +150,17 @@ def main() -> None:
     p.add_argument("--box-size", type=int, default=None, help="default: 184")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-images", type=int, default=None, help="default: 2000")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where the entries are simulated (once); default /tmp/cryopose-bench (-quick)")
-    p.add_argument("--cesped-python", default="/tmp/cesped-venv/bin/python",
-                   help="python of a venv with cesped installed (skipped if missing)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the entries are simulated (once); default /tmp/cryopose-bench (-quick)",
+    )
+    p.add_argument(
+        "--cesped-python",
+        default="/tmp/cesped-venv/bin/python",
+        help="python of a venv with cesped installed (skipped if missing)",
+    )
     add_output_args(p, "256 images of 64 px resized to 32 px, no workers: a smoke test")
     args = p.parse_args()
     quick = dict(workers=[0], image_size=32, box_size=64, n_images=256, workdir=Path("/tmp/cryopose-bench-quick"))
@@ -139,43 +178,107 @@ def main() -> None:
     long = ensure_entry(args.workdir, f"bench{args.box_size}_x2", 2 * n, args.box_size)
     rows = []
     for w in args.workers:
-        ours = run_json([sys.executable, __file__, "--child", "--entry-dir", str(short), "--workers", str(w),
-                         "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                         "--n-images", str(n)])[0]
-        ours_long = run_json([sys.executable, __file__, "--child", "--entry-dir", str(long), "--workers", str(w),
-                              "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                              "--n-images", str(2 * n)])[0]
+        ours = run_json(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--entry-dir",
+                str(short),
+                "--workers",
+                str(w),
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--n-images",
+                str(n),
+            ]
+        )[0]
+        ours_long = run_json(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--entry-dir",
+                str(long),
+                "--workers",
+                str(w),
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--n-images",
+                str(2 * n),
+            ]
+        )[0]
         ref = None
         if Path(args.cesped_python).exists() and (HERE / "cesped_dataset_throughput.py").exists():
-            ref = run_json([args.cesped_python, str(HERE / "cesped_dataset_throughput.py"), "--entry-dir", str(short),
-                            "--workers", str(w), "--image-size", str(args.image_size),
-                            "--batch-size", str(args.batch_size), "--n-images", str(n)])[0]
+            ref = run_json(
+                [
+                    args.cesped_python,
+                    str(HERE / "cesped_dataset_throughput.py"),
+                    "--entry-dir",
+                    str(short),
+                    "--workers",
+                    str(w),
+                    "--image-size",
+                    str(args.image_size),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--n-images",
+                    str(n),
+                ]
+            )[0]
         rows.append((w, ours, ours_long, ref))
 
-    print(f"ParticlesDataset: read + normalise + phase flip + resize {args.box_size} -> {args.image_size} px, "
-          f"batch {args.batch_size}, {os.cpu_count()} CPUs")
-    print(f"{'workers':>7} {'ours img/s':>11} {'cesped img/s':>13} {'ratio':>6} "
-          f"{'anon N (MB)':>12} {'anon 2N (MB)':>13} {'RSS N (MB)':>11} {'RSS 2N (MB)':>12}")
+    print(
+        f"ParticlesDataset: read + normalise + phase flip + resize {args.box_size} -> {args.image_size} px, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'workers':>7} {'ours img/s':>11} {'cesped img/s':>13} {'ratio':>6} "
+        f"{'anon N (MB)':>12} {'anon 2N (MB)':>13} {'RSS N (MB)':>11} {'RSS 2N (MB)':>12}"
+    )
     for w, ours, ours_long, ref in rows:
         ref_rate = f"{ref['images_per_s']:.0f}" if ref else "n/a"
         ratio = f"{ours['images_per_s'] / ref['images_per_s']:.2f}" if ref else "n/a"
-        print(f"{w:>7} {ours['images_per_s']:>11.0f} {ref_rate:>13} {ratio:>6} "
-              f"{ours['peak_anon_mb']:>12.0f} {ours_long['peak_anon_mb']:>13.0f} "
-              f"{ours['peak_rss_mb']:>11.0f} {ours_long['peak_rss_mb']:>12.0f}")
-    print("anon = peak anonymous memory of the job and its workers (RssAnon); RSS = peak resident set, "
-          "which also counts cached pages of the memory-mapped stack")
+        print(
+            f"{w:>7} {ours['images_per_s']:>11.0f} {ref_rate:>13} {ratio:>6} "
+            f"{ours['peak_anon_mb']:>12.0f} {ours_long['peak_anon_mb']:>13.0f} "
+            f"{ours['peak_rss_mb']:>11.0f} {ours_long['peak_rss_mb']:>12.0f}"
+        )
+    print(
+        "anon = peak anonymous memory of the job and its workers (RssAnon); RSS = peak resident set, "
+        "which also counts cached pages of the memory-mapped stack"
+    )
     if not Path(args.cesped_python).exists():
         print(f"(no reference: {args.cesped_python} not found; see benchmarks/README.md to install cesped)")
 
     ref_name = cesped_name(args.cesped_python)
     out = []
     for w, ours, ours_long, ref in rows:
-        out.append(row(f"ParticlesDataset throughput, {args.box_size} → {args.image_size} px, {w} workers",
-                       ours["images_per_s"], ref["images_per_s"] if ref else None, "img/s", ref_name,
-                       lower_is_better=False))
+        out.append(
+            row(
+                f"ParticlesDataset throughput, {args.box_size} → {args.image_size} px, {w} workers",
+                ours["images_per_s"],
+                ref["images_per_s"] if ref else None,
+                "img/s",
+                ref_name,
+                lower_is_better=False,
+            )
+        )
         for count, r in ((n, ours), (2 * n, ours_long)):
-            out.append(row(f"ParticlesDataset peak anon. memory, {w} workers, {count} particles", r["peak_anon_mb"],
-                           None, "MB", "", lower_is_better=True))
+            out.append(
+                row(
+                    f"ParticlesDataset peak anon. memory, {w} workers, {count} particles",
+                    r["peak_anon_mb"],
+                    None,
+                    "MB",
+                    "",
+                    lower_is_better=True,
+                )
+            )
     write_rows(args.json, out)
 
 

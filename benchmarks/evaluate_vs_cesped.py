@@ -44,7 +44,7 @@ from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
-CESPED = r'''
+CESPED = r"""
 import contextlib, io, json, shutil, sys, time
 import cesped.evaluateEntry as ev
 bench, target, p0, p1, mask, outdir = sys.argv[1:7]
@@ -58,24 +58,51 @@ with contextlib.redirect_stdout(io.StringIO()):
                     relionSingularity=None, rm_prev_reconstructions=True, use_gt_mask=True, n_cpus=1,
                     outdir=outdir)
 print(json.dumps({"seconds": time.perf_counter() - t, "metrics": {k: float(v) for k, v in m.items()}}))
-'''
+"""
 
 # CESPED's metric names and the cryopose ones that compute the same quantity on the same inputs.
-PAIRS = [("meanAngularError", "MAnE"), ("wMeanAngularError", "wMAnE"),
-         ("GT_correlation", "masked_PCC(GT0,GT1)"), ("GT_resolution0143", "masked_FSCR0.143(GT0,GT1)"),
-         ("GT_resolution05", "masked_FSCR0.5(GT0,GT1)"), ("half2half_correlation", "masked_PCC(V0,V1)"),
-         ("half2half_resolution", "masked_FSCR0.143(V0,V1)"), ("half2half_resolution05", "masked_FSCR0.5(V0,V1)"),
-         ("mapVsGT_correlaton_masked", "masked_PCC(GT,V)"), ("mapVsGT_correlaton_unmasked", "PCC(GT,V)"),
-         ("mapVsGT_resolution", "FSCR0.143(GT,V)"), ("mapVsGT_resolution05", "FSCR0.5(GT,V)"),
-         ("mapVsGT_correlaton_diff_masked", "masked_delta_PCC")]
+PAIRS = [
+    ("meanAngularError", "MAnE"),
+    ("wMeanAngularError", "wMAnE"),
+    ("GT_correlation", "masked_PCC(GT0,GT1)"),
+    ("GT_resolution0143", "masked_FSCR0.143(GT0,GT1)"),
+    ("GT_resolution05", "masked_FSCR0.5(GT0,GT1)"),
+    ("half2half_correlation", "masked_PCC(V0,V1)"),
+    ("half2half_resolution", "masked_FSCR0.143(V0,V1)"),
+    ("half2half_resolution05", "masked_FSCR0.5(V0,V1)"),
+    ("mapVsGT_correlaton_masked", "masked_PCC(GT,V)"),
+    ("mapVsGT_correlaton_unmasked", "PCC(GT,V)"),
+    ("mapVsGT_resolution", "FSCR0.143(GT,V)"),
+    ("mapVsGT_resolution05", "FSCR0.5(GT,V)"),
+    ("mapVsGT_correlaton_diff_masked", "masked_delta_PCC"),
+]
 
 
 def simulate(workdir: Path, n: int, box: int, px: float) -> Path:
     name = f"ev{box}_{n}"
     if not (workdir / name / "simulation.json").exists():
-        subprocess.run([sys.executable, "-m", "cryopose", "simulate", "--name", name, "--box-size", str(box),
-                        "--pixel-size", str(px), "--n-particles", str(n), "--snr", "0.1", "--out", str(workdir),
-                        "--quiet"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cryopose",
+                "simulate",
+                "--name",
+                name,
+                "--box-size",
+                str(box),
+                "--pixel-size",
+                str(px),
+                "--n-particles",
+                str(n),
+                "--snr",
+                "0.1",
+                "--out",
+                str(workdir),
+                "--quiet",
+            ],
+            check=True,
+        )
     return workdir / name
 
 
@@ -88,7 +115,9 @@ def write_predictions(entry: Entry, folder: Path) -> list[Path]:
         rot = euler_to_matrix(torch.tensor(parts[EULER].to_numpy()))
         axes = torch.nn.functional.normalize(torch.randn(len(parts), 3, generator=gen, dtype=torch.float64), dim=-1)
         parts[EULER] = matrix_to_euler(rotation_about_axis(axes, 8.0) @ rot).numpy()
-        parts["rlnParticleFigureOfMerit"] = 0.5 + 0.5 * torch.rand(len(parts), generator=gen, dtype=torch.float64).numpy()
+        parts["rlnParticleFigureOfMerit"] = (
+            0.5 + 0.5 * torch.rand(len(parts), generator=gen, dtype=torch.float64).numpy()
+        )
         paths.append(folder / f"predictions_half{h}.star")
         io.write_particles_star(paths[-1], io.ParticleStar(star.optics, parts))
     return paths
@@ -106,8 +135,11 @@ def cesped_layout(entry: Entry, folder: Path) -> Path:
 
 
 def run_cesped(python: str, bench: Path, entry: Entry, preds: list[Path], outdir: Path) -> dict:
-    proc = subprocess.run([python, "-c", CESPED, str(bench), entry.name, str(preds[0]), str(preds[1]),
-                           str(entry.mask_path), str(outdir)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [python, "-c", CESPED, str(bench), entry.name, str(preds[0]), str(preds[1]), str(entry.mask_path), str(outdir)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"CESPED evaluate failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -147,13 +179,24 @@ def main() -> None:
             gt_dir = tmp / f"gt_{backend}_{jobs}"
             for label in ("fresh", "GT cached"):
                 t = time.perf_counter()
-                res = evaluate(entry, preds[0], preds[1], "SO3", backend=backend, outdir=tmp / f"out_{backend}",
-                               ground_truth_dir=gt_dir, progress=False, jobs=jobs)
+                res = evaluate(
+                    entry,
+                    preds[0],
+                    preds[1],
+                    "SO3",
+                    backend=backend,
+                    outdir=tmp / f"out_{backend}",
+                    ground_truth_dir=gt_dir,
+                    progress=False,
+                    jobs=jobs,
+                )
                 rows.append((name, label, time.perf_counter() - t))
                 metrics[name] = res.metrics
-    print(f"entry: {args.n_particles} particles per half × {args.box_size}² px, {args.pixel_size} Å/px, C1, SNR 0.1; "
-          f"predictions: truth turned by 8°; {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        f"entry: {args.n_particles} particles per half × {args.box_size}² px, {args.pixel_size} Å/px, C1, SNR 0.1; "
+        f"predictions: truth turned by 8°; {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
     print(f"{'implementation':<32} {'run':<10} {'seconds':>8}")
     for impl, label, secs in rows:
         print(f"{impl:<32} {label:<10} {secs:>8.1f}")
@@ -165,21 +208,32 @@ def main() -> None:
                 print(f"{label}: CESPED / {name} = {ref / ours:.2f}×")
         print(f"\n{'CESPED metric':<32} {'CESPED':>10} {'cryopose metric':<28} {'relion':>10} {'torch':>10}")
         for theirs, ours in PAIRS:
-            print(f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
-                  f"{metrics['cryopose (relion)'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}")
-
+            print(
+                f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
+                f"{metrics['cryopose (relion)'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}"
+            )
 
     ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
     out = []
-    variants = {"cryopose (relion)": "relion backend", "cryopose (relion), jobs 2": "relion backend, jobs 2",
-                "cryopose (torch)": "torch backend (CPU)" if not torch.cuda.is_available() else "torch backend"}
+    variants = {
+        "cryopose (relion)": "relion backend",
+        "cryopose (relion), jobs 2": "relion backend, jobs 2",
+        "cryopose (torch)": "torch backend (CPU)" if not torch.cuda.is_available() else "torch backend",
+    }
     for name, variant in variants.items():
         for label in ("fresh", "GT cached"):
             ours = next(s for i, lab, s in rows if i == name and lab == label)
             ref = next((s for i, lab, s in rows if i.startswith("CESPED") and lab == label), None)
-            out.append(row(f"whole evaluation, {args.n_particles:,} particles/half × {args.box_size}² px, {label}, "
-                           f"{variant}", ours, ref, "s", f"{ref_name} evaluateEntry" if ref is not None else "",
-                           lower_is_better=True))
+            out.append(
+                row(
+                    f"whole evaluation, {args.n_particles:,} particles/half × {args.box_size}² px, {label}, {variant}",
+                    ours,
+                    ref,
+                    "s",
+                    f"{ref_name} evaluateEntry" if ref is not None else "",
+                    lower_is_better=True,
+                )
+            )
     write_rows(args.json, out)
 
 

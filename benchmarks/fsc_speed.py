@@ -29,7 +29,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_output_args, cesped_name, row, write_rows  # noqa: E402
 
-OURS = r'''
+OURS = r"""
 import json, resource, sys, time
 import numpy as np, torch
 from cryopose.metrics import compare_maps
@@ -38,15 +38,17 @@ px = float(sys.argv[2]); masked = sys.argv[3] == "masked"
 base = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])  # current, KB
 times = []
 for _ in range(3):
-    t = time.perf_counter(); r = compare_maps(a, b, px, mask=m if masked else None); times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    r = compare_maps(a, b, px, mask=m if masked else None)
+    times.append(time.perf_counter() - t)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 res = r.masked_resolution if masked else r.resolution
 pcc = r.masked_pcc if masked else r.pcc
 print(json.dumps({"first": times[0], "best": min(times), "peak_mb": (peak - base) / 1024, "pcc": pcc,
                   "fscr0.143": res[0.143], "fscr0.5": res[0.5]}))
-'''
+"""
 
-CESPED = r'''
+CESPED = r"""
 import json, resource, sys, time, io, contextlib
 import numpy as np
 from cesped.utils.volumeStats import compute_stats
@@ -56,15 +58,16 @@ base = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).s
 out = {}
 t = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()):
-    (corr, mcorr), r143 = compute_stats(a, b, maskOrFname=m if masked else None, samplingRate=px, resolution_threshold=0.143)
+    (corr, mcorr), r143 = compute_stats(a, b, maskOrFname=m if masked else None, samplingRate=px,
+                                        resolution_threshold=0.143)
 first = time.perf_counter() - t
 with contextlib.redirect_stdout(io.StringIO()):
     _, r05 = compute_stats(a, b, maskOrFname=m if masked else None, samplingRate=px, resolution_threshold=0.5)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 i = 1 if masked else 0
-print(json.dumps({"first": first, "best": first, "peak_mb": (peak - base) / 1024, "pcc": float(mcorr if masked else corr),
-                  "fscr0.143": float(r143[i]), "fscr0.5": float(r05[i])}))
-'''
+print(json.dumps({"first": first, "best": first, "peak_mb": (peak - base) / 1024,
+                  "pcc": float(mcorr if masked else corr), "fscr0.143": float(r143[i]), "fscr0.5": float(r05[i])}))
+"""
 
 
 def make_maps(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,15 +77,15 @@ def make_maps(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     inside = r < 0.35 * size
     signal = ndimage.gaussian_filter(rng.normal(size=(size,) * 3), 1.5) * inside
     signal /= signal.std()
-    halves = [(signal + 1.5 * ndimage.gaussian_filter(rng.normal(size=(size,) * 3), 0.6)).astype(np.float32)
-              for _ in range(2)]
+    halves = [
+        (signal + 1.5 * ndimage.gaussian_filter(rng.normal(size=(size,) * 3), 0.6)).astype(np.float32) for _ in range(2)
+    ]
     mask = ndimage.gaussian_filter((r < 0.4 * size).astype(np.float32), 2.0)
     return halves[0], halves[1], mask.astype(np.float32)
 
 
 def run(python: str, code: str, folder: Path, px: float, variant: str, env: dict | None = None) -> dict:
-    proc = subprocess.run([python, "-c", code, str(folder), str(px), variant], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([python, "-c", code, str(folder), str(px), variant], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{python} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,17 +116,23 @@ def main() -> None:
                 theirs = run(args.cesped_python, CESPED, folder, args.pixel_size, variant)
                 rows.append(("CESPED", variant, theirs))
     print(f"two {args.size}³ float32 maps, {args.pixel_size} Å/px; PCC + FSC resolution at 0.143 and 0.5")
-    print(f"{'implementation':<10} {'variant':<9} {'first s':>8} {'best s':>7} {'peak +MB':>9} {'PCC':>8} "
-          f"{'FSCR0.143':>10} {'FSCR0.5':>8}")
+    print(
+        f"{'implementation':<10} {'variant':<9} {'first s':>8} {'best s':>7} {'peak +MB':>9} {'PCC':>8} "
+        f"{'FSCR0.143':>10} {'FSCR0.5':>8}"
+    )
     for impl, variant, r in rows:
-        print(f"{impl:<10} {variant:<9} {r['first']:>8.2f} {r['best']:>7.2f} {r['peak_mb']:>9.0f} {r['pcc']:>8.4f} "
-              f"{r['fscr0.143']:>10.3f} {r['fscr0.5']:>8.3f}")
+        print(
+            f"{impl:<10} {variant:<9} {r['first']:>8.2f} {r['best']:>7.2f} {r['peak_mb']:>9.0f} {r['pcc']:>8.4f} "
+            f"{r['fscr0.143']:>10.3f} {r['fscr0.5']:>8.3f}"
+        )
     if not args.skip_cesped:
         for variant in ("unmasked", "masked"):
             o = next(r for i, v, r in rows if i == "cryopose" and v == variant)
             c = next(r for i, v, r in rows if i == "CESPED" and v == variant)
-            print(f"{variant}: CESPED / cryopose time = {c['first'] / o['first']:.1f}× (first call), "
-                  f"{c['first'] / o['best']:.1f}× (warm); memory {c['peak_mb'] / max(o['peak_mb'], 1):.1f}×")
+            print(
+                f"{variant}: CESPED / cryopose time = {c['first'] / o['first']:.1f}× (first call), "
+                f"{c['first'] / o['best']:.1f}× (warm); memory {c['peak_mb'] / max(o['peak_mb'], 1):.1f}×"
+            )
 
     ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
     out = []
@@ -132,10 +141,26 @@ def main() -> None:
         c = next((r for i, v, r in rows if i == "CESPED" and v == variant), {})
         what = f"FSC + PCC of two {args.size}³ maps, {variant}"
         out.append(row(f"{what}, first call", o["first"], c.get("first"), "s", ref_name, lower_is_better=True))
-        out.append(row(f"{what}, warm (reference: its only call)", o["best"], c.get("first"), "s", ref_name,
-                       lower_is_better=True))
-        out.append(row(f"{what}, peak memory above the loaded maps", o["peak_mb"], c.get("peak_mb"), "MB",
-                       ref_name, lower_is_better=True))
+        out.append(
+            row(
+                f"{what}, warm (reference: its only call)",
+                o["best"],
+                c.get("first"),
+                "s",
+                ref_name,
+                lower_is_better=True,
+            )
+        )
+        out.append(
+            row(
+                f"{what}, peak memory above the loaded maps",
+                o["peak_mb"],
+                c.get("peak_mb"),
+                "MB",
+                ref_name,
+                lower_is_better=True,
+            )
+        )
     write_rows(args.json, out)
 
 

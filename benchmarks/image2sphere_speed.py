@@ -46,10 +46,9 @@ CONFIGS = {
     "paper": dict(image_size=256, resnet="resnet152", lmax=8, projector_order=3, s2_kernel_order=3, output_order=4),
     "tiny": dict(image_size=64, resnet="resnet18", lmax=4, projector_order=1, s2_kernel_order=1, output_order=2),
 }
-COMMON = dict(drop_maxpool=False, sphere_channels=512, s2_channels=16, activation_resolution=10,
-              projector_fraction=0.5)
+COMMON = dict(drop_maxpool=False, sphere_channels=512, s2_channels=16, activation_resolution=10, projector_fraction=0.5)
 
-OURS = r'''
+OURS = r"""
 import json, resource, statistics, sys, time
 import torch
 torch.set_num_threads(2)
@@ -94,7 +93,7 @@ print(json.dumps({"impl": "cryopose", "construction_s": cold, "construction_warm
                   "train_step_s": statistics.median(train), "infer_particles_per_s": batch / statistics.median(infer_t),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "n_params": sum(p.numel() for p in model.parameters())}))
-'''
+"""
 
 
 def _run(cmd, env=None) -> dict:
@@ -106,8 +105,9 @@ def _run(cmd, env=None) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
-                   help="default: cpu paper (--quick: tiny)")
+    p.add_argument(
+        "--configs", nargs="+", choices=sorted(CONFIGS), default=None, help="default: cpu paper (--quick: tiny)"
+    )
     p.add_argument("--steps", type=int, default=None, help="default 5 (--quick: 1)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (--quick: 8)")
     p.add_argument("--device", default="cpu")
@@ -124,22 +124,46 @@ def main(argv=None) -> None:
         steps = args.steps if name == "cpu" else max(2, args.steps // 2)
         with tempfile.TemporaryDirectory(prefix="cryopose-cache-") as cache:
             env = dict(os.environ, CRYOPOSE_CACHE=cache)
-            ours = _run([sys.executable, "-c", OURS, json.dumps(cfg), str(steps), str(args.batch_size), args.device],
-                        env)
+            ours = _run(
+                [sys.executable, "-c", OURS, json.dumps(cfg), str(steps), str(args.batch_size), args.device], env
+            )
         theirs = None
         if Path(args.cesped_python).is_file():
-            theirs = _run([args.cesped_python, str(HERE / "cesped_image2sphere.py"), "--image-size",
-                           str(cfg["image_size"]), "--resnet", cfg["resnet"], "--lmax", str(cfg["lmax"]),
-                           "--hp-order-projector", str(cfg["projector_order"]), "--hp-order-s2",
-                           str(cfg["s2_kernel_order"]), "--so3-order", str(cfg["output_order"]),
-                           "--batch-size", str(args.batch_size), "--steps", str(steps), "--device", args.device])
+            theirs = _run(
+                [
+                    args.cesped_python,
+                    str(HERE / "cesped_image2sphere.py"),
+                    "--image-size",
+                    str(cfg["image_size"]),
+                    "--resnet",
+                    cfg["resnet"],
+                    "--lmax",
+                    str(cfg["lmax"]),
+                    "--hp-order-projector",
+                    str(cfg["projector_order"]),
+                    "--hp-order-s2",
+                    str(cfg["s2_kernel_order"]),
+                    "--so3-order",
+                    str(cfg["output_order"]),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--steps",
+                    str(steps),
+                    "--device",
+                    args.device,
+                ]
+            )
         rows.append((name, ours, theirs))
         print(f"[{name}] cryopose {json.dumps(ours)}\n[{name}] cesped   {json.dumps(theirs)}", flush=True)
 
     print(f"\nImage2Sphere, batch {args.batch_size}, device {args.device}, 2 torch threads")
     print(f"{'config':8s} {'figure':28s} {'cryopose':>12s} {'cesped':>12s} {'ratio':>8s}")
-    figures = [("construction_s", "build, cold cache (s)", False), ("train_step_s", "train step (s)", False),
-               ("infer_particles_per_s", "inference (particles/s)", True), ("peak_rss_mb", "peak RSS (MB)", False)]
+    figures = [
+        ("construction_s", "build, cold cache (s)", False),
+        ("train_step_s", "train step (s)", False),
+        ("infer_particles_per_s", "inference (particles/s)", True),
+        ("peak_rss_mb", "peak RSS (MB)", False),
+    ]
     for name, ours, theirs in rows:
         for key, label, higher_better in figures:
             a, b = ours[key], (theirs or {}).get(key)
@@ -154,14 +178,25 @@ def main(argv=None) -> None:
         cfg = CONFIGS[name]
         what = f"Image2Sphere, {name} configuration ({cfg['image_size']} px, {cfg['resnet']}), {args.device}"
         for key, label, higher_better in figures:
-            unit = {"construction_s": "s", "train_step_s": "s", "infer_particles_per_s": "particles/s",
-                    "peak_rss_mb": "MB"}[key]
+            unit = {
+                "construction_s": "s",
+                "train_step_s": "s",
+                "infer_particles_per_s": "particles/s",
+                "peak_rss_mb": "MB",
+            }[key]
             if key == "train_step_s":
                 label = f"training step of {args.batch_size}"
-            out.append(row(f"{what}: {label.split(' (')[0]}", ours[key], (theirs or {}).get(key), unit,
-                           ref_name if theirs else "", lower_is_better=not higher_better))
-        out.append(row(f"{what}: build, warm cache", ours["construction_warm_s"], None, "s", "",
-                       lower_is_better=True))
+            out.append(
+                row(
+                    f"{what}: {label.split(' (')[0]}",
+                    ours[key],
+                    (theirs or {}).get(key),
+                    unit,
+                    ref_name if theirs else "",
+                    lower_is_better=not higher_better,
+                )
+            )
+        out.append(row(f"{what}: build, warm cache", ours["construction_warm_s"], None, "s", "", lower_is_better=True))
     write_rows(args.json, out)
 
 

@@ -57,13 +57,27 @@ from _common import add_output_args, relion_name, row, write_rows  # noqa: E402
 CRYOPOSE = [sys.executable, "-m", "cryopose"]
 PIXEL_SIZE = 2.13
 #: The paper's Image2Sphere (config/cesped.yaml, Image2SphereConfig.paper()), one epoch.
-PAPER_I2S = dict(image_size=256, resnet="resnet152", drop_maxpool=False, sphere_channels=512, projector_order=3,
-                 lmax=8, s2_kernel_order=3, activation_resolution=10, output_order=4)
-STEP_NAMES = {"preprocess": "preprocessing", "train": "training", "ground_truth": "ground-truth maps",
-              "evaluate": "evaluation"}
+PAPER_I2S = dict(
+    image_size=256,
+    resnet="resnet152",
+    drop_maxpool=False,
+    sphere_channels=512,
+    projector_order=3,
+    lmax=8,
+    s2_kernel_order=3,
+    activation_resolution=10,
+    output_order=4,
+)
+STEP_NAMES = {
+    "preprocess": "preprocessing",
+    "train": "training",
+    "ground_truth": "ground-truth maps",
+    "evaluate": "evaluation",
+}
 
 
 # ------------------------------------------------------------------------------------- measuring
+
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -128,6 +142,7 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------- the steps
 
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -149,9 +164,27 @@ class Bench:
 
     def simulate(self, box: int, n: int) -> Path:
         name = f"mem{box}_{n}"
-        subprocess.run(CRYOPOSE + ["simulate", "--name", name, "--box-size", str(box), "--pixel-size", str(PIXEL_SIZE),
-                                   "--n-particles", str(n), "--snr", "0.1", "--out", str(self.entries), "--quiet"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            CRYOPOSE
+            + [
+                "simulate",
+                "--name",
+                name,
+                "--box-size",
+                str(box),
+                "--pixel-size",
+                str(PIXEL_SIZE),
+                "--n-particles",
+                str(n),
+                "--snr",
+                "0.1",
+                "--out",
+                str(self.entries),
+                "--quiet",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return self.entries / name
 
     def preprocess(self, box: int, n: int, image_size: int | None) -> tuple[dict, Path]:
@@ -160,8 +193,17 @@ class Bench:
             entry = self.simulate(box, n)
             tag = f"preprocess_{box}_{n}_{image_size or box}"
             out = self.fresh(tag)
-            cmd = CRYOPOSE + ["preprocess", entry, "--out", out, "--crop-fraction", "1.0",
-                              "--ctf-correction", "phase_flip", "--quiet"]
+            cmd = CRYOPOSE + [
+                "preprocess",
+                entry,
+                "--out",
+                out,
+                "--crop-fraction",
+                "1.0",
+                "--ctf-correction",
+                "phase_flip",
+                "--quiet",
+            ]
             if image_size:
                 cmd += ["--image-size", str(image_size)]
             print(f"  preprocess: box {box}, {n} particles/half -> {image_size or box} px", flush=True)
@@ -190,26 +232,69 @@ class Bench:
             tag = f"{box}_{n}_{backend}"
             gt = self.fresh(f"ground_truth_{tag}")
             print(f"  ground truth + evaluation ({backend}): box {box}, {n} particles/half", flush=True)
-            res = {"ground_truth": measure(CRYOPOSE + ["ground-truth", entry, "--out", gt, "--backend", backend,
-                                                      "--jobs", "1", "--quiet"], self.log(f"ground_truth_{tag}"))}
+            res = {
+                "ground_truth": measure(
+                    CRYOPOSE + ["ground-truth", entry, "--out", gt, "--backend", backend, "--jobs", "1", "--quiet"],
+                    self.log(f"ground_truth_{tag}"),
+                )
+            }
             out = self.fresh(f"evaluate_{tag}")
-            res["evaluate"] = measure(CRYOPOSE + ["evaluate", entry, "--half0", half0, "--half1", half1,
-                                                  "--method", "ground_truth", "--prediction-type", "SO3",
-                                                  "--backend", backend, "--jobs", "1", "--ground-truth-dir", gt,
-                                                  "--out", out, "--quiet"], self.log(f"evaluate_{tag}"))
+            res["evaluate"] = measure(
+                CRYOPOSE
+                + [
+                    "evaluate",
+                    entry,
+                    "--half0",
+                    half0,
+                    "--half1",
+                    half1,
+                    "--method",
+                    "ground_truth",
+                    "--prediction-type",
+                    "SO3",
+                    "--backend",
+                    backend,
+                    "--jobs",
+                    "1",
+                    "--ground-truth-dir",
+                    gt,
+                    "--out",
+                    out,
+                    "--quiet",
+                ],
+                self.log(f"evaluate_{tag}"),
+            )
             self.cache[key] = res
         return self.cache[key]
 
     def train(self, pre_entry: Path, params: dict, tag: str) -> dict:
         model_keys = set(_model_fields())
         # Warm the cache of Wigner tables and grids (untimed): every training after the first finds it.
-        subprocess.run([sys.executable, "-c", "import json, sys\nfrom cryopose.methods.image2sphere.network import "
-                        "Image2Sphere, Image2SphereConfig\nImage2Sphere(Image2SphereConfig(**json.loads(sys.argv[1])))",
-                        json.dumps({k: v for k, v in params.items() if k in model_keys})], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, sys\nfrom cryopose.methods.image2sphere.network import "
+                "Image2Sphere, Image2SphereConfig\nImage2Sphere(Image2SphereConfig(**json.loads(sys.argv[1])))",
+                json.dumps({k: v for k, v in params.items() if k in model_keys}),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         out = self.fresh(f"train_{tag}")
-        cmd = CRYOPOSE + ["train", "--method", "image2sphere", "--entry", pre_entry, "--half", "0",
-                          "--out", out / "model", "--work-dir", out / "work"]
+        cmd = CRYOPOSE + [
+            "train",
+            "--method",
+            "image2sphere",
+            "--entry",
+            pre_entry,
+            "--half",
+            "0",
+            "--out",
+            out / "model",
+            "--work-dir",
+            out / "work",
+        ]
         for k, v in params.items():
             cmd += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
         print(f"  train: {tag}", flush=True)
@@ -255,77 +340,158 @@ def trimmed_copy(src: Path, dest: Path, n: int) -> Path:
 
 # ------------------------------------------------------------------------------------- tables
 
-def _mem_record(step: str, size: str, box: int, n: int, image_size: int | None, m: dict, ref: dict | None,
-                ref_name: str, note: str = "") -> dict:
-    r = row(f"peak RSS, {STEP_NAMES[step]}, {size} size", m["peak_rss_mb"], ref["peak_rss_mb"] if ref else None,
-            "MB", ref_name if ref else "", lower_is_better=True)
-    r.update(table="memory", step=step, size=size, box=box, particles=n, image_size=image_size,
-             seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"], peak_anon_mb=m["peak_anon_mb"],
-             reference_seconds=ref["seconds"] if ref else None,
-             reference_peak_rss_mb=ref["peak_rss_mb"] if ref else None, note=note)
+
+def _mem_record(
+    step: str,
+    size: str,
+    box: int,
+    n: int,
+    image_size: int | None,
+    m: dict,
+    ref: dict | None,
+    ref_name: str,
+    note: str = "",
+) -> dict:
+    r = row(
+        f"peak RSS, {STEP_NAMES[step]}, {size} size",
+        m["peak_rss_mb"],
+        ref["peak_rss_mb"] if ref else None,
+        "MB",
+        ref_name if ref else "",
+        lower_is_better=True,
+    )
+    r.update(
+        table="memory",
+        step=step,
+        size=size,
+        box=box,
+        particles=n,
+        image_size=image_size,
+        seconds=m["seconds"],
+        peak_rss_mb=m["peak_rss_mb"],
+        peak_anon_mb=m["peak_anon_mb"],
+        reference_seconds=ref["seconds"] if ref else None,
+        reference_peak_rss_mb=ref["peak_rss_mb"] if ref else None,
+        note=note,
+    )
     return r
 
 
 def _scaling_record(step: str, box: int, n: int, m: dict, image_size: int | None = None) -> dict:
-    r = row(f"{STEP_NAMES[step]}, box {box} px, {n} particles/half: peak RSS", m["peak_rss_mb"], None, "MB", "",
-            lower_is_better=True)
-    r.update(table="scaling", step=step, box=box, particles=n, image_size=image_size, seconds=m["seconds"],
-             peak_rss_mb=m["peak_rss_mb"], peak_anon_mb=m["peak_anon_mb"])
+    r = row(
+        f"{STEP_NAMES[step]}, box {box} px, {n} particles/half: peak RSS",
+        m["peak_rss_mb"],
+        None,
+        "MB",
+        "",
+        lower_is_better=True,
+    )
+    r.update(
+        table="scaling",
+        step=step,
+        box=box,
+        particles=n,
+        image_size=image_size,
+        seconds=m["seconds"],
+        peak_rss_mb=m["peak_rss_mb"],
+        peak_anon_mb=m["peak_anon_mb"],
+    )
     return r
 
 
 def print_tables(records: list[dict]) -> None:
     mem = [r for r in records if r.get("table") == "memory"]
     if mem:
-        print("\n| step | size | particles/half | box (→ image) px | wall s | peak RSS MB | peak anon MB | "
-              "relion backend: wall s / peak RSS MB | note |")
+        print(
+            "\n| step | size | particles/half | box (→ image) px | wall s | peak RSS MB | peak anon MB | "
+            "relion backend: wall s / peak RSS MB | note |"
+        )
         print("|" + " --- |" * 9)
         for r in mem:
-            ref = (f"{r['reference_seconds']:.1f} / {r['reference_peak_rss_mb']:.0f}"
-                   if r["reference_seconds"] is not None else "")
+            ref = (
+                f"{r['reference_seconds']:.1f} / {r['reference_peak_rss_mb']:.0f}"
+                if r["reference_seconds"] is not None
+                else ""
+            )
             px = f"{r['box']} → {r['image_size']}" if r["image_size"] else f"{r['box']}"
-            print(f"| {STEP_NAMES[r['step']]} | {r['size']} | {r['particles']} | {px}"
-                  f" | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | {ref} | {r['note']} |")
+            print(
+                f"| {STEP_NAMES[r['step']]} | {r['size']} | {r['particles']} | {px}"
+                f" | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | {ref} | {r['note']} |"
+            )
     scale = [r for r in records if r.get("table") == "scaling"]
     if scale:
         print("\n| step | particles/half | box px | wall s | peak RSS MB | peak anon MB |")
         print("|" + " --- |" * 6)
         for r in scale:
-            print(f"| {STEP_NAMES[r['step']]} | {r['particles']} | {r['box']} | {r['seconds']:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |")
+            print(
+                f"| {STEP_NAMES[r['step']]} | {r['particles']} | {r['box']} | {r['seconds']:.1f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
+            )
 
 
 # ------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="simulated entries (kept, reused) and step outputs; default /tmp/cryopose-bench(-quick)/"
-                        "memory_scaling")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="simulated entries (kept, reused) and step outputs; default /tmp/cryopose-bench(-quick)/memory_scaling",
+    )
     p.add_argument("--particles", type=int, default=None, help="default size: particles per half (3000; quick 100)")
     p.add_argument("--box-size", type=int, default=None, help="default size: box (64; quick 32)")
     p.add_argument("--image-size", type=int, default=32, help="preprocessing output and training image size")
     p.add_argument("--epochs", type=int, default=1, help="training epochs at the default size")
-    p.add_argument("--counts", type=int, nargs="*", default=None,
-                   help="particle counts of the scaling table at the default box (1000 2000 4000; quick 50)")
-    p.add_argument("--boxes", type=int, nargs="*", default=None,
-                   help="box sizes of the scaling table (64 128 256; quick none)")
-    p.add_argument("--scaling-particles", type=int, default=None,
-                   help="particles per half of the box-size series (1000; quick 50)")
+    p.add_argument(
+        "--counts",
+        type=int,
+        nargs="*",
+        default=None,
+        help="particle counts of the scaling table at the default box (1000 2000 4000; quick 50)",
+    )
+    p.add_argument(
+        "--boxes", type=int, nargs="*", default=None, help="box sizes of the scaling table (64 128 256; quick none)"
+    )
+    p.add_argument(
+        "--scaling-particles", type=int, default=None, help="particles per half of the box-size series (1000; quick 50)"
+    )
     p.add_argument("--paper-box", type=int, default=None, help="paper-like size: box (256; 0 skips; quick 0)")
     p.add_argument("--paper-particles", type=int, default=1000, help="paper-like size: particles per half")
-    p.add_argument("--paper-train-particles", type=int, default=40,
-                   help="particles per half of the copy the paper configuration trains on (batch 32: one step)")
+    p.add_argument(
+        "--paper-train-particles",
+        type=int,
+        default=40,
+        help="particles per half of the copy the paper configuration trains on (batch 32: one step)",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training measurements")
     p.add_argument("--no-reference", action="store_true", help="skip the relion backend (reference) measurements")
-    p.add_argument("--keep-outputs", action="store_true",
-                   help="keep the steps' outputs (preprocessed copies, maps, models) in WORKDIR/runs")
+    p.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep the steps' outputs (preprocessed copies, maps, models) in WORKDIR/runs",
+    )
     add_output_args(p, "32 px boxes of 50 and 100 particles, no paper size: a smoke test")
     args = p.parse_args(argv)
-    full = dict(particles=3000, box_size=64, counts=[1000, 2000, 4000], boxes=[64, 128, 256], scaling_particles=1000,
-                paper_box=256, workdir=Path("/tmp/cryopose-bench/memory_scaling"))
-    quick = dict(particles=100, box_size=32, counts=[50], boxes=[], scaling_particles=50, paper_box=0,
-                 workdir=Path("/tmp/cryopose-bench-quick/memory_scaling"))
+    full = dict(
+        particles=3000,
+        box_size=64,
+        counts=[1000, 2000, 4000],
+        boxes=[64, 128, 256],
+        scaling_particles=1000,
+        paper_box=256,
+        workdir=Path("/tmp/cryopose-bench/memory_scaling"),
+    )
+    quick = dict(
+        particles=100,
+        box_size=32,
+        counts=[50],
+        boxes=[],
+        scaling_particles=50,
+        paper_box=0,
+        workdir=Path("/tmp/cryopose-bench-quick/memory_scaling"),
+    )
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -342,20 +508,53 @@ def main(argv=None) -> None:
     # The default size: every step, and the relion backend as the reference for the reconstructions.
     print(f"{size_label} size: box {args.box_size} px, {args.particles} particles/half", flush=True)
     m, pre = bench.preprocess(args.box_size, args.particles, args.image_size)
-    records.append(_mem_record("preprocess", size_label, args.box_size, args.particles, args.image_size, m, None, "",
-                               "no reference: CESPED preprocesses on the fly (dataset_throughput.py)"))
+    records.append(
+        _mem_record(
+            "preprocess",
+            size_label,
+            args.box_size,
+            args.particles,
+            args.image_size,
+            m,
+            None,
+            "",
+            "no reference: CESPED preprocesses on the fly (dataset_throughput.py)",
+        )
+    )
     if not args.no_train:
         params = {"image_size": args.image_size, "max_epochs": args.epochs}
         m = bench.train(pre, params, f"{size_label}_{args.box_size}_{args.particles}")
         n_train = args.particles - max(1, round(0.1 * args.particles))
-        records.append(_mem_record("train", size_label, args.box_size, args.particles, args.image_size, m, None, "",
-                                   f"Image2Sphere (workflow default), {args.epochs} epoch(s) of {n_train} images: "
-                                   f"{', '.join(_secs(s) for s in m['epoch_seconds'])} s each; warm cache"))
+        records.append(
+            _mem_record(
+                "train",
+                size_label,
+                args.box_size,
+                args.particles,
+                args.image_size,
+                m,
+                None,
+                "",
+                f"Image2Sphere (workflow default), {args.epochs} epoch(s) of {n_train} images: "
+                f"{', '.join(_secs(s) for s in m['epoch_seconds'])} s each; warm cache",
+            )
+        )
     ev = bench.evaluation(args.box_size, args.particles, "torch")
     ev_ref = bench.evaluation(args.box_size, args.particles, "relion") if reference else None
     for step in ("ground_truth", "evaluate"):
-        records.append(_mem_record(step, size_label, args.box_size, args.particles, None, ev[step],
-                                   ev_ref[step] if ev_ref else None, ref_name, "torch backend (CPU)"))
+        records.append(
+            _mem_record(
+                step,
+                size_label,
+                args.box_size,
+                args.particles,
+                None,
+                ev[step],
+                ev_ref[step] if ev_ref else None,
+                ref_name,
+                "torch backend (CPU)",
+            )
+        )
 
     # A paper-like size.
     if args.paper_box:
@@ -369,19 +568,44 @@ def main(argv=None) -> None:
             params = {**PAPER_I2S, "batch_size": 32, "max_epochs": 1}
             m = bench.train(small, params, f"paper_{box}_{k}")
             n_val = max(1, round(0.1 * k))
-            records.append(_mem_record("train", "paper", box, k, PAPER_I2S["image_size"], m, None, "",
-                                       f"paper Image2Sphere (ResNet152, lmax 8, order 4), {k} particles: "
-                                       f"{(k - n_val) // 32} step(s) of 32 + validation of {n_val} images, "
-                                       f"{_secs(m['epoch_seconds'][0])} s; warm cache"))
+            records.append(
+                _mem_record(
+                    "train",
+                    "paper",
+                    box,
+                    k,
+                    PAPER_I2S["image_size"],
+                    m,
+                    None,
+                    "",
+                    f"paper Image2Sphere (ResNet152, lmax 8, order 4), {k} particles: "
+                    f"{(k - n_val) // 32} step(s) of 32 + validation of {n_val} images, "
+                    f"{_secs(m['epoch_seconds'][0])} s; warm cache",
+                )
+            )
         ev = bench.evaluation(box, n, "torch")
         ev_ref = bench.evaluation(box, n, "relion") if reference else None
         for step in ("ground_truth", "evaluate"):
-            records.append(_mem_record(step, "paper", box, n, None, ev[step], ev_ref[step] if ev_ref else None,
-                                       ref_name, "torch backend (CPU)"))
+            records.append(
+                _mem_record(
+                    step,
+                    "paper",
+                    box,
+                    n,
+                    None,
+                    ev[step],
+                    ev_ref[step] if ev_ref else None,
+                    ref_name,
+                    "torch backend (CPU)",
+                )
+            )
 
     # Scaling: particle count at the default box, box size at a fixed count.
-    series = sorted({(args.box_size, c) for c in args.counts + [args.particles]} |
-                    {(b, args.scaling_particles) for b in args.boxes}, key=lambda t: (t[0] != args.box_size, t))
+    series = sorted(
+        {(args.box_size, c) for c in args.counts + [args.particles]}
+        | {(b, args.scaling_particles) for b in args.boxes},
+        key=lambda t: (t[0] != args.box_size, t),
+    )
     for box, n in series:
         print(f"scaling: box {box} px, {n} particles/half", flush=True)
         m, _ = bench.preprocess(box, n, args.image_size)
@@ -392,18 +616,26 @@ def main(argv=None) -> None:
 
     # The reconstructions against relion_reconstruct, for the main table.
     for r in [r for r in records if r.get("table") == "memory" and r["reference_seconds"] is not None]:
-        what = f"{STEP_NAMES[r['step']]} ({'GT maps cached, ' if r['step'] == 'evaluate' else ''}torch backend), " \
-               f"{r['particles']:,} particles/half × {r['box']}² px"
-        records.append(row(f"{what}: wall time", r["seconds"], r["reference_seconds"], "s", ref_name,
-                           lower_is_better=True))
-        records.append(row(f"{what}: peak RSS", r["peak_rss_mb"], r["reference_peak_rss_mb"], "MB", ref_name,
-                           lower_is_better=True))
+        what = (
+            f"{STEP_NAMES[r['step']]} ({'GT maps cached, ' if r['step'] == 'evaluate' else ''}torch backend), "
+            f"{r['particles']:,} particles/half × {r['box']}² px"
+        )
+        records.append(
+            row(f"{what}: wall time", r["seconds"], r["reference_seconds"], "s", ref_name, lower_is_better=True)
+        )
+        records.append(
+            row(f"{what}: peak RSS", r["peak_rss_mb"], r["reference_peak_rss_mb"], "MB", ref_name, lower_is_better=True)
+        )
 
-    print(f"\n{os.cpu_count()} CPUs; wall time of this benchmark {time.perf_counter() - start:.0f} s; "
-          f"logs in {bench.logs}")
+    print(
+        f"\n{os.cpu_count()} CPUs; wall time of this benchmark {time.perf_counter() - start:.0f} s; "
+        f"logs in {bench.logs}"
+    )
     print_tables(records)
-    print("peak RSS: largest resident set of the step's process or a child it waited for; peak anon: largest sum of "
-          "RssAnon over the process tree (sampled every 50 ms)")
+    print(
+        "peak RSS: largest resident set of the step's process or a child it waited for; peak anon: largest sum of "
+        "RssAnon over the process tree (sampled every 50 ms)"
+    )
     write_rows(args.json, records)
     if not args.keep_outputs:
         shutil.rmtree(bench.runs, ignore_errors=True)

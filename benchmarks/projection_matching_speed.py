@@ -44,7 +44,8 @@ from cryopose.simulate import pseudo_molecule, simulate_images
 from cryopose.symmetry import symmetry_aware_angle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, row as json_row, write_rows  # noqa: E402
+from _common import add_output_args, write_rows  # noqa: E402
+from _common import row as json_row
 
 PIXEL = 2.13
 REFERENCE_NAME = "textbook FFT search"
@@ -83,9 +84,9 @@ def reference_search(volume, images, ctf, config: matching.MatchingConfig, devic
     in_range = (c[:, None] ** 2 + c[None, :] ** 2) <= (config.max_shift / PIXEL) ** 2
     best = torch.empty(len(images), dtype=torch.long)
     for start in range(0, len(images), batch):
-        x = torch.fft.rfft2(torch.fft.ifftshift(images[start:start + batch].to(device), dim=(-2, -1)))
+        x = torch.fft.rfft2(torch.fft.ifftshift(images[start : start + batch].to(device), dim=(-2, -1)))
         x = x * mask
-        k = ctf[start:start + batch].to(device)
+        k = ctf[start : start + batch].to(device)
         for i in range(len(x)):
             model = proj * k[i]
             cc = torch.fft.irfft2(x[i].conj() * model, s=(d, d))  # (R, d, d): correlation at every lag
@@ -108,54 +109,90 @@ def row(box: int, order: int, n: int, n_ref: int, device) -> dict:
     config = matching.MatchingConfig(coarse_order=order, device=str(device))
     coarse = matching.MatchingConfig(coarse_order=order, rounds=0, candidates=1, device=str(device))
     matching.projection_match(images[:8], ctf[:8], 8, volume, PIXEL, config, progress=False)  # warm-up
-    t_full, (r_full, _, _) = timed(lambda: matching.projection_match(images, ctf, n, volume, PIXEL, config,
-                                                                     progress=False), device)
-    t_coarse, (r_coarse, _, _) = timed(lambda: matching.projection_match(images, ctf, n, volume, PIXEL, coarse,
-                                                                         progress=False), device)
+    t_full, (r_full, _, _) = timed(
+        lambda: matching.projection_match(images, ctf, n, volume, PIXEL, config, progress=False), device
+    )
+    t_coarse, (r_coarse, _, _) = timed(
+        lambda: matching.projection_match(images, ctf, n, volume, PIXEL, coarse, progress=False), device
+    )
     t_ref, r_ref = timed(lambda: reference_search(volume, images[:n_ref], ctf[:n_ref], coarse, device), device)
     err = lambda r, m: float(symmetry_aware_angle(rot[:m], r[:m].double().cpu(), "C1").median())
-    return {"box": box, "order": order, "rotations": 72 * 8 ** order, "ours": n / t_full, "ours_global": n / t_coarse,
-            "reference": n_ref / t_ref, "err_ours": err(r_full, n), "err_global": err(r_coarse, n),
-            "err_ref": err(r_ref, n_ref)}
+    return {
+        "box": box,
+        "order": order,
+        "rotations": 72 * 8**order,
+        "ours": n / t_full,
+        "ours_global": n / t_coarse,
+        "reference": n_ref / t_ref,
+        "err_ours": err(r_full, n),
+        "err_global": err(r_coarse, n),
+        "err_ref": err(r_ref, n_ref),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--particles", type=int, default=None, help="default 256 (--quick: 16)")
-    parser.add_argument("--reference-particles", type=int, default=None,
-                        help="the reference is slow: fewer particles (default 16; --quick: 4)")
+    parser.add_argument(
+        "--reference-particles",
+        type=int,
+        default=None,
+        help="the reference is slow: fewer particles (default 16; --quick: 4)",
+    )
     parser.add_argument("--orders", type=int, nargs="+", default=None, help="default 1 2 3 (--quick: 1)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 32 64 128 (--quick: 64)")
     parser.add_argument("--threads", type=int, default=2)
     add_output_args(parser, "16 particles at order 1, 64 px: a smoke test")
     args = parser.parse_args()
-    for key, full, quick in (("particles", 256, 16), ("reference_particles", 16, 4), ("orders", [1, 2, 3], [1]),
-                             ("sizes", [32, 64, 128], [64])):
+    for key, full, quick in (
+        ("particles", 256, 16),
+        ("reference_particles", 16, 4),
+        ("orders", [1, 2, 3], [1]),
+        ("sizes", [32, 64, 128], [64]),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"device: {name}; {args.particles} particles (reference: {args.reference_particles}), 2.13 Å/px, SNR 0.1")
-    header = ("| box | grid order | rotations | ours p/s | ours, global search only p/s | reference p/s | "
-              "ratio (global / reference) | median error ours / global / reference (°) |")
+    header = (
+        "| box | grid order | rotations | ours p/s | ours, global search only p/s | reference p/s | "
+        "ratio (global / reference) | median error ours / global / reference (°) |"
+    )
     print(header)
     print("|" + " --- |" * 8)
     cases = [(64, o) for o in args.orders] + [(s, 2) for s in args.sizes if s != 64]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     out = []
     for box, order in cases:
-        n_ref = args.reference_particles if order < 3 or device.type == "cuda" else max(4, args.reference_particles // 4)
+        n_ref = (
+            args.reference_particles if order < 3 or device.type == "cuda" else max(4, args.reference_particles // 4)
+        )
         r = row(box, order, args.particles, n_ref, device)
-        print(f"| {r['box']} | {r['order']} | {r['rotations']} | {r['ours']:.1f} | {r['ours_global']:.1f} | "
-              f"{r['reference']:.2f} | {r['ours_global'] / r['reference']:.0f}× | "
-              f"{r['err_ours']:.1f} / {r['err_global']:.1f} / {r['err_ref']:.1f} |", flush=True)
+        print(
+            f"| {r['box']} | {r['order']} | {r['rotations']} | {r['ours']:.1f} | {r['ours_global']:.1f} | "
+            f"{r['reference']:.2f} | {r['ours_global'] / r['reference']:.0f}× | "
+            f"{r['err_ours']:.1f} / {r['err_global']:.1f} / {r['err_ref']:.1f} |",
+            flush=True,
+        )
         what = f"projection matching, {box} px, grid order {order} ({r['rotations']:,} rotations), {where}"
-        out.append(json_row(f"{what}: global search", r["ours_global"], r["reference"], "particles/s",
-                            REFERENCE_NAME, lower_is_better=False))
-        out.append(json_row(f"{what}: whole search (global + local)", r["ours"], None, "particles/s", "",
-                            lower_is_better=False))
+        out.append(
+            json_row(
+                f"{what}: global search",
+                r["ours_global"],
+                r["reference"],
+                "particles/s",
+                REFERENCE_NAME,
+                lower_is_better=False,
+            )
+        )
+        out.append(
+            json_row(
+                f"{what}: whole search (global + local)", r["ours"], None, "particles/s", "", lower_is_better=False
+            )
+        )
     write_rows(args.json, out)
 
 

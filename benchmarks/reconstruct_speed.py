@@ -47,9 +47,29 @@ def main() -> None:
     from cryopose.reconstruct import reconstruct
 
     name = f"rec{args.box_size}_{args.n_particles}"
-    subprocess.run([sys.executable, "-m", "cryopose", "simulate", "--name", name, "--box-size", str(args.box_size),
-                    "--pixel-size", str(args.pixel_size), "--n-particles", str(args.n_particles), "--snr", "0.1",
-                    "--out", str(args.workdir), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cryopose",
+            "simulate",
+            "--name",
+            name,
+            "--box-size",
+            str(args.box_size),
+            "--pixel-size",
+            str(args.pixel_size),
+            "--n-particles",
+            str(args.n_particles),
+            "--snr",
+            "0.1",
+            "--out",
+            str(args.workdir),
+            "--quiet",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     entry = args.workdir / name
     star = entry / "particles_0.star"
     truth, px = io.read_map(entry / f"{name}_source_map.mrc")
@@ -71,16 +91,20 @@ def main() -> None:
         vr, _ = reconstruct(star, backend="relion")
         rows.append(("relion_reconstruct", time.perf_counter() - t, vr))
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{args.n_particles} particles × {args.box_size}² px, SNR 0.1, C1, pad 2; torch on {dev} "
-          f"({torch.get_num_threads()} threads), relion_reconstruct 1 process; {os.cpu_count()} CPUs")
+    print(
+        f"{args.n_particles} particles × {args.box_size}² px, SNR 0.1, C1, pad 2; torch on {dev} "
+        f"({torch.get_num_threads()} threads), relion_reconstruct 1 process; {os.cpu_count()} CPUs"
+    )
     print(f"{'backend':<20} {'seconds':>8} {'PCC vs truth':>13} {'FSC=0.5 vs truth (Å)':>21}")
     for label, secs, vol in rows:
         print(f"{label:<20} {secs:>8.1f} {pearson_correlation(vol, truth):>13.4f} {shell_05(vol, truth):>21.2f}")
     ref = next((r for r in rows if r[0] == "relion_reconstruct"), None)
     if ref is not None:
         for label, secs, vol in rows[:-1]:
-            print(f"{label}: time ratio / relion = {secs / ref[1]:.2f}; PCC vs relion = "
-                  f"{pearson_correlation(vol, ref[2]):.4f}")
+            print(
+                f"{label}: time ratio / relion = {secs / ref[1]:.2f}; PCC vs relion = "
+                f"{pearson_correlation(vol, ref[2]):.4f}"
+            )
 
     ref_name = relion_name()
     size = f"{args.n_particles:,} × {args.box_size}² px"
@@ -88,14 +112,29 @@ def main() -> None:
     for label, secs, vol in rows:
         if label == "relion_reconstruct":
             continue
-        backend = f"torch backend ({dev}, {label[len('torch ('):-1]})"
-        out.append(row(f"reconstruction of one half, {size}, {backend}", secs, ref[1] if ref else None, "s",
-                       ref_name if ref else "", lower_is_better=True))
+        backend = f"torch backend ({dev}, {label[len('torch (') : -1]})"
+        out.append(
+            row(
+                f"reconstruction of one half, {size}, {backend}",
+                secs,
+                ref[1] if ref else None,
+                "s",
+                ref_name if ref else "",
+                lower_is_better=True,
+            )
+        )
         if label != "torch (compiled)":
             continue  # the same map: one PCC row
-        out.append(row(f"reconstruction PCC vs true map, {size}, torch backend", pearson_correlation(vol, truth),
-                       pearson_correlation(ref[2], truth) if ref else None, "PCC", ref_name if ref else "",
-                       lower_is_better=False))
+        out.append(
+            row(
+                f"reconstruction PCC vs true map, {size}, torch backend",
+                pearson_correlation(vol, truth),
+                pearson_correlation(ref[2], truth) if ref else None,
+                "PCC",
+                ref_name if ref else "",
+                lower_is_better=False,
+            )
+        )
     write_rows(args.json, out)
 
 

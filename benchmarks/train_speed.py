@@ -61,7 +61,7 @@ def reference_target(rotmats, grid, symmetry):
     mates = (ops[None] @ rotmats[:, None]).reshape(-1, 3, 3)
     q_grid = matrix_to_quaternion(grid.double())
     q = matrix_to_quaternion(mates)
-    cells = torch.cat([(q[i:i + 1024] @ q_grid.T).abs().argmax(-1) for i in range(0, q.shape[0], 1024)])
+    cells = torch.cat([(q[i : i + 1024] @ q_grid.T).abs().argmax(-1) for i in range(0, q.shape[0], 1024)])
     cells = cells.reshape(rotmats.shape[0], ops.shape[0])
     target = torch.zeros(cells.shape[0], grid.shape[0], dtype=torch.float32)
     return target.scatter_add_(1, cells, torch.full(cells.shape, 1.0 / cells.shape[1]))
@@ -81,7 +81,7 @@ def reference_validate(model, dataset, indices, batch_size, cells):
     grid = model.grid
     losses, errors = [], []
     for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
+        idx = indices[start : start + batch_size]
         _, images, (rot, _, conf), _ = dataset.get_batch(idx)
         logits = model.grid_logits(model.signal(images).float())
         if start not in cells:
@@ -144,12 +144,22 @@ def build(entry: Path, half: int):
     reference.activation = e3nn_so3_activation(model_config.lmax, model_config.activation_resolution)
     sides = {}
     for name, model, foreach in (("ours", ours, True), ("reference", reference, False)):
-        opt = torch.optim.RAdam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay,
-                                foreach=foreach)
+        opt = torch.optim.RAdam(
+            model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay, foreach=foreach
+        )
         sides[name] = {"model": model, "opt": opt}
     grid = ours.grid.cpu()
-    return dict(train_set=train_set, val_set=val_set, train_idx=train_idx, val_idx=val_idx, sides=sides,
-                grid=grid, grid_q=grid_quaternions_of(grid), tc=train_config, source=source)
+    return dict(
+        train_set=train_set,
+        val_set=val_set,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        sides=sides,
+        grid=grid,
+        grid_q=grid_quaternions_of(grid),
+        tc=train_config,
+        source=source,
+    )
 
 
 def train_step(ctx, side: str, idx, projector_gen):
@@ -178,7 +188,9 @@ def interleaved_epoch(ctx, number: int) -> dict:
     from cryopose.methods.image2sphere.training import epoch_generator, validation_pass
 
     tc = ctx["tc"]
-    order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=epoch_generator(tc.seed, number, 1)).numpy()]
+    order = ctx["train_idx"][
+        torch.randperm(len(ctx["train_idx"]), generator=epoch_generator(tc.seed, number, 1)).numpy()
+    ]
     gens = {side: (epoch_generator(tc.seed, number, 2), epoch_generator(tc.seed, number, 3)) for side in ctx["sides"]}
     seconds = {side: 0.0 for side in ctx["sides"]}
     for side in ctx["sides"]:
@@ -187,7 +199,7 @@ def interleaved_epoch(ctx, number: int) -> dict:
         for side in ("ours", "reference") if b % 2 else ("reference", "ours"):
             ctx["train_set"].generator = gens[side][0]
             t = time.perf_counter()
-            train_step(ctx, side, order[b * tc.batch_size:(b + 1) * tc.batch_size], gens[side][1])
+            train_step(ctx, side, order[b * tc.batch_size : (b + 1) * tc.batch_size], gens[side][1])
             seconds[side] += time.perf_counter() - t
     for side in ("ours", "reference") if number % 2 else ("reference", "ours"):
         model, cells = ctx["sides"][side]["model"], ctx.setdefault(f"val_cells_{side}", {})
@@ -235,7 +247,7 @@ def main(argv=None) -> None:
     order = ctx["train_idx"][torch.randperm(len(ctx["train_idx"]), generator=epoch_generator(tc.seed, 99, 1)).numpy()]
     steps = {"ours": [], "reference": []}
     for i in range(args.steps + 1):  # step 0: warm-up of both sides
-        idx = order[(i * tc.batch_size) % (len(order) - tc.batch_size):][:tc.batch_size]
+        idx = order[(i * tc.batch_size) % (len(order) - tc.batch_size) :][: tc.batch_size]
         for side in ("ours", "reference") if i % 2 else ("reference", "ours"):
             ctx["train_set"].generator = epoch_generator(tc.seed, 1000 + i, 2)
             t = time.perf_counter()
@@ -245,23 +257,48 @@ def main(argv=None) -> None:
     step = {k: statistics.median(v) for k, v in steps.items()}
     act = activation_seconds(ctx, 1 if args.quick else 7)
     n_steps = len(ctx["train_idx"]) // tc.batch_size
-    rows = [row("train step (batch 32, median)", step["ours"], step["reference"], "s", REFERENCE_NAME, True),
-            row("SO(3) activation forward + backward (32 × 16 signals)", act["ours"], act["reference"], "s",
-                REFERENCE_NAME, True)]
+    rows = [
+        row("train step (batch 32, median)", step["ours"], step["reference"], "s", REFERENCE_NAME, True),
+        row(
+            "SO(3) activation forward + backward (32 × 16 signals)",
+            act["ours"],
+            act["reference"],
+            "s",
+            REFERENCE_NAME,
+            True,
+        ),
+    ]
     if args.epochs:
         times = {"ours": [], "reference": []}
         for e in range(args.epochs):
             for side, sec in interleaved_epoch(ctx, e).items():
                 times[side].append(sec)
-        rows.append(row(f"epoch ({n_steps} steps + validation of {len(ctx['val_idx'])})",
-                        statistics.median(times["ours"]), statistics.median(times["reference"]), "s",
-                        REFERENCE_NAME, True))
+        rows.append(
+            row(
+                f"epoch ({n_steps} steps + validation of {len(ctx['val_idx'])})",
+                statistics.median(times["ours"]),
+                statistics.median(times["reference"]),
+                "s",
+                REFERENCE_NAME,
+                True,
+            )
+        )
     else:
-        rows.append(row(f"epoch estimate ({n_steps} × median step, no validation)", n_steps * step["ours"],
-                        n_steps * step["reference"], "s", REFERENCE_NAME, True))
+        rows.append(
+            row(
+                f"epoch estimate ({n_steps} × median step, no validation)",
+                n_steps * step["ours"],
+                n_steps * step["reference"],
+                "s",
+                REFERENCE_NAME,
+                True,
+            )
+        )
     load_after = os.getloadavg()[0]
-    print(f"Image2Sphere training, workflow default configuration; data: {ctx['source']}; "
-          f"{args.threads} torch threads; 1-min load average {load_before:.1f} before, {load_after:.1f} after")
+    print(
+        f"Image2Sphere training, workflow default configuration; data: {ctx['source']}; "
+        f"{args.threads} torch threads; 1-min load average {load_before:.1f} before, {load_after:.1f} after"
+    )
     print(f"{'figure':58s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}  unit")
     for r in rows:
         print(f"{r['figure']:58s} {r['ours']:10.4f} {r['reference']:10.4f} {r['ratio']:7.2f}  {r['unit']}")

@@ -14,8 +14,10 @@ def pytest_collection_modifyitems(config, items):
     if not missing or not any("relion" in item.keywords for item in items):
         return
     if os.environ.get("CRYOPOSE_REQUIRE_RELION") == "1":
-        raise pytest.UsageError(f"CRYOPOSE_REQUIRE_RELION=1 but {', '.join(missing)} not on PATH "
-                                "(scripts/setup installs Debian's relion package when run as root)")
+        raise pytest.UsageError(
+            f"CRYOPOSE_REQUIRE_RELION=1 but {', '.join(missing)} not on PATH "
+            "(scripts/setup installs Debian's relion package when run as root)"
+        )
     skip = pytest.mark.skip(reason=f"RELION not installed ({', '.join(missing)} missing): apt-get install relion")
     for item in items:
         if "relion" in item.keywords:

@@ -16,8 +16,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cryopose"
 
 #: The judge: what scores predictions. A method must not import it (it would learn from the test).
-JUDGE = {"cryopose.evaluate", "cryopose.metrics", "cryopose.metric_table", "cryopose.leaderboard",
-         "cryopose.sensitivity"}
+JUDGE = {
+    "cryopose.evaluate",
+    "cryopose.metrics",
+    "cryopose.metric_table",
+    "cryopose.leaderboard",
+    "cryopose.sensitivity",
+}
 
 
 def _module_name(path: Path) -> str:

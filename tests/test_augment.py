@@ -5,15 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from cryopose.augment import (AugmentConfig, affine_about_centre, augment_batch, inplane_rotation,
-                              rotate90_about_centre)
+from cryopose.augment import AugmentConfig, affine_about_centre, augment_batch, inplane_rotation, rotate90_about_centre
 from cryopose.geometry import geodesic_angle, random_rotations
 from cryopose.metrics import pearson_correlation
 from cryopose.simulate import pseudo_molecule, simulate_images
 
 S, PX, B = 48, 3.0, 12
-OFF = dict(shift_prob=0.0, rotation_prob=0.0, rot90_prob=0.0, uniform_noise_prob=0.0, gaussian_noise_prob=0.0,
-           zoom_prob=0.0, erase_prob=0.0, blur_prob=0.0)
+OFF = dict(
+    shift_prob=0.0,
+    rotation_prob=0.0,
+    rot90_prob=0.0,
+    uniform_noise_prob=0.0,
+    gaussian_noise_prob=0.0,
+    zoom_prob=0.0,
+    erase_prob=0.0,
+    blur_prob=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,15 @@ def test_shifts_both_signs_update_the_origin(volume, particles):
 
 
 def test_paper_config_all_together_keeps_labels_true(volume, particles):
-    config = AugmentConfig(rotation_prob=1.0, shift_prob=1.0, rot90_prob=1.0, uniform_noise_prob=0.0,
-                           gaussian_noise_prob=0.0, zoom_prob=0.0, erase_prob=0.0)
+    config = AugmentConfig(
+        rotation_prob=1.0,
+        shift_prob=1.0,
+        rot90_prob=1.0,
+        uniform_noise_prob=0.0,
+        gaussian_noise_prob=0.0,
+        zoom_prob=0.0,
+        erase_prob=0.0,
+    )
     _check_labels_follow_images(volume, particles, config, 0.85, seed=5)
 
 
@@ -99,8 +113,9 @@ def test_zoom_scales_the_displacement():
     c = S // 2
     img[0, c, c + 8] = 1.0  # a point 8 px right of the centre: displacement (8, 0)
     config = AugmentConfig(**{**OFF, "zoom_prob": 1.0, "zoom_fraction": 0.5})
-    out, rot2, origins2 = augment_batch(img, torch.eye(3)[None], torch.tensor([[-8.0 * PX, 0.0]]), PX, config,
-                                        torch.Generator().manual_seed(1))
+    out, rot2, origins2 = augment_batch(
+        img, torch.eye(3)[None], torch.tensor([[-8.0 * PX, 0.0]]), PX, config, torch.Generator().manual_seed(1)
+    )
     new_disp = -origins2[0] / PX
     ys, xs = torch.nonzero(out[0] > 1e-3, as_tuple=True)
     w = out[0][ys, xs]
@@ -112,8 +127,9 @@ def test_zoom_scales_the_displacement():
 
 def test_intensity_transforms_leave_labels_alone(particles):
     images, rot, origins = particles
-    config = AugmentConfig(**{**OFF, "uniform_noise_prob": 1.0, "gaussian_noise_prob": 1.0, "erase_prob": 1.0,
-                              "blur_prob": 1.0})
+    config = AugmentConfig(
+        **{**OFF, "uniform_noise_prob": 1.0, "gaussian_noise_prob": 1.0, "erase_prob": 1.0, "blur_prob": 1.0}
+    )
     aug, rot2, origins2 = augment_batch(images, rot, origins, PX, config, torch.Generator().manual_seed(0))
     assert torch.equal(rot2, rot) and torch.allclose(origins2, origins)
     assert not torch.allclose(aug, images)
@@ -143,8 +159,11 @@ def test_rotate90_is_exact_and_agrees_with_interpolation():
 
 def test_inplane_rotation_is_rz():
     r = inplane_rotation(torch.tensor([90.0]))
-    assert torch.allclose(r[0] @ torch.tensor([1.0, 0, 0], dtype=torch.float64),
-                          torch.tensor([0, 1.0, 0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        r[0] @ torch.tensor([1.0, 0, 0], dtype=torch.float64),
+        torch.tensor([0, 1.0, 0], dtype=torch.float64),
+        atol=1e-12,
+    )
 
 
 def test_config_validation():

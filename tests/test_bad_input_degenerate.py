@@ -35,8 +35,12 @@ from cryopose.sensitivity import METRICS, _markdown, monotone_violations, sensit
 from test_bad_input import NAME, Workspace, _edit_particles, _evaluate, _fails, _preprocess, golden, ws  # noqa: F401
 
 BOX_ANGSTROM = 32 * 4.1  # the golden entry's box: the value a degenerate FSC used to report
-FSC_KEYS = [f"{prefix}FSCR{t}{pair}" for prefix in ("", "masked_") for t in ("0.143", "0.5")
-            for pair in ("(GT,V)", "(V0,V1)", "(GT0,GT1)")]
+FSC_KEYS = [
+    f"{prefix}FSCR{t}{pair}"
+    for prefix in ("", "masked_")
+    for t in ("0.143", "0.5")
+    for pair in ("(GT,V)", "(V0,V1)", "(GT0,GT1)")
+]
 
 
 def _metrics(folder: Path) -> dict:
@@ -58,6 +62,7 @@ def _assert_no_number_without_meaning(m: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Confidences (rlnParticleFigureOfMerit) weighting the reconstruction
 
+
 def test_all_zero_confidences_are_refused(ws, capsys):
     _edit_particles(ws.pred(1), lambda p: p.assign(rlnParticleFigureOfMerit=0.0))
     _fails(ws, _evaluate(ws), ["pred_1.star", "rlnParticleFigureOfMerit", "all 0", "--no-pred-confidence"], capsys)
@@ -67,18 +72,23 @@ def test_all_zero_confidences_are_refused(ws, capsys):
 
 
 def test_negative_confidence_is_refused_unless_unused(ws, capsys):
-    _edit_particles(ws.pred(0), lambda p: p.assign(
-        rlnParticleFigureOfMerit=np.where(p.index == 3, -0.5, p["rlnParticleFigureOfMerit"])))
-    _fails(ws, _evaluate(ws), ["pred_0.star", "rlnParticleFigureOfMerit", "-0.5", ">= 0", "--no-pred-confidence"],
-           capsys)
+    _edit_particles(
+        ws.pred(0),
+        lambda p: p.assign(rlnParticleFigureOfMerit=np.where(p.index == 3, -0.5, p["rlnParticleFigureOfMerit"])),
+    )
+    _fails(
+        ws, _evaluate(ws), ["pred_0.star", "rlnParticleFigureOfMerit", "-0.5", ">= 0", "--no-pred-confidence"], capsys
+    )
     # Unused, the column is not read: the evaluation goes through.
     assert main(_evaluate(ws, "--no-pred-confidence", out=ws.root / "unweighted")) == 0
 
 
 def test_nan_confidence_is_refused(ws, capsys):
     """A NaN is refused by the STAR reader as in any numeric column, used or not: the file is corrupt."""
-    _edit_particles(ws.pred(1), lambda p: p.assign(
-        rlnParticleFigureOfMerit=np.where(p.index == 7, np.nan, p["rlnParticleFigureOfMerit"])))
+    _edit_particles(
+        ws.pred(1),
+        lambda p: p.assign(rlnParticleFigureOfMerit=np.where(p.index == 7, np.nan, p["rlnParticleFigureOfMerit"])),
+    )
     _fails(ws, _evaluate(ws), ["pred_1.star", "rlnParticleFigureOfMerit", "row 7", "finite"], capsys)
     _fails(ws, _evaluate(ws, "--no-pred-confidence"), ["pred_1.star", "rlnParticleFigureOfMerit", "finite"], capsys)
 
@@ -97,6 +107,7 @@ def test_a_handful_of_non_zero_confidences_is_scored(ws):
 # --------------------------------------------------------------------------------------------
 # Masks
 
+
 def test_all_zero_mask_is_refused(ws, capsys):
     io.write_map(ws.entry / f"{NAME}_mask.mrc", np.zeros((32,) * 3, np.float32), 4.1)
     _fails(ws, _evaluate(ws), [f"{NAME}_mask.mrc", "zero everywhere"], capsys)
@@ -113,6 +124,7 @@ def test_all_ones_mask_gives_the_unmasked_values(ws):
 
 # --------------------------------------------------------------------------------------------
 # Complex-valued stacks (MRC modes 3 and 4)
+
 
 def _make_complex(path: Path, mode: int) -> None:
     with mrcfile.open(path) as mrc:
@@ -145,6 +157,7 @@ def test_complex_stack_is_refused_by_the_dataset_and_the_reconstruction(ws):
 # --------------------------------------------------------------------------------------------
 # Maps that are degenerate once reconstructed
 
+
 def test_zero_half_map_after_reconstruction_is_null_with_a_reason(ws, capsys):
     """Half 1's images all zero: GT1 and V1 are zero maps. Everything that compares them is null
     with the reason; GT = GT0/2 and V = V0/2 are still real maps and keep their numbers."""
@@ -165,8 +178,14 @@ def test_zero_half_map_after_reconstruction_is_null_with_a_reason(ws, capsys):
     assert "n/a" in printed and "GT1 is zero" in printed
     # Cross-half agreement: both halves compare a zero map (V1 against GT0, V0 against GT1), so
     # the mean over the halves is null, with both reasons; so is every Δ.
-    for key in ("cross_PCC", "cross_FSCR0.5", "masked_cross_FSCR0.143", "delta_cross_PCC",
-                "masked_delta_cross_PCC", "delta_cross_FSCR0.143"):
+    for key in (
+        "cross_PCC",
+        "cross_FSCR0.5",
+        "masked_cross_FSCR0.143",
+        "delta_cross_PCC",
+        "masked_delta_cross_PCC",
+        "delta_cross_FSCR0.143",
+    ):
         assert m[key] is None, key
         assert "V1 is zero" in m["null_reasons"][key] and "GT1 is zero" in m["null_reasons"][key], key
     assert BOX_ANGSTROM not in [m[k] for k in FSC_KEYS]
@@ -261,16 +280,30 @@ def test_fsc_resolution_on_undefined_shells():
 # --------------------------------------------------------------------------------------------
 # Tables that gather metrics.json files
 
+
 def _write(path: Path, record: dict) -> Path:
     path.write_text(json.dumps(record))
     return path
 
 
 def test_leaderboard_shows_a_null_as_missing_and_its_summary_says_so(tmp_path, capsys):
-    good = {"method": "m", "entry": "a", "MAnE": 10.0, "wMAnE": 9.0, "delta_PCC": 0.1, "delta_FSCR0.5": 2.0,
-            "delta_FSCR0.143": 1.0, "null_reasons": {}}
-    bad = {**good, "entry": "b", "delta_FSCR0.5": None, "delta_FSCR0.143": None,
-           "null_reasons": {"delta_FSCR0.5": "GT1 is zero", "delta_FSCR0.143": "GT1 is zero"}}
+    good = {
+        "method": "m",
+        "entry": "a",
+        "MAnE": 10.0,
+        "wMAnE": 9.0,
+        "delta_PCC": 0.1,
+        "delta_FSCR0.5": 2.0,
+        "delta_FSCR0.143": 1.0,
+        "null_reasons": {},
+    }
+    bad = {
+        **good,
+        "entry": "b",
+        "delta_FSCR0.5": None,
+        "delta_FSCR0.143": None,
+        "null_reasons": {"delta_FSCR0.5": "GT1 is zero", "delta_FSCR0.143": "GT1 is zero"},
+    }
     files = [_write(tmp_path / "a.json", good), _write(tmp_path / "b.json", bad)]
     table = leaderboard_table(files)
     row = table[table.entry == "b"].iloc[0]
@@ -288,16 +321,23 @@ def test_leaderboard_shows_a_null_as_missing_and_its_summary_says_so(tmp_path, c
 
 
 def _perturbation(tmp_path: Path, name: str, fsc05: float | None, reasons: dict) -> Path:
-    record = {"method": f"perturbation:{name}", "entry": "e", "null_reasons": reasons,
-              **{k: (0.9 if "PCC" in k else 10.0) for k in METRICS}, "MAnE": 0.0 if name == "exact" else 1.0,
-              "FSCR0.5(V0,V1)": fsc05}
+    record = {
+        "method": f"perturbation:{name}",
+        "entry": "e",
+        "null_reasons": reasons,
+        **{k: (0.9 if "PCC" in k else 10.0) for k in METRICS},
+        "MAnE": 0.0 if name == "exact" else 1.0,
+        "FSCR0.5(V0,V1)": fsc05,
+    }
     return _write(tmp_path / f"{name}.json", record)
 
 
 def test_sensitivity_table_with_a_null_shows_missing(tmp_path, capsys):
-    files = [_perturbation(tmp_path, "exact", 8.0, {}),
-             _perturbation(tmp_path, "noise1", None, {"FSCR0.5(V0,V1)": "V1 is zero"}),
-             _perturbation(tmp_path, "noise3", 9.0, {})]
+    files = [
+        _perturbation(tmp_path, "exact", 8.0, {}),
+        _perturbation(tmp_path, "noise1", None, {"FSCR0.5(V0,V1)": "V1 is zero"}),
+        _perturbation(tmp_path, "noise3", 9.0, {}),
+    ]
     table = sensitivity_table(files)
     assert table["FSCR0.5(V0,V1)"].isna().sum() == 1
     md = _markdown(table)
@@ -315,9 +355,19 @@ def test_sensitivity_table_with_a_null_shows_missing(tmp_path, capsys):
 
 def test_generalisation_table_with_a_null_shows_missing(tmp_path, capsys):
     base = {"method": "m", "MAnE": 10.0, "wMAnE": 9.0, "delta_PCC": 0.1, "delta_FSCR0.143": 1.0}
-    files = [_write(tmp_path / "in.json", {**base, "entry": "a", "trained_on": "a", "delta_FSCR0.5": 2.0}),
-             _write(tmp_path / "out.json", {**base, "entry": "b", "trained_on": "a", "delta_FSCR0.5": None,
-                                            "null_reasons": {"delta_FSCR0.5": "V1 is zero"}})]
+    files = [
+        _write(tmp_path / "in.json", {**base, "entry": "a", "trained_on": "a", "delta_FSCR0.5": 2.0}),
+        _write(
+            tmp_path / "out.json",
+            {
+                **base,
+                "entry": "b",
+                "trained_on": "a",
+                "delta_FSCR0.5": None,
+                "null_reasons": {"delta_FSCR0.5": "V1 is zero"},
+            },
+        ),
+    ]
     capsys.readouterr()
     assert main(["generalisation", *map(str, files), "--out", str(tmp_path / "g.csv")]) == 0
     out = capsys.readouterr().out
@@ -327,10 +377,14 @@ def test_generalisation_table_with_a_null_shows_missing(tmp_path, capsys):
 
 def test_a_reason_with_several_causes_is_kept_whole(tmp_path):
     """One null can have several causes joined by '; ': the table keeps them all."""
-    files = [_perturbation(tmp_path, "exact", 8.0, {}),
-             _perturbation(tmp_path, "noise1", None, {"FSCR0.5(V0,V1)": "V0 is zero; V1 is zero"})]
+    files = [
+        _perturbation(tmp_path, "exact", 8.0, {}),
+        _perturbation(tmp_path, "noise1", None, {"FSCR0.5(V0,V1)": "V0 is zero; V1 is zero"}),
+    ]
     assert sensitivity.missing_values(sensitivity_table(files)) == [
-        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"]
+        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"
+    ]
     write_sensitivity(sensitivity_table(files), tmp_path / "s.csv")
     assert sensitivity.missing_values(pd.read_csv(tmp_path / "s.csv")) == [
-        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"]
+        "e, noise: FSCR0.5(V0,V1) is missing at 1 (V0 is zero; V1 is zero)"
+    ]

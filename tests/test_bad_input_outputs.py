@@ -19,18 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from cryopose import io
 from cryopose.cli import main
 from cryopose.data import ParticlesDataset
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from test_bad_input import NAME, Workspace, _fails, golden, ws  # noqa: F401  (fixtures)
-from cryopose.entry import Entry
 
 
 def _tree(folder: Path) -> dict[str, str]:
     """Every file (by content) and folder under ``folder``: an added empty folder counts too."""
-    return {str(p.relative_to(folder)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _refused(ws: Workspace, argv: list[str], needles: list[str], capsys, *keep: Path) -> str:
@@ -65,30 +66,42 @@ def _other_entry(ws: Workspace) -> Path:
 # --------------------------------------------------------------------------------------------
 # preprocess: the issue's two examples, and their symlinked variants
 
+
 def test_preprocess_out_dot_from_the_entry_parent_is_refused(ws, capsys, monkeypatch):
     """``cryopose preprocess g --out .`` run from g's parent would replace g by its copy."""
     monkeypatch.chdir(ws.bench)
-    message = _refused(ws, ["preprocess", NAME, "--out", ".", "--quiet"], [NAME, "--out", str(ws.entry.resolve())],
-                       capsys)
+    message = _refused(
+        ws, ["preprocess", NAME, "--out", ".", "--quiet"], [NAME, "--out", str(ws.entry.resolve())], capsys
+    )
     assert (ws.entry / "simulation.json").is_file()
     assert "entry" in message
 
 
 def test_preprocess_out_the_entry_itself_is_refused(ws, capsys):
-    _refused(ws, ["preprocess", str(ws.entry), "--out", str(ws.entry), "--quiet"],
-             [str(ws.entry / NAME), "inside", str(ws.entry.resolve())], capsys)
+    _refused(
+        ws,
+        ["preprocess", str(ws.entry), "--out", str(ws.entry), "--quiet"],
+        [str(ws.entry / NAME), "inside", str(ws.entry.resolve())],
+        capsys,
+    )
 
 
 def test_preprocess_out_a_symlink_to_the_entry_parent_is_refused(ws, capsys):
     link = ws.root / "bench-link"
     link.symlink_to(ws.bench, target_is_directory=True)
-    _refused(ws, ["preprocess", str(ws.entry), "--out", str(link), "--quiet"],
-             [str(link / NAME), str(ws.entry.resolve())], capsys)
+    _refused(
+        ws,
+        ["preprocess", str(ws.entry), "--out", str(link), "--quiet"],
+        [str(link / NAME), str(ws.entry.resolve())],
+        capsys,
+    )
 
 
-@pytest.mark.parametrize("cwd, spelling", [("entry", "."), ("entry", "./"), ("bench", f"{NAME}/"),
-                                           ("entry/sub", ".."), ("link", ".")],
-                         ids=["dot", "dot-slash", "trailing-slash", "dot-dot", "dot-in-a-symlinked-folder"])
+@pytest.mark.parametrize(
+    "cwd, spelling",
+    [("entry", "."), ("entry", "./"), ("bench", f"{NAME}/"), ("entry/sub", ".."), ("link", ".")],
+    ids=["dot", "dot-slash", "trailing-slash", "dot-dot", "dot-in-a-symlinked-folder"],
+)
 def test_preprocess_of_a_dot_entry_names_it_and_keeps_the_other_entries(ws, capsys, monkeypatch, cwd, spelling):
     """``cd g; cryopose preprocess . --out ../pre`` writes ../pre/g and leaves ../pre's other entries."""
     (ws.entry / "sub").mkdir()
@@ -117,9 +130,21 @@ def test_an_entry_given_as_dot_is_named_by_its_folder(ws, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # predict: the ground truth overwritten by predictions (a later evaluation reported MAnE 0)
 
+
 def _predict(ws: Workspace, out) -> list[str]:
-    return ["predict", "--method", "ground_truth", "--entry", str(ws.entry), "--half", "1",
-            "--model", str(ws.out / "model_0"), "--out", str(out)]
+    return [
+        "predict",
+        "--method",
+        "ground_truth",
+        "--entry",
+        str(ws.entry),
+        "--half",
+        "1",
+        "--model",
+        str(ws.out / "model_0"),
+        "--out",
+        str(out),
+    ]
 
 
 def test_predict_over_the_entry_star_is_refused(ws, capsys):
@@ -160,17 +185,33 @@ def test_predict_over_another_entrys_file_is_refused(ws, capsys):
 
 
 def test_predict_into_the_model_folder_is_refused(ws, capsys):
-    _refused(ws, _predict(ws, ws.out / "model_0" / "model.json"),
-             ["model.json", "--model", str((ws.out / "model_0").resolve())], capsys)
+    _refused(
+        ws,
+        _predict(ws, ws.out / "model_0" / "model.json"),
+        ["model.json", "--model", str((ws.out / "model_0").resolve())],
+        capsys,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Every other writing command
 
+
 def test_evaluate_into_the_entry_is_refused(ws, capsys):
     for option in ("--out", "--ground-truth-dir"):
-        argv = ["evaluate", str(ws.entry), "--half0", str(ws.pred(0)), "--half1", str(ws.pred(1)),
-                "--out", str(ws.out / "eval"), "--ground-truth-dir", str(ws.root / "gt"), "--quiet"]
+        argv = [
+            "evaluate",
+            str(ws.entry),
+            "--half0",
+            str(ws.pred(0)),
+            "--half1",
+            str(ws.pred(1)),
+            "--out",
+            str(ws.out / "eval"),
+            "--ground-truth-dir",
+            str(ws.root / "gt"),
+            "--quiet",
+        ]
         argv[argv.index(option) + 1] = str(ws.entry)
         _refused(ws, argv, [option, str(ws.entry.resolve())], capsys)
 
@@ -179,9 +220,24 @@ def test_evaluate_over_its_own_predictions_is_refused(ws, capsys):
     """Predictions may lie beside the evaluation (the workflow's sensitivity layout), but no file
     the evaluation writes may be one of them."""
     shutil.copy(ws.pred(1), ws.out / "eval" / "fsc.csv")
-    _refused(ws, ["evaluate", str(ws.entry), "--half0", str(ws.pred(0)), "--half1", str(ws.out / "eval" / "fsc.csv"),
-                  "--out", str(ws.out / "eval"), "--ground-truth-dir", str(ws.root / "gt"), "--quiet"],
-             ["fsc.csv", "--half1"], capsys)
+    _refused(
+        ws,
+        [
+            "evaluate",
+            str(ws.entry),
+            "--half0",
+            str(ws.pred(0)),
+            "--half1",
+            str(ws.out / "eval" / "fsc.csv"),
+            "--out",
+            str(ws.out / "eval"),
+            "--ground-truth-dir",
+            str(ws.root / "gt"),
+            "--quiet",
+        ],
+        ["fsc.csv", "--half1"],
+        capsys,
+    )
 
 
 def test_evaluate_beside_its_predictions_still_works(ws, capsys):
@@ -190,30 +246,74 @@ def test_evaluate_beside_its_predictions_still_works(ws, capsys):
     folder.mkdir()
     for h in (0, 1):
         shutil.copy(ws.pred(h), folder / f"half{h}.star")
-    assert main(["evaluate", str(ws.entry), "--half0", str(folder / "half0.star"), "--half1",
-                 str(folder / "half1.star"), "--out", str(folder), "--ground-truth-dir", str(ws.root / "gt"),
-                 "--no-plots", "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                str(ws.entry),
+                "--half0",
+                str(folder / "half0.star"),
+                "--half1",
+                str(folder / "half1.star"),
+                "--out",
+                str(folder),
+                "--ground-truth-dir",
+                str(ws.root / "gt"),
+                "--no-plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert (folder / "metrics.json").is_file() and (folder / "half0.star").is_file()
 
 
 @pytest.mark.parametrize("option", ["--out", "--work-dir"])
 def test_train_into_the_entry_is_refused(ws, capsys, option):
-    argv = ["train", "--method", "ground_truth", "--entry", str(ws.entry), "--half", "0",
-            "--out", str(ws.out / "model_new"), option, str(ws.entry / "model")]
+    argv = [
+        "train",
+        "--method",
+        "ground_truth",
+        "--entry",
+        str(ws.entry),
+        "--half",
+        "0",
+        "--out",
+        str(ws.out / "model_new"),
+        option,
+        str(ws.entry / "model"),
+    ]
     _refused(ws, argv, [option, str(ws.entry.resolve()), "inside"], capsys)
 
 
 def test_refine_over_its_predictions_is_refused(ws, capsys):
-    _refused(ws, ["refine", "--entry", str(ws.entry), "--half", "0", "--predictions", str(ws.pred(0)),
-                  "--reference", str(ws.root / "gt" / "GT_half1.mrc"), "--out", str(ws.pred(0)), "--quiet"],
-             [str(ws.pred(0)), "--predictions"], capsys)
+    _refused(
+        ws,
+        [
+            "refine",
+            "--entry",
+            str(ws.entry),
+            "--half",
+            "0",
+            "--predictions",
+            str(ws.pred(0)),
+            "--reference",
+            str(ws.root / "gt" / "GT_half1.mrc"),
+            "--out",
+            str(ws.pred(0)),
+            "--quiet",
+        ],
+        [str(ws.pred(0)), "--predictions"],
+        capsys,
+    )
 
 
 def test_ground_truth_into_the_entry_is_refused(ws, capsys):
     link = ws.root / "entry-link"
     link.symlink_to(ws.entry, target_is_directory=True)
-    _refused(ws, ["ground-truth", str(ws.entry), "--out", str(link), "--quiet"],
-             [str(link), str(ws.entry.resolve())], capsys)
+    _refused(
+        ws, ["ground-truth", str(ws.entry), "--out", str(link), "--quiet"], [str(link), str(ws.entry.resolve())], capsys
+    )
 
 
 def test_leaderboard_over_a_metrics_file_is_refused(ws, capsys):
@@ -234,14 +334,22 @@ def test_sensitivity_over_the_fsc_table_it_reads_is_refused(ws, capsys):
 
 
 def test_perturb_over_the_entry_star_is_refused(ws, capsys):
-    _refused(ws, ["perturb", "--entry", str(ws.entry), "--half", "0", "--perturbation", "random50",
-                  "--out", str(ws.star(0))], [str(ws.star(0)), str(ws.entry.resolve())], capsys)
+    _refused(
+        ws,
+        ["perturb", "--entry", str(ws.entry), "--half", "0", "--perturbation", "random50", "--out", str(ws.star(0))],
+        [str(ws.star(0)), str(ws.entry.resolve())],
+        capsys,
+    )
 
 
 def test_download_into_an_entry_is_refused(ws, capsys):
     # An unreachable server: the old code got as far as making .download/ inside the entry.
-    _refused(ws, ["download", "TEST", "--out", str(ws.entry), "--base-url", "http://127.0.0.1:9",
-                  "--retries", "0", "--quiet"], [str(ws.entry / "TEST"), str(ws.entry.resolve())], capsys)
+    _refused(
+        ws,
+        ["download", "TEST", "--out", str(ws.entry), "--base-url", "http://127.0.0.1:9", "--retries", "0", "--quiet"],
+        [str(ws.entry / "TEST"), str(ws.entry.resolve())],
+        capsys,
+    )
 
 
 @pytest.mark.parametrize("case", ["into-an-entry", "over-a-benchmark-folder", "over-its-own-source"])
@@ -266,12 +374,12 @@ def test_simulate_and_preprocess_may_still_replace_their_own_earlier_output(ws, 
     spec = json.loads((ws.entry / "simulation.json").read_text())
     spec_file = ws.root / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    assert main(["simulate", "--spec", str(spec_file), "--out", str(ws.bench), "--quiet"]) == 0, \
-        capsys.readouterr().err
+    assert main(["simulate", "--spec", str(spec_file), "--out", str(ws.bench), "--quiet"]) == 0, capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
 # The guard itself
+
 
 def test_the_guard_compares_resolved_paths(tmp_path, monkeypatch):
     from cryopose.guard import refuse_overwriting_inputs
@@ -280,8 +388,15 @@ def test_the_guard_compares_resolved_paths(tmp_path, monkeypatch):
     inp.parent.mkdir()
     inp.write_text("x")
     monkeypatch.chdir(tmp_path / "a")
-    for out in ("in.star", "./in.star", "../a/in.star", str(tmp_path / "a" / "." / "in.star"), ".", "..",
-                "in.star/sub.star"):
+    for out in (
+        "in.star",
+        "./in.star",
+        "../a/in.star",
+        str(tmp_path / "a" / "." / "in.star"),
+        ".",
+        "..",
+        "in.star/sub.star",
+    ):
         with pytest.raises(InputError, match="--out"):
             refuse_overwriting_inputs({"--out": out}, {"--in": inp})
     refuse_overwriting_inputs({"--out": "other.star"}, {"--in": inp})  # a sibling is fine

@@ -35,36 +35,39 @@ def _assert_named(code: int, err: str, path: Path, *words: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(box_size="big"), ["box_size", "'big'", "integer"]),
-    (dict(snr="0.5"), ["snr", "'0.5'", "number"]),
-    (dict(seed=True), ["seed", "integer"]),
-    (dict(n_particles=2.5), ["n_particles", "2.5", "integer"]),
-    (dict(molecule_seed="x"), ["molecule_seed", "'x'"]),
-    (dict(defocus_range=[1.0]), ["defocus_range", "[1.0]", "[low, high]"]),
-    (dict(defocus_range=[0.5, 1.0, 2.0]), ["defocus_range", "[low, high]"]),
-    (dict(defocus_range=[2.0, 1.0]), ["defocus_range", "low <= high"]),
-    (dict(defocus_range="1-2"), ["defocus_range", "'1-2'"]),
-    (dict(voltage=-300.0), ["voltage", "-300.0", "> 0"]),
-    (dict(spherical_aberration=-1.0), ["spherical_aberration", "-1.0"]),
-    (dict(astigmatism_max=-0.1), ["astigmatism_max", "-0.1"]),
-    (dict(bfactor=-5.0), ["bfactor", "-5.0"]),
-    (dict(shift_sigma=-1.0), ["shift_sigma", "-1.0"]),
-    (dict(preferred_sigma=0.0), ["preferred_sigma", "0.0"]),
-    (dict(contrast_sigma=-0.2), ["contrast_sigma", "-0.2"]),
-    (dict(box_size=33), ["box_size", "33", "even"]),
-    (dict(box_size=8), ["box_size", "8", ">= 16"]),
-    (dict(amplitude_contrast=1.0), ["amplitude_contrast", "1.0", "[0, 1)"]),
-    (dict(n_particles=0), ["n_particles", "0"]),
-    (dict(snr=0.0), ["snr", "0.0", "> 0"]),
-    (dict(symmetry="X9"), ["symmetry", "X9"]),
-    (dict(symmetry="C0"), ["symmetry", "C0"]),
-    (dict(symmetry="I5"), ["symmetry", "I5"]),
-    (dict(symmetry=4), ["symmetry", "string"]),
-    (dict(name=""), ["name", "''"]),
-    (dict(name="a/b"), ["name", "a/b"]),
-    (dict(snrr=0.1), ["snrr", "unknown"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(box_size="big"), ["box_size", "'big'", "integer"]),
+        (dict(snr="0.5"), ["snr", "'0.5'", "number"]),
+        (dict(seed=True), ["seed", "integer"]),
+        (dict(n_particles=2.5), ["n_particles", "2.5", "integer"]),
+        (dict(molecule_seed="x"), ["molecule_seed", "'x'"]),
+        (dict(defocus_range=[1.0]), ["defocus_range", "[1.0]", "[low, high]"]),
+        (dict(defocus_range=[0.5, 1.0, 2.0]), ["defocus_range", "[low, high]"]),
+        (dict(defocus_range=[2.0, 1.0]), ["defocus_range", "low <= high"]),
+        (dict(defocus_range="1-2"), ["defocus_range", "'1-2'"]),
+        (dict(voltage=-300.0), ["voltage", "-300.0", "> 0"]),
+        (dict(spherical_aberration=-1.0), ["spherical_aberration", "-1.0"]),
+        (dict(astigmatism_max=-0.1), ["astigmatism_max", "-0.1"]),
+        (dict(bfactor=-5.0), ["bfactor", "-5.0"]),
+        (dict(shift_sigma=-1.0), ["shift_sigma", "-1.0"]),
+        (dict(preferred_sigma=0.0), ["preferred_sigma", "0.0"]),
+        (dict(contrast_sigma=-0.2), ["contrast_sigma", "-0.2"]),
+        (dict(box_size=33), ["box_size", "33", "even"]),
+        (dict(box_size=8), ["box_size", "8", ">= 16"]),
+        (dict(amplitude_contrast=1.0), ["amplitude_contrast", "1.0", "[0, 1)"]),
+        (dict(n_particles=0), ["n_particles", "0"]),
+        (dict(snr=0.0), ["snr", "0.0", "> 0"]),
+        (dict(symmetry="X9"), ["symmetry", "X9"]),
+        (dict(symmetry="C0"), ["symmetry", "C0"]),
+        (dict(symmetry="I5"), ["symmetry", "I5"]),
+        (dict(symmetry=4), ["symmetry", "string"]),
+        (dict(name=""), ["name", "''"]),
+        (dict(name="a/b"), ["name", "a/b"]),
+        (dict(snrr=0.1), ["snrr", "unknown"]),
+    ],
+)
 def test_a_bad_value_names_the_file_and_the_key(tmp_path, capsys, change, words):
     code, err, spec = _run(tmp_path, json.dumps({**GOOD, **change}), capsys)
     _assert_named(code, err, spec, *words)
@@ -81,10 +84,13 @@ def test_a_missing_name_is_named(tmp_path, capsys):
     _assert_named(code, err, spec, "name", "missing")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[1, 2]", ["[0]", "expected a JSON object"]),
-    ('"spec"', ["expected a JSON object"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[1, 2]", ["[0]", "expected a JSON object"]),
+        ('"spec"', ["expected a JSON object"]),
+    ],
+)
 def test_a_spec_that_is_not_an_object_is_named(tmp_path, capsys, text, words):
     code, err, spec = _run(tmp_path, text, capsys)
     _assert_named(code, err, spec, *words)

@@ -23,14 +23,14 @@ def _number(text: str) -> float:
 def _outside(text: str) -> str:
     if BEGIN not in text:
         return text
-    return text[:text.index(BEGIN)].rstrip("\n") + "\n" + text[text.index(END) + len(END):].lstrip("\n")
+    return text[: text.index(BEGIN)].rstrip("\n") + "\n" + text[text.index(END) + len(END) :].lstrip("\n")
 
 
 def _table(text: str, header: str) -> list[list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
@@ -43,21 +43,35 @@ def test_run_all_quick_regenerates_the_summary(tmp_path):
     shutil.copy(REPO / "benchmarks" / "README.md", readme)
     before = readme.read_text()
     env = dict(os.environ, CRYOPOSE_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, str(RUN_ALL), "--quick", "--only", "fsc_speed", "memory_scaling", "--readme", str(readme),
-           "--results", str(tmp_path / "results"), "--workdir", str(tmp_path / "work"), "--python", sys.executable]
+    cmd = [
+        sys.executable,
+        str(RUN_ALL),
+        "--quick",
+        "--only",
+        "fsc_speed",
+        "memory_scaling",
+        "--readme",
+        str(readme),
+        "--results",
+        str(tmp_path / "results"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--python",
+        sys.executable,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = readme.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert _outside(text) == _outside(before)  # the narrative sections are untouched
 
-    section = text[text.index(BEGIN):text.index(END)]
+    section = text[text.index(BEGIN) : text.index(END)]
     main = _table(section, "| figure | ours | reference | reference tool | ratio | machine |")
     figures = [r[0] for r in main]
     assert any(f.startswith("FSC + PCC of two 64³ maps") for f in figures), figures
     if shutil.which("relion_reconstruct"):  # memory_scaling's reconstructions against relion_reconstruct
         assert any(f.startswith("evaluation (GT maps cached, torch backend)") for f in figures), figures
-    kept = _table(before[before.index(BEGIN):before.index(END)], "| figure | ours |") if BEGIN in before else []
+    kept = _table(before[before.index(BEGIN) : before.index(END)], "| figure | ours |") if BEGIN in before else []
     for r in main:
         assert len(r) == 6 and _number(r[1]) > 0, r
         if r[2]:
@@ -84,12 +98,29 @@ def test_run_all_quick_regenerates_the_summary(tmp_path):
         assert (tmp_path / "results" / f"{name}.log").is_file()
 
     # A second run of one benchmark keeps the other's rows; a failing one is reported and fails the run.
-    proc = subprocess.run([sys.executable, str(RUN_ALL), "--quick", "--only", "reconstruct_speed", "--readme",
-                           str(readme), "--results", str(tmp_path / "results2"), "--python", "/bin/false"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(RUN_ALL),
+            "--quick",
+            "--only",
+            "reconstruct_speed",
+            "--readme",
+            str(readme),
+            "--results",
+            str(tmp_path / "results2"),
+            "--python",
+            "/bin/false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1
     again = readme.read_text()
     assert re.search(r"\| `reconstruct_speed`: \*\*failed\*\* \(log: `[^`]+reconstruct_speed\.log`\)", again)
-    assert section.split("<!-- run_all:data")[0].count("FSC + PCC") == \
-        again[again.index(BEGIN):].split("<!-- run_all:data")[0].count("FSC + PCC")
+    assert section.split("<!-- run_all:data")[0].count("FSC + PCC") == again[again.index(BEGIN) :].split(
+        "<!-- run_all:data"
+    )[0].count("FSC + PCC")
     assert _outside(again) == _outside(before)

@@ -21,8 +21,7 @@ from packaging.specifiers import SpecifierSet
 from test_workflow import ROOT, _workdir, snakemake
 
 DEFS = sorted((ROOT / "containers").glob("*.def"))
-SECTIONS = {"labels", "help", "post", "environment", "test", "runscript", "files", "setup", "startscript",
-            "arguments"}
+SECTIONS = {"labels", "help", "post", "environment", "test", "runscript", "files", "setup", "startscript", "arguments"}
 
 
 def sections(path: Path) -> tuple[dict, dict[str, list[str]]]:
@@ -64,11 +63,11 @@ def test_definition_parses_and_is_complete(path):
 def test_cryopose_image_installs_this_package_and_a_torch_pyproject_allows():
     header, body = sections(ROOT / "containers" / "cryopose.def")
     post = " ".join(body["post"])
-    assert "pip install --no-cache-dir \"/opt/cryopose[workflow]\"" in post
+    assert 'pip install --no-cache-dir "/opt/cryopose[workflow]"' in post
     files = {line.split()[1] for line in body["files"]}
     assert {"/opt/cryopose/pyproject.toml", "/opt/cryopose/src"} <= files
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    torch_spec = next(SpecifierSet(d[len("torch"):]) for d in project["dependencies"] if re.match(r"torch[<>=]", d))
+    torch_spec = next(SpecifierSet(d[len("torch") :]) for d in project["dependencies"] if re.match(r"torch[<>=]", d))
     pinned = re.search(r'"torch==([0-9.]+)"', post).group(1)
     assert pinned in torch_spec, (pinned, torch_spec)
     assert any(t.startswith("cryopose --version") for t in body["test"])
@@ -82,9 +81,23 @@ def test_sdm_apptainer_runs_every_job_in_the_image(tmp_path):
     (work / "containers" / "cryopose.sif").write_bytes(b"")  # the stand-in only checks it exists
     log = tmp_path / "apptainer.log"
     env_path = f"{ROOT / 'tests' / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "results/ground_truth/tiny_c1/GT_half0.mrc", "-c1",
-                           "--sdm", "apptainer", "--configfile", "config/tiny.yaml"], cwd=work, capture_output=True,
-                          text=True, env=dict(os.environ, PATH=env_path, APPTAINER_STANDIN_LOG=str(log)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "results/ground_truth/tiny_c1/GT_half0.mrc",
+            "-c1",
+            "--sdm",
+            "apptainer",
+            "--configfile",
+            "config/tiny.yaml",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=env_path, APPTAINER_STANDIN_LOG=str(log)),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and all(c.startswith("containers/cryopose.sif :: ") for c in calls)

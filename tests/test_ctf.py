@@ -11,8 +11,7 @@ import pytest
 import starfile
 import torch
 
-from cryopose.ctf import (apply_ctf, ctf_2d, ctf_from_star_columns, electron_wavelength, phase_flip,
-                          wiener_filter)
+from cryopose.ctf import apply_ctf, ctf_2d, ctf_from_star_columns, electron_wavelength, phase_flip, wiener_filter
 from cryopose.errors import InputError
 
 PX, S = 1.3, 64
@@ -21,11 +20,12 @@ KV, CS, W = 300.0, 2.7, 0.1
 
 def _gamma(defocus, k, kv=KV, cs=CS, w=W):
     lam = float(electron_wavelength(kv))
-    return -math.pi * lam * defocus * k ** 2 + 0.5 * math.pi * cs * 1e7 * lam ** 3 * k ** 4 - math.asin(w)
+    return -math.pi * lam * defocus * k**2 + 0.5 * math.pi * cs * 1e7 * lam**3 * k**4 - math.asin(w)
 
 
 # ---------------------------------------------------------------------------------------------
 # Against RELION 3.1.3: relion_project --ctf divided by relion_project is RELION's CTF.
+
 
 def _anisotropic_gaussians(d, rng):
     """An asymmetric map: a dozen randomly oriented anisotropic Gaussians, some narrow (high-k power)."""
@@ -41,24 +41,40 @@ def _anisotropic_gaussians(d, rng):
 
 
 # Strongly astigmatic, varied angles, V > U in two rows; phase shift and B-factor on some.
-RELION_PARTICLES = pd.DataFrame({
-    "rlnDefocusU": [21000.0, 9000.0, 16000.0, 26000.0, 12000.0],
-    "rlnDefocusV": [12000.0, 17000.0, 11000.0, 15000.0, 20000.0],
-    "rlnDefocusAngle": [0.0, 35.0, 70.0, 120.0, 160.0],
-    "rlnPhaseShift": [0.0, 0.0, 30.0, 0.0, 90.0],
-    "rlnCtfBfactor": [0.0, 0.0, 0.0, 80.0, 20.0],
-})
+RELION_PARTICLES = pd.DataFrame(
+    {
+        "rlnDefocusU": [21000.0, 9000.0, 16000.0, 26000.0, 12000.0],
+        "rlnDefocusV": [12000.0, 17000.0, 11000.0, 15000.0, 20000.0],
+        "rlnDefocusAngle": [0.0, 35.0, 70.0, 120.0, 160.0],
+        "rlnPhaseShift": [0.0, 0.0, 30.0, 0.0, 90.0],
+        "rlnCtfBfactor": [0.0, 0.0, 0.0, 80.0, 20.0],
+    }
+)
 
 
 def _relion_tables(rng, pixel_size=PX):
     n = len(RELION_PARTICLES)
     particles = RELION_PARTICLES.assign(
         rlnImageName=[f"{i + 1:06d}@unused.mrcs" for i in range(n)],
-        rlnAngleRot=rng.uniform(-180, 180, n), rlnAngleTilt=rng.uniform(0, 180, n),
-        rlnAnglePsi=rng.uniform(-180, 180, n), rlnOriginXAngst=0.0, rlnOriginYAngst=0.0, rlnOpticsGroup=1)
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnImagePixelSize": [pixel_size], "rlnImageSize": [S], "rlnImageDimensionality": [2],
-                           "rlnVoltage": [KV], "rlnSphericalAberration": [CS], "rlnAmplitudeContrast": [W]})
+        rlnAngleRot=rng.uniform(-180, 180, n),
+        rlnAngleTilt=rng.uniform(0, 180, n),
+        rlnAnglePsi=rng.uniform(-180, 180, n),
+        rlnOriginXAngst=0.0,
+        rlnOriginYAngst=0.0,
+        rlnOpticsGroup=1,
+    )
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [pixel_size],
+            "rlnImageSize": [S],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [KV],
+            "rlnSphericalAberration": [CS],
+            "rlnAmplitudeContrast": [W],
+        }
+    )
     return optics, particles
 
 
@@ -78,8 +94,9 @@ def _strong(plain_ft):
     return np.abs(plain_ft) > 0.05 * np.abs(plain_ft).max()
 
 
-needs_relion_project = pytest.mark.skipif(shutil.which("relion_project") is None,
-                                          reason="relion_project not on PATH (apt-get install relion)")
+needs_relion_project = pytest.mark.skipif(
+    shutil.which("relion_project") is None, reason="relion_project not on PATH (apt-get install relion)"
+)
 
 
 @pytest.mark.relion
@@ -117,7 +134,7 @@ def test_ctf_matches_relion_project_and_a_mirrored_astigmatism_does_not(tmp_path
         assert (np.sign(relion_ctf) == np.sign(mine)).mean() > 0.99
         assert np.abs(relion_ctf - mine).max() < 1e-5  # float32 output rounding only
         assert np.abs(relion_ctf - np.abs(mine)).max() > 0.5
-        assert np.abs(relion_ctf - mine ** 2).max() > 0.5
+        assert np.abs(relion_ctf - mine**2).max() > 0.5
         # The tests can fail: a mirrored astigmatism, another pixel size clearly disagree.
         assert np.corrcoef(relion_ctf, mirrored[i][strong])[0, 1] < 0.9
         assert (np.sign(relion_ctf) == np.sign(mirrored[i][strong])).mean() < 0.9
@@ -153,6 +170,7 @@ def test_relion_project_ctf_uses_the_star_pixel_size_not_the_map_header(tmp_path
 # ---------------------------------------------------------------------------------------------
 # Analytic checks.
 
+
 def test_wavelength_300kv_and_200kv():
     assert float(electron_wavelength(300.0)) == pytest.approx(0.019687, rel=1e-4)
     assert float(electron_wavelength(200.0)) == pytest.approx(0.025079, rel=1e-4)
@@ -161,7 +179,7 @@ def test_wavelength_300kv_and_200kv():
 @pytest.mark.parametrize("w", [0.0, 0.07, 0.1, 0.3])
 def test_value_at_k0_is_the_amplitude_contrast(w):
     c = ctf_2d(15000.0, 9000.0, 30.0, KV, CS, w, PX, S)
-    expected = -math.sin(-math.atan(w / math.sqrt(1 - w ** 2)))
+    expected = -math.sin(-math.atan(w / math.sqrt(1 - w**2)))
     assert expected == pytest.approx(w, abs=1e-12)
     assert float(c[0, 0]) == pytest.approx(expected, abs=1e-12)
     # Underfocus: the first lobe rises from w towards +1 (RELION's sign, CTF = -sin γ).
@@ -173,7 +191,7 @@ def test_isotropic_ctf_vanishes_where_gamma_is_a_multiple_of_pi(n):
     defocus = 20000.0
     lam = float(electron_wavelength(KV))
     # γ = -nπ is a quadratic in k²: a k⁴ + b k² + c = 0, the smaller root is the n-th zero.
-    a, b, c = 0.5 * math.pi * CS * 1e7 * lam ** 3, -math.pi * lam * defocus, n * math.pi - math.asin(W)
+    a, b, c = 0.5 * math.pi * CS * 1e7 * lam**3, -math.pi * lam * defocus, n * math.pi - math.asin(W)
     k_n = math.sqrt((-b - math.sqrt(b * b - 4 * a * c)) / (2 * a))
     assert _gamma(defocus, k_n) == pytest.approx(-n * math.pi)
     col = 10
@@ -189,11 +207,12 @@ def test_isotropic_ctf_vanishes_where_gamma_is_a_multiple_of_pi(n):
 
 def test_full_grid_equals_minus_sine_of_gamma():
     u = 18000.0
-    k = torch.sqrt(torch.fft.fftfreq(S, d=PX, dtype=torch.float64)[:, None] ** 2
-                   + torch.fft.fftfreq(S, d=PX, dtype=torch.float64)[None, :] ** 2)
+    k = torch.sqrt(
+        torch.fft.fftfreq(S, d=PX, dtype=torch.float64)[:, None] ** 2
+        + torch.fft.fftfreq(S, d=PX, dtype=torch.float64)[None, :] ** 2
+    )
     expected = -torch.sin(torch.tensor(_gamma(u, k.numpy())))
-    np.testing.assert_allclose(ctf_2d(u, u, 0.0, KV, CS, W, PX, S, rfft=False).numpy(), expected.numpy(),
-                               atol=1e-12)
+    np.testing.assert_allclose(ctf_2d(u, u, 0.0, KV, CS, W, PX, S, rfft=False).numpy(), expected.numpy(), atol=1e-12)
 
 
 def test_astigmatism_direction_follows_the_x_axis():
@@ -215,15 +234,25 @@ def test_astigmatism_direction_follows_the_x_axis():
 
 
 def test_v_larger_than_u_is_finite_and_equals_swapped_plus_90():
-    a = ctf_2d(torch.tensor([12000.0, 8000.0]), torch.tensor([18000.0, 20000.0]), torch.tensor([30.0, 160.0]),
-               KV, CS, W, PX, S)
-    b = ctf_2d(torch.tensor([18000.0, 20000.0]), torch.tensor([12000.0, 8000.0]), torch.tensor([120.0, 250.0]),
-               KV, CS, W, PX, S)
+    a = ctf_2d(
+        torch.tensor([12000.0, 8000.0]), torch.tensor([18000.0, 20000.0]), torch.tensor([30.0, 160.0]), KV, CS, W, PX, S
+    )
+    b = ctf_2d(
+        torch.tensor([18000.0, 20000.0]),
+        torch.tensor([12000.0, 8000.0]),
+        torch.tensor([120.0, 250.0]),
+        KV,
+        CS,
+        W,
+        PX,
+        S,
+    )
     assert torch.isfinite(a).all()
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-10)
     # ... and not the same as ignoring the swap.
-    c = ctf_2d(torch.tensor([18000.0, 20000.0]), torch.tensor([12000.0, 8000.0]), torch.tensor([30.0, 160.0]),
-               KV, CS, W, PX, S)
+    c = ctf_2d(
+        torch.tensor([18000.0, 20000.0]), torch.tensor([12000.0, 8000.0]), torch.tensor([30.0, 160.0]), KV, CS, W, PX, S
+    )
     assert (a - c).abs().max() > 0.5
 
 
@@ -272,6 +301,7 @@ def test_bad_scalar_arguments():
 # ---------------------------------------------------------------------------------------------
 # Filters.
 
+
 def test_apply_ctf_multiplies_the_spectrum_and_keeps_dtype():
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, S, S, generator=g, dtype=torch.float64)
@@ -290,8 +320,16 @@ def test_phase_flip_twice_is_identity_and_wiener_keeps_the_flip_direction():
     images = torch.randn(4, S, S, generator=g, dtype=torch.float64)
     # Isotropic: an astigmatic CTF is not mirror-symmetric along the Nyquist column, where the
     # real-FFT layout stores one coefficient for two frequencies, so no filter is exactly invertible there.
-    c = ctf_2d(torch.tensor([9000.0, 12000.0, 15000.0, 25000.0]), torch.tensor([9000.0, 12000.0, 15000.0, 25000.0]),
-               10.0, KV, CS, W, PX, S)
+    c = ctf_2d(
+        torch.tensor([9000.0, 12000.0, 15000.0, 25000.0]),
+        torch.tensor([9000.0, 12000.0, 15000.0, 25000.0]),
+        10.0,
+        KV,
+        CS,
+        W,
+        PX,
+        S,
+    )
     flipped = phase_flip(images, c)
     assert (flipped - images).abs().max() > 0.1  # it did something
     np.testing.assert_allclose(phase_flip(flipped, c).numpy(), images.numpy(), atol=1e-10)
@@ -303,8 +341,7 @@ def test_phase_flip_twice_is_identity_and_wiener_keeps_the_flip_direction():
     ft_f = torch.fft.rfft2(flipped)
     assert ((ft_w * ft_f.conj()).real >= -1e-9).all()
     # Large constant: proportional to the CTF; tiny constant: close to 1/CTF where |CTF| is not small.
-    np.testing.assert_allclose((1e6 * wiener_filter(images, c, 1e6)).numpy(), apply_ctf(images, c).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose((1e6 * wiener_filter(images, c, 1e6)).numpy(), apply_ctf(images, c).numpy(), atol=1e-5)
     restored = torch.fft.rfft2(wiener_filter(apply_ctf(images, c), c, 1e-8))
     good = c.abs() > 0.3
     np.testing.assert_allclose(restored[good].numpy(), torch.fft.rfft2(images)[good].numpy(), atol=1e-5)
@@ -315,27 +352,53 @@ def test_phase_flip_twice_is_identity_and_wiener_keeps_the_flip_direction():
 # ---------------------------------------------------------------------------------------------
 # STAR columns.
 
+
 def _particles(n=3):
-    return pd.DataFrame({
-        "rlnDefocusU": [15000.0, 9000.0, 21000.0][:n], "rlnDefocusV": [14000.0, 12000.0, 20000.0][:n],
-        "rlnDefocusAngle": [10.0, 80.0, 150.0][:n], "rlnVoltage": [KV] * n, "rlnSphericalAberration": [CS] * n,
-        "rlnAmplitudeContrast": [W] * n, "rlnImagePixelSize": [PX] * n,
-    })
+    return pd.DataFrame(
+        {
+            "rlnDefocusU": [15000.0, 9000.0, 21000.0][:n],
+            "rlnDefocusV": [14000.0, 12000.0, 20000.0][:n],
+            "rlnDefocusAngle": [10.0, 80.0, 150.0][:n],
+            "rlnVoltage": [KV] * n,
+            "rlnSphericalAberration": [CS] * n,
+            "rlnAmplitudeContrast": [W] * n,
+            "rlnImagePixelSize": [PX] * n,
+        }
+    )
 
 
 def test_ctf_from_star_columns_equals_ctf_2d_with_optional_columns():
     df = _particles().assign(rlnPhaseShift=[0.0, 20.0, 40.0], rlnCtfBfactor=[0.0, 50.0, 100.0])
-    expected = ctf_2d(torch.tensor(df.rlnDefocusU.values), torch.tensor(df.rlnDefocusV.values),
-                      torch.tensor(df.rlnDefocusAngle.values), KV, CS, W, PX, S,
-                      phase_shift=torch.tensor(df.rlnPhaseShift.values), bfactor=torch.tensor(df.rlnCtfBfactor.values))
+    expected = ctf_2d(
+        torch.tensor(df.rlnDefocusU.values),
+        torch.tensor(df.rlnDefocusV.values),
+        torch.tensor(df.rlnDefocusAngle.values),
+        KV,
+        CS,
+        W,
+        PX,
+        S,
+        phase_shift=torch.tensor(df.rlnPhaseShift.values),
+        bfactor=torch.tensor(df.rlnCtfBfactor.values),
+    )
     np.testing.assert_allclose(ctf_from_star_columns(df, S).numpy(), expected.numpy(), atol=1e-14)
     no_b = ctf_from_star_columns(df, S, use_bfactor=False)
     assert (no_b - expected).abs().max() > 0.01
     assert ctf_from_star_columns(_particles(), S, rfft=False).shape == (3, S, S)
 
 
-@pytest.mark.parametrize("column", ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-                                    "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize"])
+@pytest.mark.parametrize(
+    "column",
+    [
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+        "rlnImagePixelSize",
+    ],
+)
 def test_missing_column_raises_input_error_naming_it(column):
     with pytest.raises(InputError, match=column) as info:
         ctf_from_star_columns(_particles().drop(columns=column), S, source="p.star")
@@ -364,6 +427,7 @@ def test_bad_values_raise_input_errors_naming_row_and_column():
 # ---------------------------------------------------------------------------------------------
 # An independent implementation.
 
+
 def test_agrees_with_teamtomo_torch_ctf():
     """teamtomo's torch-ctf (float32) gives the same CTF (defocus in µm, astigmatism (U-V)/2)."""
     torch_ctf = pytest.importorskip("torch_ctf")
@@ -372,7 +436,16 @@ def test_agrees_with_teamtomo_torch_ctf():
     angle = torch.tensor([0.0, 35.0, 160.0])
     ours = ctf_2d(u, v, angle, KV, CS, W, PX, S, phase_shift=20.0)
     theirs = torch_ctf.calculate_ctf_2d(
-        defocus=(u + v) / 2e4, astigmatism=(u - v) / 2e4, astigmatism_angle=angle, voltage=KV,
-        spherical_aberration=CS, amplitude_contrast=W, phase_shift=20.0, pixel_size=PX, image_shape=(S, S),
-        rfft=True, fftshift=False)
+        defocus=(u + v) / 2e4,
+        astigmatism=(u - v) / 2e4,
+        astigmatism_angle=angle,
+        voltage=KV,
+        spherical_aberration=CS,
+        amplitude_contrast=W,
+        phase_shift=20.0,
+        pixel_size=PX,
+        image_shape=(S, S),
+        rfft=True,
+        fftshift=False,
+    )
     assert (theirs.double() - ours)[..., : S // 2].abs().max() < 5e-3

@@ -7,12 +7,12 @@ from torch.utils.data import DataLoader
 
 from cryopose import cli, io
 from cryopose.data import ParticlesDataset, write_preprocessed_entry
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix, random_rotations
 from cryopose.metrics import fsc_curve, pearson_correlation
 from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.symmetry import symmetry_matrices
-from cryopose.entry import Entry
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def test_item_structure_and_labels(entry):
     assert img.shape == (1, 48, 48) and img.dtype == torch.float32
     expected = euler_to_matrix(torch.tensor(row[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)))
     assert torch.allclose(rot.double(), expected, atol=1e-6)
-    assert torch.allclose(shift.double(), torch.tensor(row[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)),
-                          atol=1e-5)
+    assert torch.allclose(
+        shift.double(), torch.tensor(row[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)), atol=1e-5
+    )
     assert conf.shape == (1,) and float(conf) == pytest.approx(row["rlnMaxValueProbDistribution"], abs=1e-6)
     assert md["rlnDefocusU"] == pytest.approx(row["rlnDefocusU"]) and md["sampling_rate"] == pytest.approx(2.9)
     assert ds[-1][0] == ds[119][0]
@@ -41,8 +42,9 @@ def test_item_structure_and_labels(entry):
 
 
 def test_cesped_keyword_names_work(entry):
-    ds = ParticlesDataset(targetName=entry.name, halfset=0, benchmarkDir=entry.parent, image_size=32,
-                          ctf_correction="none")
+    ds = ParticlesDataset(
+        targetName=entry.name, halfset=0, benchmarkDir=entry.parent, image_size=32, ctf_correction="none"
+    )
     assert ds.image_size == 32 and ds.config.ctf_correction is None and len(ds) == 120
     with pytest.raises(TypeError, match="halfset"):
         ParticlesDataset(entry)
@@ -63,7 +65,7 @@ def test_batched_reads_are_contiguous_and_equal_single_items(entry, monkeypatch)
     assert len(calls) == 1 and len(calls[0]) == 32
     data = io.read_images(io.open_stack(entry / "particles_0.mrcs"), [10, 41])
     assert len(data) == 2
-    for j, i in enumerate((10, 25, 41)):
+    for i in (10, 25, 41):
         single = ds[i]
         k = i - 10
         assert ids[k] == single[0] and torch.allclose(images[k], single[1], atol=1e-5)
@@ -84,7 +86,7 @@ def test_preprocessing_does_what_it_says(entry):
     norm = ParticlesDataset(entry, 0, ctf_correction=None)
     imgs = norm.get_batch(range(20))[1][:, 0]
     c = torch.arange(48) - 24
-    outside = (c[:, None] ** 2 + c[None, :] ** 2) > 24 ** 2
+    outside = (c[:, None] ** 2 + c[None, :] ** 2) > 24**2
     assert torch.allclose(imgs[:, outside].mean(-1), torch.zeros(20), atol=1e-4)
     assert torch.allclose(imgs[:, outside].std(-1), torch.ones(20), atol=1e-4)
     assert not torch.allclose(raw.get_batch(range(3))[1], norm.get_batch(range(3))[1])
@@ -122,21 +124,28 @@ def test_update_md_and_save_md_round_trip(entry, tmp_path):
     p = star.particles
     np.testing.assert_allclose(p["rlnParticleFigureOfMerit"].to_numpy()[:5], [0.1, 0.2, 0.3, 0.4, 1.0])
     np.testing.assert_allclose(p[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()[5], [40, 50, 60], atol=1e-4)
-    assert torch.allclose(euler_to_matrix(torch.tensor(p[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]]
-                                                       .to_numpy()[:4])), r, atol=1e-5)
+    assert torch.allclose(
+        euler_to_matrix(torch.tensor(p[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()[:4])), r, atol=1e-5
+    )
     # Image names still find the stack from the new folder.
     index, stack = io.parse_image_name(p["rlnImageName"].iloc[3])
     assert index == 3 and io.resolve_stack_path(out, stack).resolve() == (entry / "particles_1.mrcs").resolve()
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda ds: ds.update_md(["999999@nowhere.mrcs"], np.eye(3)[None]), "not in this half"),
-    (lambda ds: ds.update_md(ds.particle_ids[:2], np.zeros((2, 3))), r"shape \(2, 3, 3\)"),
-    (lambda ds: ds.update_md(ds.particle_ids[:2], np.stack([np.eye(3), 2 * np.eye(3)])), r"angles\[1\] is not a rotation"),
-    (lambda ds: ds.update_md(ds.particle_ids[:1], np.zeros((1, 3, 3)), angles_format="quat"), "angles_format"),
-    (lambda ds: ds.update_md(ds.particle_ids[:1], np.zeros((1, 4)), angles_format="zyz_degrees"), r"\(1, 3\)"),
-    (lambda ds: ds.update_md(ds.particle_ids[:1], np.eye(3)[None], confidence=[0.1, 0.2]), "confidence"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda ds: ds.update_md(["999999@nowhere.mrcs"], np.eye(3)[None]), "not in this half"),
+        (lambda ds: ds.update_md(ds.particle_ids[:2], np.zeros((2, 3))), r"shape \(2, 3, 3\)"),
+        (
+            lambda ds: ds.update_md(ds.particle_ids[:2], np.stack([np.eye(3), 2 * np.eye(3)])),
+            r"angles\[1\] is not a rotation",
+        ),
+        (lambda ds: ds.update_md(ds.particle_ids[:1], np.zeros((1, 3, 3)), angles_format="quat"), "angles_format"),
+        (lambda ds: ds.update_md(ds.particle_ids[:1], np.zeros((1, 4)), angles_format="zyz_degrees"), r"\(1, 3\)"),
+        (lambda ds: ds.update_md(ds.particle_ids[:1], np.eye(3)[None], confidence=[0.1, 0.2]), "confidence"),
+    ],
+)
 def test_update_md_bad_input(entry, call, match):
     ds = ParticlesDataset(entry, 0)
     before = ds.metadata
@@ -183,15 +192,37 @@ def test_cli_preprocess(entry, tmp_path):
 @pytest.mark.relion
 def test_preprocessed_entry_is_consistent_for_relion(tmp_path):
     """relion_reconstruct on the cropped, resized, phase-flipped copy gives back the (resampled) source map."""
-    spec = SimulationSpec(name="pre", symmetry="C1", box_size=64, pixel_size=2.37, n_particles=2500, snr=2.0,
-                          bfactor=0.0, contrast_sigma=0.0, seed=8)
+    spec = SimulationSpec(
+        name="pre",
+        symmetry="C1",
+        box_size=64,
+        pixel_size=2.37,
+        n_particles=2500,
+        snr=2.0,
+        bfactor=0.0,
+        contrast_sigma=0.0,
+        seed=8,
+    )
     src = simulate_entry(spec, tmp_path / "bench", progress=False)
     out = write_preprocessed_entry(src, tmp_path / "pre", image_size=40, crop_fraction=0.875, progress=False)
     # relion_reconstruct 3.1.3 ignores the optics table's rlnCtfDataArePhaseFlipped: it needs the flag
     # (without it this map correlates at about 0.76 instead of 0.98).
-    proc = subprocess.run(["relion_reconstruct", "--i", "particles_0.star", "--o", "rec.mrc", "--ctf",
-                           "--ctf_phase_flipped", "--pad", "2"],
-                          cwd=out, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "relion_reconstruct",
+            "--i",
+            "particles_0.star",
+            "--o",
+            "rec.mrc",
+            "--ctf",
+            "--ctf_phase_flipped",
+            "--pad",
+            "2",
+        ],
+        cwd=out,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and (out / "rec.mrc").exists(), proc.stdout + proc.stderr
     rec, px = io.read_map(out / "rec.mrc")
     truth, px_truth = io.read_map(out / "pre_source_map.mrc")

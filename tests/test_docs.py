@@ -22,14 +22,15 @@ def _between(text: str, start: str, end: str) -> str:
     assert text.count(end) == 1, f"{CONFIG_README}: expected the marker {end!r} once"
     begin = text.index(start) + len(start)
     assert begin <= text.index(end), f"{CONFIG_README}: {end!r} comes before {start!r}"
-    return text[begin:text.index(end)]
+    return text[begin : text.index(end)]
 
 
 def test_method_parameters_section_is_generated():
     section = _between(CONFIG_README.read_text(encoding="utf-8"), START, END)
     assert section == method_table(), (
         f"{CONFIG_README}: the method parameters between the markers differ from `cryopose methods`; "
-        "replace the text between them with its output")
+        "replace the text between them with its output"
+    )
 
 
 def test_refine_parameters_documented():
@@ -38,7 +39,7 @@ def test_refine_parameters_documented():
     lines = CONFIG_README.read_text(encoding="utf-8").splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("| `methods.<method>+refine.*`"))
     rows = []
-    for line in lines[first + 1:]:
+    for line in lines[first + 1 :]:
         if not line.startswith("| `  "):  # the indented rows below it are its keys
             break
         rows.append(line.split(" | ")[0])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cryopose import download, io
+from cryopose import download
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from cryopose.simulate import SimulationSpec, simulate_entry
-from cryopose.entry import Entry
 
 CHUNK = 7000
 
@@ -46,9 +46,14 @@ class Server:
                     files = server.records.get(int(parts[2]))
                     if files is None:
                         return self.send_error(404)
-                    listing = [{"key": k, "size": len(v),
-                                "checksum": "md5:" + ("0" * 32 if k in server.wrong_md5 else hashlib.md5(v).hexdigest())}
-                               for k, v in files.items()]
+                    listing = [
+                        {
+                            "key": k,
+                            "size": len(v),
+                            "checksum": "md5:" + ("0" * 32 if k in server.wrong_md5 else hashlib.md5(v).hexdigest()),
+                        }
+                        for k, v in files.items()
+                    ]
                     body = json.dumps({"id": int(parts[2]), "files": listing}).encode()
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
@@ -78,7 +83,7 @@ class Server:
                     self.close_connection = True
                     return
                 if key in server.cut_once:
-                    body = body[:server.cut_once.pop(key)]
+                    body = body[: server.cut_once.pop(key)]
                     self.wfile.write(body)
                     server.served[key] = server.served.get(key, 0) + len(body)
                     self.wfile.flush()
@@ -106,11 +111,13 @@ def source(tmp_path_factory):
 def _records(source: Path) -> dict[int, dict[str, bytes]]:
     records = {}
     for half, record in enumerate(download.CESPED_RECORDS["TEST"]):
-        files = {f"particles_{half}.star": (source / f"particles_{half}.star").read_bytes(),
-                 f"info_{half}.json": (source / f"info_{half}.json").read_bytes()}
+        files = {
+            f"particles_{half}.star": (source / f"particles_{half}.star").read_bytes(),
+            f"info_{half}.json": (source / f"info_{half}.json").read_bytes(),
+        }
         stack = (source / f"particles_{half}.mrcs").read_bytes()
         for i in range(0, len(stack), CHUNK):
-            files[f"particles_{half}.mrcs.chunk_{i // CHUNK}"] = stack[i:i + CHUNK]
+            files[f"particles_{half}.mrcs.chunk_{i // CHUNK}"] = stack[i : i + CHUNK]
         records[record] = files
     # TEST's mask is 11120's in the mask record; other entries' masks sit beside it.
     records[download.MASK_RECORD] = {"11120_mask.mrc": (source / "TEST_mask.mrc").read_bytes(), "10166_mask.mrc": b"x"}
@@ -125,8 +132,15 @@ def server(source):
 
 
 def _same_entry(a: Path, b: Path):
-    for name in ("particles_0.star", "particles_1.star", "info_0.json", "info_1.json", "particles_0.mrcs",
-                 "particles_1.mrcs", "TEST_mask.mrc"):
+    for name in (
+        "particles_0.star",
+        "particles_1.star",
+        "info_0.json",
+        "info_1.json",
+        "particles_0.mrcs",
+        "particles_1.mrcs",
+        "TEST_mask.mrc",
+    ):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
@@ -163,8 +177,22 @@ def test_a_killed_download_resumes_to_the_same_bytes(source, server, tmp_path):
     .part, nothing is published, and the next run fetches only the rest."""
     key = "particles_0.mrcs.chunk_2"
     server.stall_once[key] = 4000
-    proc = subprocess.Popen([sys.executable, "-m", "cryopose", "download", "TEST", "--out", str(tmp_path),
-                             "--base-url", server.url, "--retries", "0", "--quiet"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cryopose",
+            "download",
+            "TEST",
+            "--out",
+            str(tmp_path),
+            "--base-url",
+            server.url,
+            "--retries",
+            "0",
+            "--quiet",
+        ]
+    )
     part = tmp_path / ".download" / "TEST" / f"{key}.part"
     deadline = time.monotonic() + 120
     try:
@@ -214,8 +242,7 @@ def test_missing_files_are_named(server, tmp_path):
 
 def test_offline_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="cannot reach http://127.0.0.1:9/api/records/10998049.*offline"):
-        download.download_entry("TEST", tmp_path, "http://127.0.0.1:9", retries=1, backoff=0, timeout=2,
-                                progress=False)
+        download.download_entry("TEST", tmp_path, "http://127.0.0.1:9", retries=1, backoff=0, timeout=2, progress=False)
 
 
 def test_the_workflow_downloads_a_real_entry(source, server, tmp_path):

@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader
 
 from cryopose import cli, io
 from cryopose.data import ParticlesDataset
+from cryopose.entry import Entry
 from cryopose.metrics import pearson_correlation
 from cryopose.reconstruct import reconstruct
 from cryopose.simulate import SUITES
-from cryopose.entry import Entry
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,22 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
         assert cli.main(["info", str(bench / spec.name)]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["symmetry"] == spec.symmetry and info["particles"] == {"0": spec.n_particles, "1": spec.n_particles}
-        assert cli.main(["preprocess", spec.name, "--benchmark-dir", str(bench), "--out", str(tmp_path / "pre"),
-                         "--image-size", "24", "--quiet"]) == 0
+        assert (
+            cli.main(
+                [
+                    "preprocess",
+                    spec.name,
+                    "--benchmark-dir",
+                    str(bench),
+                    "--out",
+                    str(tmp_path / "pre"),
+                    "--image-size",
+                    "24",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         ds = ParticlesDataset(tmp_path / "pre" / spec.name, 0, normalise=False)
         batches = list(DataLoader(ds, batch_size=64, num_workers=2))
         assert sum(len(b[0]) for b in batches) == spec.n_particles
@@ -43,13 +57,31 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
         # Evaluate ground-truth predictions (the entry's own STAR files) with each backend.
         for backend in backends:
             out = tmp_path / "eval" / spec.name / backend
-            assert cli.main(["evaluate", str(entry.root), "--half0", str(entry.star_path(0)), "--half1",
-                             str(entry.star_path(1)), "--backend", backend, "--out", str(out), "--jobs", "2",
-                             "--quiet"]) == 0
+            assert (
+                cli.main(
+                    [
+                        "evaluate",
+                        str(entry.root),
+                        "--half0",
+                        str(entry.star_path(0)),
+                        "--half1",
+                        str(entry.star_path(1)),
+                        "--backend",
+                        backend,
+                        "--out",
+                        str(out),
+                        "--jobs",
+                        "2",
+                        "--quiet",
+                    ]
+                )
+                == 0
+            )
             metrics = json.loads((out / "metrics.json").read_text())
             # V is GT here, so PCC(GT,V) = 1 and ΔPCC = PCC(GT0,GT1) − 1 < 0: the noise of 300-particle
             # half-maps (measured −0.36 for tiny_c1).
             assert metrics["MAnE"] < 1e-3 and metrics["PCC(GT,V)"] > 0.999999, (spec.name, backend, metrics)
             assert metrics["delta_PCC"] == pytest.approx(metrics["PCC(GT0,GT1)"] - 1.0, abs=1e-6)
-            assert {"fsc.png", "angular_errors.png", "orientations.png", "particles.csv"} <= \
-                {p.name for p in out.iterdir()}
+            assert {"fsc.png", "angular_errors.png", "orientations.png", "particles.csv"} <= {
+                p.name for p in out.iterdir()
+            }

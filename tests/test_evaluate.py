@@ -4,8 +4,8 @@ import torch
 
 from cryopose import io
 from cryopose.errors import InputError
-from cryopose.predictions import load_predictions
 from cryopose.geometry import euler_to_matrix
+from cryopose.predictions import load_predictions
 from cryopose.simulate import SimulationSpec, simulate_entry
 
 
@@ -30,21 +30,27 @@ def test_predictions_are_aligned_with_the_entry(entry, tmp_path):
     truth = entry.read_star(1).particles
     expected = euler_to_matrix(torch.tensor(truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()))
     assert torch.allclose(pred.rotmats, expected, atol=1e-5)
-    assert torch.allclose(pred.shifts, torch.tensor(truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()),
-                          atol=1e-5)
+    assert torch.allclose(
+        pred.shifts, torch.tensor(truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()), atol=1e-5
+    )
     assert torch.allclose(pred.confidence, torch.full((30,), 0.5, dtype=torch.float64))
     assert load_predictions(entry, 1, _write(entry, tmp_path, 1), "SO3").shifts is None
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda p: p.iloc[1:], r"1 of the 30 particles of half 0 have no prediction"),
-    (lambda p: p.assign(rlnImageName=[p["rlnImageName"].iloc[0]] * 2 + p["rlnImageName"].iloc[2:].tolist()),
-     "more than once"),
-    (lambda p: p.assign(rlnImageName=p["rlnImageName"].str.replace("particles_0", "other")), "not in half 0"),
-    (lambda p: p.assign(rlnAngleTilt=np.where(np.arange(len(p)) == 3, np.nan, p["rlnAngleTilt"])), "rlnAngleTilt"),
-    (lambda p: p.drop(columns="rlnAnglePsi"), "rlnAnglePsi"),
-    (lambda p: p.assign(rlnParticleFigureOfMerit=-1.0), "rlnParticleFigureOfMerit"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: p.iloc[1:], r"1 of the 30 particles of half 0 have no prediction"),
+        (
+            lambda p: p.assign(rlnImageName=[p["rlnImageName"].iloc[0]] * 2 + p["rlnImageName"].iloc[2:].tolist()),
+            "more than once",
+        ),
+        (lambda p: p.assign(rlnImageName=p["rlnImageName"].str.replace("particles_0", "other")), "not in half 0"),
+        (lambda p: p.assign(rlnAngleTilt=np.where(np.arange(len(p)) == 3, np.nan, p["rlnAngleTilt"])), "rlnAngleTilt"),
+        (lambda p: p.drop(columns="rlnAnglePsi"), "rlnAnglePsi"),
+        (lambda p: p.assign(rlnParticleFigureOfMerit=-1.0), "rlnParticleFigureOfMerit"),
+    ],
+)
 def test_bad_predictions(entry, tmp_path, edit, match):
     with pytest.raises(InputError, match=match):
         load_predictions(entry, 0, _write(entry, tmp_path, 0, edit), "SO3")
@@ -67,20 +73,28 @@ import json  # noqa: E402
 import os  # noqa: E402
 
 from cryopose.cli import main as cli_main  # noqa: E402
+from cryopose.entry import Entry  # noqa: E402
 from cryopose.evaluate import evaluate, prediction_star  # noqa: E402
 from cryopose.geometry import matrix_to_euler, random_rotations, rotation_about_axis  # noqa: E402
 from cryopose.reconstruct import RelionNotFound  # noqa: E402
-from cryopose.entry import Entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-OUTPUTS = {"metrics.json", "particles.csv", "fsc.csv", "V_half0.mrc", "V_half1.mrc", "V.mrc", "fsc.png",
-           "angular_errors.png", "orientations.png"}
+OUTPUTS = {
+    "metrics.json",
+    "particles.csv",
+    "fsc.csv",
+    "V_half0.mrc",
+    "V_half1.mrc",
+    "V.mrc",
+    "fsc.png",
+    "angular_errors.png",
+    "orientations.png",
+}
 
 
 @pytest.fixture(scope="module")
 def c4(tmp_path_factory):
-    spec = SimulationSpec(name="evc4", symmetry="C4", box_size=32, pixel_size=4.1, n_particles=800, snr=2.0,
-                          seed=5)
+    spec = SimulationSpec(name="evc4", symmetry="C4", box_size=32, pixel_size=4.1, n_particles=800, snr=2.0, seed=5)
     return Entry(simulate_entry(spec, tmp_path_factory.mktemp("b"), progress=False))
 
 
@@ -171,15 +185,17 @@ def test_shift_errors_for_so3xr2(c4, tmp_path, gt_dir):
 def test_confidence_weights_the_reconstruction(c4, tmp_path, gt_dir):
     """Predictions that are right for half the particles, with the confidence saying which."""
     gen = torch.Generator().manual_seed(2)
-    paths = _predictions(c4, tmp_path, lambda r, h: torch.cat([r[:400], random_rotations(
-        len(r) - 400, generator=gen).double()]), "mixed")
+    paths = _predictions(
+        c4, tmp_path, lambda r, h: torch.cat([r[:400], random_rotations(len(r) - 400, generator=gen).double()]), "mixed"
+    )
     for p in paths:
         star = io.read_particles_star(p)
         star.particles["rlnParticleFigureOfMerit"] = np.r_[np.ones(400), np.zeros(len(star.particles) - 400)]
         io.write_particles_star(p, star)
     weighted = evaluate(c4, *paths, "SO3", ground_truth_dir=gt_dir, plots=False, progress=False).metrics
-    plain = evaluate(c4, *paths, "SO3", use_pred_confidence=False, ground_truth_dir=gt_dir, plots=False,
-                     progress=False).metrics
+    plain = evaluate(
+        c4, *paths, "SO3", use_pred_confidence=False, ground_truth_dir=gt_dir, plots=False, progress=False
+    ).metrics
     assert weighted["PCC(GT,V)"] > plain["PCC(GT,V)"] + 0.02
     assert weighted["MAnE"] == plain["MAnE"]
 
@@ -237,8 +253,25 @@ def test_prediction_star_uses_absolute_image_names(c4, tmp_path):
 def test_cli_evaluate(c4, tmp_path, gt_dir, capsys):
     p0, p1 = _predictions(c4, tmp_path, lambda r, h: r, "cli")
     out = tmp_path / "cli"
-    assert cli_main(["evaluate", str(c4.root), "--half0", str(p0), "--half1", str(p1), "--out", str(out),
-                     "--ground-truth-dir", str(gt_dir), "--no-plots", "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                str(c4.root),
+                "--half0",
+                str(p0),
+                "--half1",
+                str(p1),
+                "--out",
+                str(out),
+                "--ground-truth-dir",
+                str(gt_dir),
+                "--no-plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "PCC(GT,V)" in capsys.readouterr().out and (out / "metrics.json").is_file()
     assert cli_main(["evaluate", str(c4.root), "--half0", str(p1), "--half1", str(p0), "--quiet"]) == 2
     assert "predictions for half 1" in capsys.readouterr().err
@@ -249,8 +282,17 @@ def test_relion_backend_evaluation_agrees_with_torch(c4, tmp_path, gt_dir):
     gen = torch.Generator().manual_seed(3)
     axes = torch.nn.functional.normalize(torch.randn(800, 3, generator=gen, dtype=torch.float64), dim=-1)
     p0, p1 = _predictions(c4, tmp_path, lambda r, h: rotation_about_axis(axes[: len(r)], 10.0) @ r, "rel")
-    rel = evaluate(c4, p0, p1, "SO3", backend="relion", jobs=2, ground_truth_dir=tmp_path / "gt_relion", plots=False,
-                   progress=False).metrics
+    rel = evaluate(
+        c4,
+        p0,
+        p1,
+        "SO3",
+        backend="relion",
+        jobs=2,
+        ground_truth_dir=tmp_path / "gt_relion",
+        plots=False,
+        progress=False,
+    ).metrics
     tor = evaluate(c4, p0, p1, "SO3", ground_truth_dir=gt_dir, plots=False, progress=False).metrics
     assert rel["backend"] == "relion" and rel["MAnE"] == pytest.approx(10.0, abs=1e-4)
     assert rel["delta_PCC"] == pytest.approx(tor["delta_PCC"], abs=0.02)
@@ -261,11 +303,21 @@ def test_relion_backend_evaluation_agrees_with_torch(c4, tmp_path, gt_dir):
 # Cross-half agreement (issue 18): V_h against the other half's ground truth GT_(1-h)
 # ---------------------------------------------------------------------------------------------
 
-CROSS = [f"{masked}{delta}cross_{m}" for masked in ("", "masked_") for delta in ("", "delta_")
-         for m in ("PCC", "FSCR0.143", "FSCR0.5")]
+CROSS = [
+    f"{masked}{delta}cross_{m}"
+    for masked in ("", "masked_")
+    for delta in ("", "delta_")
+    for m in ("PCC", "FSCR0.143", "FSCR0.5")
+]
 # Numbers in metrics.json that describe the run, not the predictions: no row in the metric table.
-CONTEXT = {"n_particles", "pixel_size", "box_size", "seconds_ground_truth_reconstruction",
-           "seconds_predicted_reconstruction", "seconds_total"}
+CONTEXT = {
+    "n_particles",
+    "pixel_size",
+    "box_size",
+    "seconds_ground_truth_reconstruction",
+    "seconds_predicted_reconstruction",
+    "seconds_total",
+}
 
 
 def test_cross_half_agreement_of_the_true_poses_is_exactly_zero(entry, tmp_path):

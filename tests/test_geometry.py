@@ -5,9 +5,16 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryopose.geometry import (euler_to_matrix, geodesic_angle, is_rotation_matrix, matrix_to_euler,
-                               matrix_to_quaternion, quaternion_to_matrix, random_rotations,
-                               rotation_about_axis)
+from cryopose.geometry import (
+    euler_to_matrix,
+    geodesic_angle,
+    is_rotation_matrix,
+    matrix_to_euler,
+    matrix_to_quaternion,
+    quaternion_to_matrix,
+    random_rotations,
+    rotation_about_axis,
+)
 
 
 @pytest.fixture

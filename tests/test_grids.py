@@ -12,14 +12,14 @@ from cryopose.symmetry import symmetry_matrices
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_grid_size_and_rotations(order):
     grid = so3_healpix_grid(order)
-    assert grid.shape == (so3_grid_size(order), 3, 3) == (72 * 8 ** order, 3, 3)
+    assert grid.shape == (so3_grid_size(order), 3, 3) == (72 * 8**order, 3, 3)
     assert is_rotation_matrix(grid).all()
     # No two cells coincide: the closest pair is a sizeable fraction of the cell size.
     g = grid.double()
     sample = g[:: max(1, len(g) // 200)]
     d = geodesic_angle(sample[:, None], g[None])
     d[d < 1e-6] = 180.0
-    assert d.min() > 0.2 * 60 / 2 ** order
+    assert d.min() > 0.2 * 60 / 2**order
 
 
 def test_nearest_cell_is_the_brute_force_nearest_and_errors_shrink_with_order():

@@ -14,21 +14,31 @@ import torch
 from cryopose import io
 from cryopose.augment import inplane_rotation
 from cryopose.data import ParticlesDataset, write_preprocessed_entry
+from cryopose.entry import Entry
 from cryopose.errors import InputError
-from cryopose.predictions import load_predictions
 from cryopose.geometry import random_rotations
 from cryopose.grids import nearest_grid_index, so3_healpix_grid, symmetric_grid_target
 from cryopose.methods import get_method, parse_params
-from cryopose.metrics import angular_errors
 from cryopose.methods.image2sphere.network import Image2Sphere, Image2SphereConfig
+from cryopose.methods.image2sphere.training import TrainConfig, load_model, train_image2sphere
+from cryopose.metrics import angular_errors
 from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.symmetry import symmetry_matrices
-from cryopose.methods.image2sphere.training import TrainConfig, load_model, train_image2sphere
-from cryopose.entry import Entry
 
 # Small enough to build and train in seconds on 2 cores.
-TINY = dict(image_size=32, resnet="resnet18", sphere_channels=16, projector_order=2, lmax=3, s2_channels=4,
-            s2_kernel_order=1, activation_resolution=4, so3_kernel_n_alpha=4, so3_kernel_n_beta=2, output_order=1)
+TINY = dict(
+    image_size=32,
+    resnet="resnet18",
+    sphere_channels=16,
+    projector_order=2,
+    lmax=3,
+    s2_channels=4,
+    s2_kernel_order=1,
+    activation_resolution=4,
+    so3_kernel_n_alpha=4,
+    so3_kernel_n_beta=2,
+    output_order=1,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +54,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
-    spec = SimulationSpec(name="i2s_c2", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=160, snr=2.0,
-                          seed=7)
+    spec = SimulationSpec(name="i2s_c2", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=160, snr=2.0, seed=7)
     raw = simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False)
     return Entry(write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False))
 
@@ -129,8 +138,9 @@ def test_symmetric_targets_are_views_of_the_same_image(entry):
 
 
 def _train(entry, out, work=None, epochs=2, **overrides):
-    cfg = TrainConfig(batch_size=16, max_epochs=epochs, lr_patience=1, early_stop_patience=5, seed=3, device="cpu",
-                      **overrides)
+    cfg = TrainConfig(
+        batch_size=16, max_epochs=epochs, lr_patience=1, early_stop_patience=5, seed=3, device="cpu", **overrides
+    )
     return train_image2sphere(entry, 0, out, Image2SphereConfig(**TINY), cfg, work_dir=work, progress=False)
 
 
@@ -154,16 +164,36 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(entry, tmp_path
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path_factory, tmp_path):
     """SIGKILL of `cryopose train` during its second epoch, then the same command again: the final
     weights equal, bit for bit, those of a run that was never interrupted."""
-    spec = SimulationSpec(name="i2s_kill", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=480, snr=2.0,
-                          seed=8)
+    spec = SimulationSpec(name="i2s_kill", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=480, snr=2.0, seed=8)
     raw = simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False)
     entry = write_preprocessed_entry(raw, tmp_path_factory.mktemp("pre"), progress=False)
-    params = {**TINY, "batch_size": 16, "max_epochs": 3, "lr_patience": 1, "early_stop_patience": 5, "seed": 3,
-              "device": "cpu"}
+    params = {
+        **TINY,
+        "batch_size": 16,
+        "max_epochs": 3,
+        "lr_patience": 1,
+        "early_stop_patience": 5,
+        "seed": 3,
+        "device": "cpu",
+    }
 
     def command(out, work):
-        argv = [sys.executable, "-m", "cryopose", "train", "--method", "image2sphere", "--entry", str(entry),
-                "--half", "0", "--out", str(out), "--work-dir", str(work)]
+        argv = [
+            sys.executable,
+            "-m",
+            "cryopose",
+            "train",
+            "--method",
+            "image2sphere",
+            "--entry",
+            str(entry),
+            "--half",
+            "0",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(work),
+        ]
         return argv + [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -171,8 +201,9 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path_factory,
     log_a = (tmp_path / "a" / "train_log.csv").read_text().splitlines()
     seconds_epoch_1 = float(log_a[1].split(",")[-1])
 
-    proc = subprocess.Popen(command(tmp_path / "b", tmp_path / "wb"), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        command(tmp_path / "b", tmp_path / "wb"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     for line in proc.stdout:  # the first epoch's summary line: epoch 2 starts now
         if line.startswith("epoch 1:"):
             break
@@ -183,8 +214,9 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path_factory,
     rows = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
     assert len(rows) == 2, "the kill must land inside epoch 2 (after epoch 1 was logged, before epoch 2 was)"
 
-    resumed = subprocess.run(command(tmp_path / "b", tmp_path / "wb"), check=True, capture_output=True, text=True,
-                             env=env)
+    resumed = subprocess.run(
+        command(tmp_path / "b", tmp_path / "wb"), check=True, capture_output=True, text=True, env=env
+    )
     assert "resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
     log_b = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
     assert [r.rsplit(",", 1)[0] for r in log_b] == [r.rsplit(",", 1)[0] for r in log_a]  # all but the seconds
@@ -205,8 +237,10 @@ def test_a_checkpoint_of_another_configuration_is_refused(entry, tmp_path):
 
 def test_method_cross_predicts_with_original_particle_names(entry, tmp_path):
     method = get_method("image2sphere")
-    params = parse_params(method, [f"{k}={v}" for k, v in TINY.items()] + ["max_epochs=1", "batch_size=16", "device=cpu",
-                                                                           "refine_steps=2"])
+    params = parse_params(
+        method,
+        [f"{k}={v}" for k, v in TINY.items()] + ["max_epochs=1", "batch_size=16", "device=cpu", "refine_steps=2"],
+    )
     method.run_train(entry, 1, tmp_path / "model", params, tmp_path / "work")
     record = (tmp_path / "model" / "model.json").read_text()
     assert '"trained_on_half": 1' in record
@@ -246,10 +280,19 @@ def test_training_learns_poses(tmp_path):
     from cryopose.simulate import SUITES
 
     spec = next(s for s in SUITES["default"] if s.name == "sim_c4")
-    entry = Entry(write_preprocessed_entry(simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p",
-                                              image_size=32, progress=False))
-    train_image2sphere(entry, 0, tmp_path / "m", Image2SphereConfig(image_size=32),
-                       TrainConfig(max_epochs=6, lr_patience=3, early_stop_patience=5, device="cpu"), progress=False)
+    entry = Entry(
+        write_preprocessed_entry(
+            simulate_entry(spec, tmp_path / "b", progress=False), tmp_path / "p", image_size=32, progress=False
+        )
+    )
+    train_image2sphere(
+        entry,
+        0,
+        tmp_path / "m",
+        Image2SphereConfig(image_size=32),
+        TrainConfig(max_epochs=6, lr_patience=3, early_stop_patience=5, device="cpu"),
+        progress=False,
+    )
     model, _ = load_model(tmp_path / "m" / "model.pt")
     ds = ParticlesDataset(entry, 1, image_size=32)
     rot, confidence = predict_image2sphere(model, ds, progress=False)

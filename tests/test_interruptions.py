@@ -32,7 +32,7 @@ import pytest
 from cryopose import io
 from cryopose.cli import main
 from cryopose.entry import Entry
-from test_bad_input import N, NAME, _edit_particles, _evaluate, golden, ws  # noqa: F401 (fixtures)
+from test_bad_input import NAME, N, _edit_particles, _evaluate, golden, ws  # noqa: F401 (fixtures)
 
 # The child: cryopose's own main() with os.replace wrapped to pause at one publication.
 CHILD = r"""
@@ -68,29 +68,42 @@ def _temporaries(*folders: Path) -> list[Path]:
     found = []
     for folder in folders:
         for p in folder.rglob("*"):
-            if (".tmp-" in p.name or ".old-" in p.name or p.name.startswith(("cryopose-", "tmp"))
-                    or p.name.startswith(".reconstruct-")):
+            if (
+                ".tmp-" in p.name
+                or ".old-" in p.name
+                or p.name.startswith(("cryopose-", "tmp"))
+                or p.name.startswith(".reconstruct-")
+            ):
                 found.append(p)
     return found
 
 
 def _snapshot(folder: Path, temporaries: bool = True) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and (temporaries or ".tmp-" not in p.name)}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (temporaries or ".tmp-" not in p.name)
+    }
 
 
 def _start_paused(root: Path, argv: list[str], pattern: str, nth: int = 1) -> tuple[subprocess.Popen, Path]:
     """Start ``cryopose argv`` and wait until it pauses before the ``nth`` publication of a file
     whose name matches ``pattern``."""
     marker = root / f"paused-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, pattern, str(nth), str(marker), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(root))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, pattern, str(nth), str(marker), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(root),
+    )
     deadline = time.monotonic() + 120
     while not marker.exists():
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"cryopose {argv[0]} ended (exit {proc.returncode}) before the pause at {pattern!r}:\n"
-                        f"{out}\n{err}")
+            pytest.fail(
+                f"cryopose {argv[0]} ended (exit {proc.returncode}) before the pause at {pattern!r}:\n{out}\n{err}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"cryopose {argv[0]} never reached the pause at {pattern!r}")
@@ -108,8 +121,9 @@ def _stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def _terminate_and_check(ws, argv: list[str], pattern: str, watched: list[Path], expect_temporary: list[Path],
-                         nth: int = 1) -> None:
+def _terminate_and_check(
+    ws, argv: list[str], pattern: str, watched: list[Path], expect_temporary: list[Path], nth: int = 1
+) -> None:
     """Pause ``cryopose argv`` at ``pattern``, check that a temporary exists in one of
     ``expect_temporary`` (and none in the system temp folder), SIGTERM it, and check that it failed
     and left ``watched`` as they were with no temporary anywhere."""
@@ -130,43 +144,80 @@ def _terminate_and_check(ws, argv: list[str], pattern: str, watched: list[Path],
 # --------------------------------------------------------------------------------------------
 # SIGTERM in each step
 
+
 def _simulate(ws, name: str = NAME, seed: int = 6, *extra: str) -> list[str]:
-    return ["simulate", "--out", str(ws.bench), "--name", name, "--symmetry", "C2", "--box-size", "32",
-            "--pixel-size", "4.1", "--n-particles", str(N), "--snr", "1", "--seed", str(seed), "--quiet", *extra]
+    return [
+        "simulate",
+        "--out",
+        str(ws.bench),
+        "--name",
+        name,
+        "--symmetry",
+        "C2",
+        "--box-size",
+        "32",
+        "--pixel-size",
+        "4.1",
+        "--n-particles",
+        str(N),
+        "--snr",
+        "1",
+        "--seed",
+        str(seed),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_sigterm_during_simulate(ws):
     """Re-simulating the entry with other parameters is stopped while half 1's stack is written:
     the entry keeps its old bytes and the staging folder is gone."""
-    _terminate_and_check(ws, _simulate(ws, NAME, 6, "--overwrite"), r"^particles_1\.mrcs$",
-                         watched=[ws.entry], expect_temporary=[ws.bench])
+    _terminate_and_check(
+        ws,
+        _simulate(ws, NAME, 6, "--overwrite"),
+        r"^particles_1\.mrcs$",
+        watched=[ws.entry],
+        expect_temporary=[ws.bench],
+    )
 
 
 def test_sigterm_during_preprocess(ws):
-    _terminate_and_check(ws, ["preprocess", str(ws.entry), "--out", str(ws.out / "pre"), "--quiet"],
-                         r"^particles_1\.mrcs$", watched=[ws.out / "pre"], expect_temporary=[ws.out])
+    _terminate_and_check(
+        ws,
+        ["preprocess", str(ws.entry), "--out", str(ws.out / "pre"), "--quiet"],
+        r"^particles_1\.mrcs$",
+        watched=[ws.out / "pre"],
+        expect_temporary=[ws.out],
+    )
 
 
 def test_sigterm_during_evaluate_writing_its_outputs(ws):
     """Stopped while the new evaluation's maps are written: the earlier evaluation keeps its bytes,
     and the temporaries (which live next to the output, not in the system temp folder) are gone."""
-    _terminate_and_check(ws, _evaluate(ws), "V_half0", watched=[ws.out / "eval", ws.root / "gt"],
-                         expect_temporary=[ws.out])
+    _terminate_and_check(
+        ws, _evaluate(ws), "V_half0", watched=[ws.out / "eval", ws.root / "gt"], expect_temporary=[ws.out]
+    )
 
 
 def test_sigterm_during_evaluate_building_the_ground_truth(ws):
     """Stopped between the two ground-truth maps: neither the cache nor the evaluation changes."""
     _edit_particles(ws.star(1), lambda p: p.assign(rlnDefocusU=p["rlnDefocusU"] + 1.0))  # the cache is stale
-    _terminate_and_check(ws, _evaluate(ws), "GT_half1", watched=[ws.out / "eval", ws.root / "gt"],
-                         expect_temporary=[ws.root, ws.out])
+    _terminate_and_check(
+        ws, _evaluate(ws), "GT_half1", watched=[ws.out / "eval", ws.root / "gt"], expect_temporary=[ws.root, ws.out]
+    )
 
 
 def test_sigterm_during_ground_truth_keeps_the_earlier_pair(ws):
     """`cryopose ground-truth` stopped after GT_half0 was made and before GT_half1: the earlier
     cache is still the earlier pair, not a new half 0 beside an old half 1."""
     _edit_particles(ws.star(0), lambda p: p.assign(rlnDefocusU=p["rlnDefocusU"] + 1.0))
-    _terminate_and_check(ws, ["ground-truth", str(ws.entry), "--out", str(ws.root / "gt"), "--quiet"], "GT_half1",
-                         watched=[ws.root / "gt"], expect_temporary=[ws.root])
+    _terminate_and_check(
+        ws,
+        ["ground-truth", str(ws.entry), "--out", str(ws.root / "gt"), "--quiet"],
+        "GT_half1",
+        watched=[ws.root / "gt"],
+        expect_temporary=[ws.root],
+    )
 
 
 def test_sigterm_during_train(ws):
@@ -180,6 +231,7 @@ def test_sigterm_during_train(ws):
 
 # --------------------------------------------------------------------------------------------
 # SIGKILL: the temporaries stay, and the next run removes them
+
 
 def test_sigkill_during_simulate_then_a_rerun_cleans_up(ws):
     argv = _simulate(ws, "second", 7)
@@ -228,10 +280,17 @@ def test_a_running_writers_temporary_is_not_taken_for_a_stale_one(tmp_path):
     dest = tmp_path / "out" / "table.csv"
     with io.atomic_write(dest) as mine:
         mine.write_text("mine\n")
-        other = subprocess.run([sys.executable, "-c",
-                                "import sys; from cryopose import io\n"
-                                "with io.atomic_write(sys.argv[1]) as t: t.write_text('theirs\\n')", str(dest)],
-                               capture_output=True, text=True)
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from cryopose import io\n"
+                "with io.atomic_write(sys.argv[1]) as t: t.write_text('theirs\\n')",
+                str(dest),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert other.returncode == 0, other.stderr
         assert mine.is_file(), "a live writer's temporary was removed"
         assert dest.read_text() == "theirs\n"
@@ -241,6 +300,7 @@ def test_a_running_writers_temporary_is_not_taken_for_a_stale_one(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # The ground-truth cache is one unit
+
 
 def _gt_command(ws) -> list[str]:
     return ["ground-truth", str(ws.entry), "--out", str(ws.root / "gt"), "--quiet"]
@@ -283,11 +343,18 @@ def test_a_folder_with_other_files_is_not_replaced_by_the_cache(ws, capsys):
 # --------------------------------------------------------------------------------------------
 # Permissions
 
+
 def test_output_folders_follow_the_umask(ws):
     """Staged folders are created like any folder (0777 less the umask), not with mkdtemp's 0700."""
+
     def run(argv):
-        done = subprocess.run([sys.executable, "-m", "cryopose", *argv], capture_output=True, text=True,
-                              env=_env(ws.root), preexec_fn=lambda: os.umask(0o022))
+        done = subprocess.run(
+            [sys.executable, "-m", "cryopose", *argv],
+            capture_output=True,
+            text=True,
+            env=_env(ws.root),
+            preexec_fn=lambda: os.umask(0o022),
+        )
         assert done.returncode == 0, done.stderr
 
     run(_simulate(ws, "perm", 3))

@@ -8,32 +8,59 @@ import pytest
 
 from cryopose.entry import resolve_entry
 from cryopose.errors import InputError
-from cryopose.io import (Entry, ParticleStar, StackWriter, atomic_write, open_stack, parse_image_name,
-                         particles_with_optics, read_images, read_map, read_particles_star, resolve_stack_path,
-                         stack_shape, write_map, write_particles_star)
+from cryopose.io import (
+    Entry,
+    ParticleStar,
+    StackWriter,
+    atomic_write,
+    open_stack,
+    parse_image_name,
+    particles_with_optics,
+    read_images,
+    read_map,
+    read_particles_star,
+    resolve_stack_path,
+    stack_shape,
+    write_map,
+    write_particles_star,
+)
 
 PX = 1.51338  # one CESPED entry's pixel size: never assume 1.5
 
 
 def _optics(px=(PX,), size=16):
     n = len(px)
-    return pd.DataFrame({"rlnOpticsGroup": np.arange(1, n + 1), "rlnOpticsGroupName": [f"g{i}" for i in range(n)],
-                         "rlnImagePixelSize": list(px), "rlnImageSize": [size] * n,
-                         "rlnImageDimensionality": [2] * n, "rlnVoltage": [300.0] * n,
-                         "rlnSphericalAberration": [2.7] * n, "rlnAmplitudeContrast": [0.1] * n})
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroup": np.arange(1, n + 1),
+            "rlnOpticsGroupName": [f"g{i}" for i in range(n)],
+            "rlnImagePixelSize": list(px),
+            "rlnImageSize": [size] * n,
+            "rlnImageDimensionality": [2] * n,
+            "rlnVoltage": [300.0] * n,
+            "rlnSphericalAberration": [2.7] * n,
+            "rlnAmplitudeContrast": [0.1] * n,
+        }
+    )
 
 
 def _particles(n=5, stack="particles_0.mrcs", groups=None, seed=0):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)],
-        "rlnOpticsGroup": groups if groups is not None else [1] * n,
-        "rlnAngleRot": rng.uniform(-180, 180, n), "rlnAngleTilt": rng.uniform(0, 180, n),
-        "rlnAnglePsi": rng.uniform(-180, 180, n),
-        "rlnOriginXAngst": rng.normal(0, 3, n), "rlnOriginYAngst": rng.normal(0, 3, n),
-        "rlnDefocusU": rng.uniform(10000, 20000, n), "rlnDefocusV": rng.uniform(10000, 20000, n),
-        "rlnDefocusAngle": rng.uniform(0, 180, n), "rlnMaxValueProbDistribution": rng.uniform(0, 1, n),
-    })
+    return pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)],
+            "rlnOpticsGroup": groups if groups is not None else [1] * n,
+            "rlnAngleRot": rng.uniform(-180, 180, n),
+            "rlnAngleTilt": rng.uniform(0, 180, n),
+            "rlnAnglePsi": rng.uniform(-180, 180, n),
+            "rlnOriginXAngst": rng.normal(0, 3, n),
+            "rlnOriginYAngst": rng.normal(0, 3, n),
+            "rlnDefocusU": rng.uniform(10000, 20000, n),
+            "rlnDefocusV": rng.uniform(10000, 20000, n),
+            "rlnDefocusAngle": rng.uniform(0, 180, n),
+            "rlnMaxValueProbDistribution": rng.uniform(0, 1, n),
+        }
+    )
 
 
 def _stack(path, n=5, box=16, px=PX):
@@ -49,8 +76,9 @@ def _entry(root, n=5, box=16, symmetry="C2"):
     root.mkdir(parents=True, exist_ok=True)
     for h in (0, 1):
         _stack(root / f"particles_{h}.mrcs", n, box)
-        write_particles_star(root / f"particles_{h}.star",
-                             ParticleStar(_optics(size=box), _particles(n, f"particles_{h}.mrcs", seed=h)))
+        write_particles_star(
+            root / f"particles_{h}.star", ParticleStar(_optics(size=box), _particles(n, f"particles_{h}.mrcs", seed=h))
+        )
         (root / f"info_{h}.json").write_text(json.dumps({"symmetry": symmetry}))
     return Entry(root)
 
@@ -72,6 +100,7 @@ def _star_text(optics: pd.DataFrame | None, particles: pd.DataFrame) -> str:
 # STAR
 # ----------------------------------------------------------------------------------------------
 
+
 def test_relion31_round_trip_keeps_values_and_columns(tmp_path):
     parts = _particles()
     parts["rlnOriginXAngst"] = [1.234567891234, -1e-9, 3.0, 0.5, 1 / 3]  # beyond 6 decimals
@@ -83,8 +112,17 @@ def test_relion31_round_trip_keeps_values_and_columns(tmp_path):
     back = read_particles_star(tmp_path / "p.star")
     assert back.path == tmp_path / "p.star"
     assert list(back.particles.columns) == list(parts.columns)
-    floats = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-              "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnMaxValueProbDistribution"]
+    floats = [
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnMaxValueProbDistribution",
+    ]
     np.testing.assert_allclose(back.particles[floats].to_numpy(), parts[floats].to_numpy(), rtol=1e-12, atol=1e-15)
     assert all(back.particles[c].dtype == np.float64 for c in floats)
     assert back.particles["rlnRandomSubset"].tolist() == [1, 2, 1, 2, 1]
@@ -207,8 +245,9 @@ def test_missing_optics_group_and_optics_column(tmp_path):
     write_particles_star(tmp_path / "q.star", ParticleStar(_optics().drop(columns="rlnImagePixelSize"), _particles()))
     with pytest.raises(InputError, match=r"q\.star: data_optics, rlnImagePixelSize: missing column"):
         read_particles_star(tmp_path / "q.star")
-    text = _star_text(None, _particles()).replace("data_particles", "data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n"
-                                                   "\ndata_other")
+    text = _star_text(None, _particles()).replace(
+        "data_particles", "data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n\ndata_other"
+    )
     (tmp_path / "r.star").write_text(text)
     with pytest.raises(InputError, match="r.star"):
         read_particles_star(tmp_path / "r.star")
@@ -218,8 +257,11 @@ def test_nan_angle_names_row_and_column(tmp_path):
     parts = _particles()
     parts.loc[3, "rlnAngleTilt"] = np.nan
     (tmp_path / "p.star").write_text(_star_text(_optics(), parts))
-    with pytest.raises(InputError, match=r"p\.star: data_particles row 3 \(0-based\), column rlnAngleTilt: "
-                                         r"value .*nan.* is not a finite number"):
+    with pytest.raises(
+        InputError,
+        match=r"p\.star: data_particles row 3 \(0-based\), column rlnAngleTilt: "
+        r"value .*nan.* is not a finite number",
+    ):
         read_particles_star(tmp_path / "p.star")
 
 
@@ -296,6 +338,7 @@ def test_resolve_stack_path_policy(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # MRC
 # ----------------------------------------------------------------------------------------------
+
 
 def test_read_images_through_a_memmap_in_requested_order(tmp_path):
     data = _stack(tmp_path / "s.mrcs", n=10)
@@ -434,6 +477,7 @@ def test_map_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Entries
 # ----------------------------------------------------------------------------------------------
+
 
 def test_entry_layout_and_properties(tmp_path):
     entry = _entry(tmp_path / "bench" / "10280", symmetry="c2")

@@ -8,14 +8,14 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryopose import io, matching
 from cryopose.ctf import ctf_2d
+from cryopose.entry import Entry
 from cryopose.errors import InputError
-from cryopose.predictions import load_predictions
 from cryopose.geometry import euler_to_matrix, random_rotations, rotation_about_axis
 from cryopose.methods import get_method, parse_params
+from cryopose.predictions import load_predictions
 from cryopose.refine import refine_predictions
 from cryopose.simulate import SimulationSpec, pseudo_molecule, simulate_entry, simulate_images
 from cryopose.symmetry import symmetry_aware_angle
-from cryopose.entry import Entry
 
 BOX, PX = 48, 3.0
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -32,8 +32,17 @@ def _particles(volume, n, noise, seed=0, symmetry_volume=None):
     rot = random_rotations(n, generator=g)
     shifts = torch.randn(n, 2, generator=g, dtype=torch.float64) * 2
     defocus = torch.rand(n, generator=g, dtype=torch.float64) * 2e4 + 5e3
-    ctf = ctf_2d(defocus, defocus * 0.97, torch.rand(n, generator=g, dtype=torch.float64) * 180, 300.0, 2.7, 0.1,
-                 PX, BOX, bfactor=40.0)
+    ctf = ctf_2d(
+        defocus,
+        defocus * 0.97,
+        torch.rand(n, generator=g, dtype=torch.float64) * 180,
+        300.0,
+        2.7,
+        0.1,
+        PX,
+        BOX,
+        bfactor=40.0,
+    )
     images = simulate_images(volume, rot, shifts, ctf, torch.ones(n, dtype=torch.float64))
     images = images + torch.randn(images.shape, generator=g) * noise * images.std()
     return images, ctf, rot, shifts
@@ -61,7 +70,7 @@ def test_band_mask_counts_each_frequency_once():
     assert not ((points[:, 0] == 0) & (points[:, 1] < 0)).any()  # conjugate half of k_x = 0 left out
     # Half of the full disc (and half of its k_x = 0 diameter, DC excluded): every ±k pair once.
     ky, kx = torch.meshgrid(torch.arange(-16, 16.0), torch.arange(-16, 16.0), indexing="ij")
-    rr = (kx ** 2 + ky ** 2).sqrt()
+    rr = (kx**2 + ky**2).sqrt()
     assert len(points) == int(((rr >= 1) & (rr <= 10)).sum()) // 2
 
 
@@ -81,8 +90,15 @@ def test_projection_matching_recovers_poses_and_shifts(volume):
     assert (pred_shift - shifts).norm(dim=-1).median() < 0.3
     assert ((conf > 0) & (conf <= 1)).all()
     # The same particles streamed batch by batch through callables give the same answer.
-    again = matching.projection_match(lambda i: images[i], lambda i: ctf[i], 24, volume, PX,
-                                      matching.MatchingConfig(**{**config.__dict__, "batch_size": 5}), progress=False)
+    again = matching.projection_match(
+        lambda i: images[i],
+        lambda i: ctf[i],
+        24,
+        volume,
+        PX,
+        matching.MatchingConfig(**{**config.__dict__, "batch_size": 5}),
+        progress=False,
+    )
     assert torch.allclose(again[0], pred_rot, atol=1e-5)
 
 
@@ -98,12 +114,15 @@ def test_confidence_falls_with_noise(volume):
 def test_local_refinement_corrects_small_errors(volume):
     images, ctf, rot, shifts = _particles(volume, 24, noise=1.0, seed=3)
     g = torch.Generator().manual_seed(4)
-    start = rot @ rotation_about_axis(torch.randn(24, 3, generator=g, dtype=torch.float64),
-                                      torch.full((24,), 7.0, dtype=torch.float64))
-    config = matching.RefineConfig(local_resolution=7.0, local_step=4.0, local_rounds=6, local_max_shift=9.0,
-                                   local_device="cpu")
-    new_rot, new_shift, score = matching.refine_poses(images, ctf, 24, volume, PX, start, torch.zeros(24, 2,
-                                                      dtype=torch.float64), config, progress=False)
+    start = rot @ rotation_about_axis(
+        torch.randn(24, 3, generator=g, dtype=torch.float64), torch.full((24,), 7.0, dtype=torch.float64)
+    )
+    config = matching.RefineConfig(
+        local_resolution=7.0, local_step=4.0, local_rounds=6, local_max_shift=9.0, local_device="cpu"
+    )
+    new_rot, new_shift, score = matching.refine_poses(
+        images, ctf, 24, volume, PX, start, torch.zeros(24, 2, dtype=torch.float64), config, progress=False
+    )
     assert symmetry_aware_angle(rot, start, "C1").min() > 6.9
     assert symmetry_aware_angle(rot, new_rot, "C1").median() < 2.5
     assert (new_shift - shifts).norm(dim=-1).median() < 0.3
@@ -150,8 +169,9 @@ def test_refinement_improves_perturbed_predictions(entry, tmp_path):
     star = entry.read_star(0)
     rot, origins = _truth(entry, 0)
     g = torch.Generator().manual_seed(0)
-    start = rot @ rotation_about_axis(torch.randn(len(rot), 3, generator=g, dtype=torch.float64),
-                                      torch.full((len(rot),), 6.0, dtype=torch.float64))
+    start = rot @ rotation_about_axis(
+        torch.randn(len(rot), 3, generator=g, dtype=torch.float64), torch.full((len(rot),), 6.0, dtype=torch.float64)
+    )
     parts = star.particles.copy()
     from cryopose.geometry import matrix_to_euler
 
@@ -160,8 +180,9 @@ def test_refinement_improves_perturbed_predictions(entry, tmp_path):
     parts["rlnParticleFigureOfMerit"] = np.linspace(0.1, 1, len(parts))
     io.write_particles_star(tmp_path / "start.star", io.ParticleStar(star.optics, parts))
     config = matching.RefineConfig(local_resolution=9.0, local_step=4.0, local_rounds=6)
-    refine_predictions(entry, 0, tmp_path / "start.star", tmp_path / "ref.mrc", tmp_path / "out.star", config,
-                          progress=False)
+    refine_predictions(
+        entry, 0, tmp_path / "start.star", tmp_path / "ref.mrc", tmp_path / "out.star", config, progress=False
+    )
     pred = load_predictions(entry, 0, tmp_path / "out.star", "SO3xR2")
     assert symmetry_aware_angle(rot, pred.rotmats, "C4").median() < 3
     assert (pred.shifts - origins).norm(dim=-1).median() < 2.0

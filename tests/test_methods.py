@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from cryopose import io
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix
 from cryopose.methods import get_method, parse_params
 from cryopose.metrics import angular_errors
 from cryopose.simulate import SimulationSpec, simulate_entry
-from cryopose.entry import Entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
@@ -68,8 +68,9 @@ def test_registry_and_params():
 
 
 def test_transfer_prediction_needs_a_model_of_another_entry(entry, tmp_path):
-    spec = SimulationSpec(name="other", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=50, snr=1.0, seed=9,
-                          molecule_seed=4)
+    spec = SimulationSpec(
+        name="other", symmetry="C2", box_size=32, pixel_size=4.1, n_particles=50, snr=1.0, seed=9, molecule_seed=4
+    )
     other = Entry(simulate_entry(spec, tmp_path / "b", progress=False))
     method = get_method("ground_truth")
     method.run_train(entry, 0, tmp_path / "m0", {})
@@ -98,6 +99,9 @@ def test_generalisation_table(tmp_path):
         files.append(path)
     table = generalisation_table(files)
     assert table[["method", "entry", "setting"]].values.tolist() == [
-        ["a", "e", "in-distribution"], ["a", "f", "transfer"], ["b", "e", "in-distribution"]]
+        ["a", "e", "in-distribution"],
+        ["a", "f", "transfer"],
+        ["b", "e", "in-distribution"],
+    ]
     write_generalisation(table, tmp_path / "g.csv")
     assert (tmp_path / "g.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "g.csv")) == 3

@@ -17,28 +17,90 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "cryopose"
 
 # The lists as they were written out by hand before the table (recorded at commit 52710eb).
-OLD_COLUMNS = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "PCC(V0,V1)", "PCC(GT,V)", "PCC(GT0,GT1)",
-               "FSCR0.143(V0,V1)", "FSCR0.5(V0,V1)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "FSCR0.143(GT0,GT1)",
-               "FSCR0.5(GT0,GT1)", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
-               "masked_delta_FSCR0.5", "masked_delta_FSCR0.143", "shift_error_mean_A"]
-OLD_SUMMARY = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143", "masked_delta_PCC",
-               "shift_error_mean_A", "train_seconds", "predict_seconds"]
-OLD_MARKDOWN = ["MAnE", "wMAnE", "PCC(GT,V)", "FSCR0.143(GT,V)", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143",
-                "shift_error_mean_A", "train_seconds", "predict_seconds"]
+OLD_COLUMNS = [
+    "MAnE",
+    "wMAnE",
+    "median_angular_error",
+    "acc_10deg",
+    "PCC(V0,V1)",
+    "PCC(GT,V)",
+    "PCC(GT0,GT1)",
+    "FSCR0.143(V0,V1)",
+    "FSCR0.5(V0,V1)",
+    "FSCR0.143(GT,V)",
+    "FSCR0.5(GT,V)",
+    "FSCR0.143(GT0,GT1)",
+    "FSCR0.5(GT0,GT1)",
+    "delta_PCC",
+    "delta_FSCR0.5",
+    "delta_FSCR0.143",
+    "masked_delta_PCC",
+    "masked_delta_FSCR0.5",
+    "masked_delta_FSCR0.143",
+    "shift_error_mean_A",
+]
+OLD_SUMMARY = [
+    "MAnE",
+    "wMAnE",
+    "delta_PCC",
+    "delta_FSCR0.5",
+    "delta_FSCR0.143",
+    "masked_delta_PCC",
+    "shift_error_mean_A",
+    "train_seconds",
+    "predict_seconds",
+]
+OLD_MARKDOWN = [
+    "MAnE",
+    "wMAnE",
+    "PCC(GT,V)",
+    "FSCR0.143(GT,V)",
+    "delta_PCC",
+    "delta_FSCR0.5",
+    "delta_FSCR0.143",
+    "shift_error_mean_A",
+    "train_seconds",
+    "predict_seconds",
+]
 OLD_MARKDOWN_SUMMARY = ["MAnE", "wMAnE", "delta_PCC", "delta_FSCR0.5", "delta_FSCR0.143"]
-OLD_GENERALISATION = ["MAnE", "wMAnE", "median_angular_error", "acc_10deg", "delta_PCC", "delta_FSCR0.5",
-                      "delta_FSCR0.143", "shift_error_mean_A"]
-OLD_SENSITIVITY = ["MAnE"] + [f"{m}({pair})" for pair in ("V0,V1", "GT,V") for m in
-                              ("PCC", "masked_PCC", "FSCR0.143", "FSCR0.5", "masked_FSCR0.143", "masked_FSCR0.5")]
+OLD_GENERALISATION = [
+    "MAnE",
+    "wMAnE",
+    "median_angular_error",
+    "acc_10deg",
+    "delta_PCC",
+    "delta_FSCR0.5",
+    "delta_FSCR0.143",
+    "shift_error_mean_A",
+]
+OLD_SENSITIVITY = ["MAnE"] + [
+    f"{m}({pair})"
+    for pair in ("V0,V1", "GT,V")
+    for m in ("PCC", "masked_PCC", "FSCR0.143", "FSCR0.5", "masked_FSCR0.143", "masked_FSCR0.5")
+]
 OLD_HALF_MAP = ["PCC(V0,V1)", "masked_PCC(V0,V1)", "FSCR0.5(V0,V1)", "FSCR0.143(V0,V1)"]
 OLD_TIMING = ["train_seconds", "predict_seconds", "refine_seconds", "predict_particles_per_s"]
 
 # The first new metric: cross-half agreement.
-CROSS_LEADERBOARD = ["cross_PCC", "cross_FSCR0.143", "cross_FSCR0.5", "delta_cross_PCC", "delta_cross_FSCR0.5",
-                     "delta_cross_FSCR0.143", "masked_delta_cross_PCC", "masked_delta_cross_FSCR0.5",
-                     "masked_delta_cross_FSCR0.143"]
-CROSS_SENSITIVITY = ["cross_PCC", "masked_cross_PCC", "cross_FSCR0.143", "masked_cross_FSCR0.143", "cross_FSCR0.5",
-                     "masked_cross_FSCR0.5"]
+CROSS_LEADERBOARD = [
+    "cross_PCC",
+    "cross_FSCR0.143",
+    "cross_FSCR0.5",
+    "delta_cross_PCC",
+    "delta_cross_FSCR0.5",
+    "delta_cross_FSCR0.143",
+    "masked_delta_cross_PCC",
+    "masked_delta_cross_FSCR0.5",
+    "masked_delta_cross_FSCR0.143",
+]
+CROSS_SENSITIVITY = [
+    "cross_PCC",
+    "masked_cross_PCC",
+    "cross_FSCR0.143",
+    "masked_cross_FSCR0.143",
+    "cross_FSCR0.5",
+    "masked_cross_FSCR0.5",
+]
 
 
 def _insert_before(columns: list[str], before: str, new: list[str]) -> list[str]:
@@ -51,12 +113,14 @@ def test_the_views_existing_users_read_are_unchanged_but_for_the_new_metric():
     # (and our masked) deltas, before the shift error.
     assert leaderboard.COLUMNS == _insert_before(OLD_COLUMNS, "shift_error_mean_A", CROSS_LEADERBOARD)
     assert leaderboard.TIMING_COLUMNS == OLD_TIMING
-    assert leaderboard.SUMMARY_COLUMNS == _insert_before(OLD_SUMMARY, "shift_error_mean_A",
-                                                         ["delta_cross_PCC", "masked_delta_cross_PCC"])
+    assert leaderboard.SUMMARY_COLUMNS == _insert_before(
+        OLD_SUMMARY, "shift_error_mean_A", ["delta_cross_PCC", "masked_delta_cross_PCC"]
+    )
     assert columns("markdown") == _insert_before(OLD_MARKDOWN, "shift_error_mean_A", ["delta_cross_PCC"])
     assert columns("markdown_summary") == OLD_MARKDOWN_SUMMARY + ["delta_cross_PCC"]
-    assert leaderboard.GENERALISATION_COLUMNS == _insert_before(OLD_GENERALISATION, "shift_error_mean_A",
-                                                                ["delta_cross_PCC"])
+    assert leaderboard.GENERALISATION_COLUMNS == _insert_before(
+        OLD_GENERALISATION, "shift_error_mean_A", ["delta_cross_PCC"]
+    )
     # The sensitivity table keeps the same metrics plus the cross-half ones (in table order).
     assert sensitivity.METRICS == [k for k in sensitivity.METRICS if k in OLD_SENSITIVITY] + CROSS_SENSITIVITY
     assert sorted(k for k in sensitivity.METRICS if k in OLD_SENSITIVITY) == sorted(OLD_SENSITIVITY)
@@ -64,8 +128,15 @@ def test_the_views_existing_users_read_are_unchanged_but_for_the_new_metric():
 
 
 def test_the_leaderboard_csv_keeps_its_columns(tmp_path):
-    record = {"method": "m", "entry": "e", "symmetry": "C1", "backend": "torch", "n_particles": 10.0,
-              **{k: 1.0 for k in leaderboard.COLUMNS}, "null_reasons": {}}
+    record = {
+        "method": "m",
+        "entry": "e",
+        "symmetry": "C1",
+        "backend": "torch",
+        "n_particles": 10.0,
+        **{k: 1.0 for k in leaderboard.COLUMNS},
+        "null_reasons": {},
+    }
     (tmp_path / "m.json").write_text(json.dumps(record))
     table = leaderboard.leaderboard_table([tmp_path / "m.json"], {("m", "e"): {"predict_seconds": 2.0}})
     old = ["method", "entry", "symmetry", "backend", "n_particles", *OLD_COLUMNS, "null_reasons", *OLD_TIMING]
@@ -73,8 +144,9 @@ def test_the_leaderboard_csv_keeps_its_columns(tmp_path):
     assert list(table.columns) == _insert_before(old, "shift_error_mean_A", CROSS_LEADERBOARD)
     assert table["predict_particles_per_s"].iloc[0] == 5.0
     summary = leaderboard.summary_table(table)
-    assert list(summary.columns) == ["method", "entries"] + [f"{c}_{s}" for c in leaderboard.SUMMARY_COLUMNS
-                                                            for s in ("mean", "std", "missing")]
+    assert list(summary.columns) == ["method", "entries"] + [
+        f"{c}_{s}" for c in leaderboard.SUMMARY_COLUMNS for s in ("mean", "std", "missing")
+    ]
     md = leaderboard.to_markdown(table, summary)
     assert "| method | entry | MAnE | wMAnE | PCC(GT,V) |" in md and "delta_cross_PCC" in md
 

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from cryopose.geometry import random_rotations, rotation_about_axis
-from cryopose.metrics import (angular_errors, compare_maps, fsc_curve, fsc_resolution, pearson_correlation,
-                              pose_error_summary, shift_errors)
+from cryopose.metrics import (
+    angular_errors,
+    compare_maps,
+    fsc_curve,
+    fsc_resolution,
+    pearson_correlation,
+    pose_error_summary,
+    shift_errors,
+)
 from cryopose.symmetry import symmetry_matrices
 
 
@@ -33,8 +40,9 @@ def test_angular_error_ignores_symmetry_mates(group):
     # ... but only for that group: C1 sees the mates as far apart.
     assert angular_errors(truth, mates, "C1")[torch.arange(50) % g.shape[0] != 0].min() > 60
     small = rotation_about_axis(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), 7.0)
-    assert torch.allclose(angular_errors(truth, small @ mates, group), torch.full((50,), 7.0, dtype=torch.float64),
-                          atol=1e-5)
+    assert torch.allclose(
+        angular_errors(truth, small @ mates, group), torch.full((50,), 7.0, dtype=torch.float64), atol=1e-5
+    )
 
 
 def test_angular_error_rejects_mismatched_shapes():
@@ -167,8 +175,14 @@ def test_compare_maps_masked_and_unmasked():
     assert cmp.masked_pcc == pytest.approx(1.0, abs=1e-9) and cmp.pcc < 0.8
     assert cmp.masked_resolution[0.143] == pytest.approx(3.0) and cmp.masked_fsc.min() > 0.999
     flat = cmp.as_dict("(GT,V)")
-    assert set(flat) == {"PCC(GT,V)", "FSCR0.143(GT,V)", "FSCR0.5(GT,V)", "masked_PCC(GT,V)",
-                         "masked_FSCR0.143(GT,V)", "masked_FSCR0.5(GT,V)"}
+    assert set(flat) == {
+        "PCC(GT,V)",
+        "FSCR0.143(GT,V)",
+        "FSCR0.5(GT,V)",
+        "masked_PCC(GT,V)",
+        "masked_FSCR0.143(GT,V)",
+        "masked_FSCR0.5(GT,V)",
+    }
     assert all(type(v) is float for v in flat.values())
     json.dumps(flat)
     with pytest.raises(ValueError, match="mask shape"):

@@ -3,11 +3,18 @@ import pytest
 import torch
 
 from cryopose.ctf import ctf_2d
-from cryopose.metrics import pearson_correlation
-from cryopose.preprocess import (PreprocessConfig, background_normalise, center_crop, fourier_resize,
-                                 fourier_resize_map, output_geometry, preprocess_images)
-from cryopose.simulate import pseudo_molecule, simulate_images
 from cryopose.geometry import random_rotations
+from cryopose.metrics import pearson_correlation
+from cryopose.preprocess import (
+    PreprocessConfig,
+    background_normalise,
+    center_crop,
+    fourier_resize,
+    fourier_resize_map,
+    output_geometry,
+    preprocess_images,
+)
+from cryopose.simulate import pseudo_molecule, simulate_images
 
 
 def test_background_normalise_uses_the_outside_of_the_circle():
@@ -38,10 +45,10 @@ def test_fourier_resize_keeps_centre_scale_and_width():
     s = 64
     c = torch.arange(s, dtype=torch.float64) - s // 2
     sigma = 4.0
-    blob = torch.exp(-(c[:, None] ** 2 + (c[None, :] - 6) ** 2) / (2 * sigma ** 2))[None]
+    blob = torch.exp(-(c[:, None] ** 2 + (c[None, :] - 6) ** 2) / (2 * sigma**2))[None]
     small = fourier_resize(blob, 32)  # pixel size doubles: sigma 2 px, offset 3 px
     c2 = torch.arange(32, dtype=torch.float64) - 16
-    expected = torch.exp(-(c2[:, None] ** 2 + (c2[None, :] - 3) ** 2) / (2 * 2.0 ** 2))
+    expected = torch.exp(-(c2[:, None] ** 2 + (c2[None, :] - 3) ** 2) / (2 * 2.0**2))
     assert torch.allclose(small[0], expected, atol=2e-3)
     assert torch.allclose(fourier_resize(torch.full((1, 10, 10), 2.5), 6), torch.full((1, 6, 6), 2.5), atol=1e-6)
     # Band-limited images survive up- then down-sampling exactly.

@@ -19,10 +19,18 @@ def test_every_public_name_resolves():
     from cryopose.methods import METHODS, Method, get_method
     from cryopose.predictions import load_predictions, write_predictions
 
-    expected = {"Entry": Entry, "ParticlesDataset": ParticlesDataset, "evaluate": evaluate,
-                "load_predictions": load_predictions, "write_predictions": write_predictions, "Method": Method,
-                "METHODS": METHODS, "get_method": get_method, "InputError": InputError,
-                "__version__": cryopose.__version__}
+    expected = {
+        "Entry": Entry,
+        "ParticlesDataset": ParticlesDataset,
+        "evaluate": evaluate,
+        "load_predictions": load_predictions,
+        "write_predictions": write_predictions,
+        "Method": Method,
+        "METHODS": METHODS,
+        "get_method": get_method,
+        "InputError": InputError,
+        "__version__": cryopose.__version__,
+    }
     assert sorted(cryopose.__all__) == sorted(expected)
     for name in cryopose.__all__:
         assert getattr(cryopose, name) is expected[name], name
@@ -37,16 +45,20 @@ def test_unknown_name_is_an_attribute_error():
 
 
 def test_import_does_not_import_torch():
-    run = _run("import sys, cryopose; assert 'torch' not in sys.modules, 'torch imported'; "
-               "assert not [m for m in sys.modules if m.startswith('cryopose.')], 'a submodule imported'")
+    run = _run(
+        "import sys, cryopose; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert not [m for m in sys.modules if m.startswith('cryopose.')], 'a submodule imported'"
+    )
     assert run.returncode == 0, run.stderr
 
 
 def test_evaluate_is_the_function_whatever_was_imported_first():
     """Importing the submodule ``cryopose.evaluate`` first must not make the package's ``evaluate``
     the module (Python sets a package's attribute to each submodule it imports)."""
-    run = _run("import cryopose.evaluate, cryopose; from cryopose.evaluate import ground_truth_maps; "
-               "from cryopose import evaluate; "
-               "assert callable(evaluate) and evaluate is cryopose.evaluate, evaluate; "
-               "assert evaluate.__module__ == 'cryopose.evaluate'")
+    run = _run(
+        "import cryopose.evaluate, cryopose; from cryopose.evaluate import ground_truth_maps; "
+        "from cryopose import evaluate; "
+        "assert callable(evaluate) and evaluate is cryopose.evaluate, evaluate; "
+        "assert evaluate.__module__ == 'cryopose.evaluate'"
+    )
     assert run.returncode == 0, run.stderr

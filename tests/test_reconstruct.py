@@ -12,20 +12,30 @@ from cryopose.reconstruct import RelionNotFound, compile_available, reconstruct,
 from cryopose.simulate import SimulationSpec, simulate_entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-FAST = dict(box_size=32, pixel_size=4.1, n_particles=1500, snr=5.0, bfactor=0.0, contrast_sigma=0.0,
-            shift_sigma=2.0, defocus_range=(1.0, 2.5))
+FAST = dict(
+    box_size=32,
+    pixel_size=4.1,
+    n_particles=1500,
+    snr=5.0,
+    bfactor=0.0,
+    contrast_sigma=0.0,
+    shift_sigma=2.0,
+    defocus_range=(1.0, 2.5),
+)
 
 
 @pytest.fixture(scope="module")
 def c1(tmp_path_factory):
-    return simulate_entry(SimulationSpec(name="rc1", symmetry="C1", seed=3, **FAST), tmp_path_factory.mktemp("b"),
-                          progress=False)
+    return simulate_entry(
+        SimulationSpec(name="rc1", symmetry="C1", seed=3, **FAST), tmp_path_factory.mktemp("b"), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
 def d2(tmp_path_factory):
-    return simulate_entry(SimulationSpec(name="rd2", symmetry="D2", seed=4, **FAST), tmp_path_factory.mktemp("b"),
-                          progress=False)
+    return simulate_entry(
+        SimulationSpec(name="rd2", symmetry="D2", seed=4, **FAST), tmp_path_factory.mktemp("b"), progress=False
+    )
 
 
 def _source(entry):

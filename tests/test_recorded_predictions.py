@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from cryopose import io
+from cryopose.entry import Entry
 from cryopose.methods import get_method
 from cryopose.methods.relion_refine.auto_refine import RelionRefineConfig, auto_refine_command, blind_particles
-from cryopose.refine import RefineConfig, refine_predictions
 from cryopose.reconstruct import write_half_map
+from cryopose.refine import RefineConfig, refine_predictions
 from cryopose.simulate import SimulationSpec, simulate_entry
-from cryopose.entry import Entry
 
 RECORDED = Path(__file__).parent / "data" / "recorded_predictions"
 PARAMS = json.loads((RECORDED / "params.json").read_text())
@@ -37,8 +37,15 @@ def predict_all(folder: Path) -> None:
         method.run_train(entry, 0, folder / f"{name}_model", params)
         method.run_predict(folder / f"{name}_model", entry, 1, folder / f"{name}.star", params)
     write_half_map(entry, 0, folder / "reference.mrc")
-    refine_predictions(entry, 1, RECORDED / "random.star", folder / "reference.mrc", folder / "random+refine.star",
-                       RefineConfig(local_rounds=2, local_device="cpu"), progress=False)
+    refine_predictions(
+        entry,
+        1,
+        RECORDED / "random.star",
+        folder / "reference.mrc",
+        folder / "random+refine.star",
+        RefineConfig(local_rounds=2, local_device="cpu"),
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +53,13 @@ def predicted(tmp_path_factory):
     """Run in a process of its own with one OpenMP thread, as the recording was: torch's
     set_num_threads alone leaves other summation orders (measured: confidences 1e-6 apart)."""
     folder = tmp_path_factory.mktemp("predicted")
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_recorded_predictions as t; " \
-           f"t.predict_all(t.Path({str(folder)!r}))"
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_recorded_predictions as t; "
+        f"t.predict_all(t.Path({str(folder)!r}))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return folder
 
@@ -68,8 +78,9 @@ def test_predictions_are_those_recorded_before_the_move(predicted, name):
 def test_relion_refine_runs_what_it_ran_before_the_move(tmp_path):
     """RELION's own run is not bit-reproducible (its random subsets and MPI order), so what is held
     fixed is everything cryopose gives it: the command line and the blind particles."""
-    cmd = auto_refine_command(RelionRefineConfig(ini_high_A=20.0), "start.star", "reference.mrc", "run/run", "C2",
-                              131.2)
+    cmd = auto_refine_command(
+        RelionRefineConfig(ini_high_A=20.0), "start.star", "reference.mrc", "run/run", "C2", 131.2
+    )
     assert cmd == json.loads((RECORDED / "relion_refine.command.json").read_text())
     blind_particles(_entry(tmp_path / "benchmark"), 1, tmp_path / "blind.star")
     got = io.read_particles_star(tmp_path / "blind.star").particles.drop(columns=["rlnImageName"])

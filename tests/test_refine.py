@@ -9,10 +9,10 @@ import pytest
 
 from cryopose import io
 from cryopose.cli import main
+from cryopose.entry import Entry
 from cryopose.evaluate import ground_truth_maps
 from cryopose.methods import get_method
 from cryopose.simulate import SimulationSpec, simulate_entry
-from cryopose.entry import Entry
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,29 @@ def test_library_and_workflow_refine_identically(entry, tmp_path):
     ground_truth_maps(entry, tmp_path / "gt", backend="torch", progress=False)
     reference, _ = io.read_map(tmp_path / "gt" / "GT_half0.mrc")
     assert (io.read_map(tmp_path / "model" / "reference.mrc")[0] == reference).all()  # the same map, bit for bit
-    assert main(["refine", "--entry", str(entry.root), "--half", "1", "--predictions", str(tmp_path / "base.star"),
-                 "--reference", str(tmp_path / "gt" / "GT_half0.mrc"), "--out", str(tmp_path / "workflow.star"),
-                 "--param", "local_rounds=2", "--param", "local_device=cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "refine",
+                "--entry",
+                str(entry.root),
+                "--half",
+                "1",
+                "--predictions",
+                str(tmp_path / "base.star"),
+                "--reference",
+                str(tmp_path / "gt" / "GT_half0.mrc"),
+                "--out",
+                str(tmp_path / "workflow.star"),
+                "--param",
+                "local_rounds=2",
+                "--param",
+                "local_device=cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
     library = io.read_particles_star(tmp_path / "library.star").particles
     workflow = io.read_particles_star(tmp_path / "workflow.star").particles
@@ -47,6 +67,24 @@ def test_library_and_workflow_refine_identically(entry, tmp_path):
 
 
 def test_refine_takes_only_the_refinement_parameters(entry, tmp_path, capsys):
-    assert main(["refine", "--entry", str(entry.root), "--half", "1", "--predictions", "p.star",
-                 "--reference", "r.mrc", "--out", str(tmp_path / "x.star"), "--param", "seed=3"]) == 2
+    assert (
+        main(
+            [
+                "refine",
+                "--entry",
+                str(entry.root),
+                "--half",
+                "1",
+                "--predictions",
+                "p.star",
+                "--reference",
+                "r.mrc",
+                "--out",
+                str(tmp_path / "x.star"),
+                "--param",
+                "seed=3",
+            ]
+        )
+        == 2
+    )
     assert "unknown parameter 'seed'" in capsys.readouterr().err

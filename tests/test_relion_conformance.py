@@ -8,7 +8,6 @@ simulator's projections are also compared image by image with ``relion_project``
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pytest
 import torch
 
 from cryopose import ctf as ctf_mod
-from cryopose.geometry import euler_to_matrix, matrix_to_euler
 from cryopose.entry import Entry, ParticleStar, read_map, read_particles_star, write_particles_star
+from cryopose.geometry import euler_to_matrix, matrix_to_euler
 from cryopose.metrics import fsc_curve, pearson_correlation
 from cryopose.simulate import SimulationSpec, simulate_entry, simulate_images
 from cryopose.symmetry import symmetry_matrices
@@ -60,8 +59,17 @@ def _poses(entry: Path) -> torch.Tensor:
 
 
 # High SNR, no B-factor envelope and wide shifts: conventions, not noise, decide the outcome.
-BASE = dict(box_size=64, pixel_size=2.37, n_particles=3000, snr=2.0, bfactor=0.0, shift_sigma=3.0,
-            contrast_sigma=0.0, defocus_range=(0.8, 2.5), astigmatism_max=0.15)
+BASE = dict(
+    box_size=64,
+    pixel_size=2.37,
+    n_particles=3000,
+    snr=2.0,
+    bfactor=0.0,
+    shift_sigma=3.0,
+    contrast_sigma=0.0,
+    defocus_range=(0.8, 2.5),
+    astigmatism_max=0.15,
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +163,17 @@ def test_simulated_projections_match_relion_project(asymmetric_entry, tmp_path):
     source, px = read_map(entry / "conf_c1_source_map.mrc")
     for use_ctf in (False, True):
         root = "proj_ctf" if use_ctf else "proj"
-        cmd = ["relion_project", "--i", str(entry / "conf_c1_source_map.mrc"), "--o", root,
-               "--ang", "subset.star", "--angpix", str(px)] + (["--ctf"] if use_ctf else [])
+        cmd = [
+            "relion_project",
+            "--i",
+            str(entry / "conf_c1_source_map.mrc"),
+            "--o",
+            root,
+            "--ang",
+            "subset.star",
+            "--angpix",
+            str(px),
+        ] + (["--ctf"] if use_ctf else [])
         _run(cmd, cwd=tmp_path)
         import mrcfile
 
@@ -167,10 +184,16 @@ def test_simulated_projections_match_relion_project(asymmetric_entry, tmp_path):
         shifts = -torch.tensor(parts[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()) / px
         n, d = len(parts), source.shape[0]
         if use_ctf:
-            ctf = ctf_mod.ctf_2d(torch.tensor(parts["rlnDefocusU"].to_numpy()),
-                                 torch.tensor(parts["rlnDefocusV"].to_numpy()),
-                                 torch.tensor(parts["rlnDefocusAngle"].to_numpy()),
-                                 300.0, 2.7, 0.1, px, d)
+            ctf = ctf_mod.ctf_2d(
+                torch.tensor(parts["rlnDefocusU"].to_numpy()),
+                torch.tensor(parts["rlnDefocusV"].to_numpy()),
+                torch.tensor(parts["rlnDefocusAngle"].to_numpy()),
+                300.0,
+                2.7,
+                0.1,
+                px,
+                d,
+            )
         else:
             ctf = torch.ones(n, d, d // 2 + 1, dtype=torch.float64)
         ours = simulate_images(torch.from_numpy(source), poses, shifts, ctf, torch.ones(n)).numpy()
@@ -179,4 +202,3 @@ def test_simulated_projections_match_relion_project(asymmetric_entry, tmp_path):
         # The images depend on the pose: a mismatched pairing must correlate clearly worse.
         shuffled = [pearson_correlation(a, b) for a, b in zip(ours, np.roll(relion, 1, axis=0))]
         assert np.median(shuffled) < 0.8
-

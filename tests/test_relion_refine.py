@@ -9,31 +9,41 @@ import starfile
 import torch
 
 from cryopose import io
-from cryopose.errors import InputError
-from cryopose.predictions import load_predictions
-from cryopose.methods import get_method, parse_params
-from cryopose.geometry import euler_to_matrix, matrix_to_euler
-from cryopose.metrics import angular_errors
-from cryopose.reconstruct import reconstruct_relion
-from cryopose.methods.relion_refine.auto_refine import RelionRefineConfig, auto_refine_command, blind_particles, relion_environment
-from cryopose.simulate import SimulationSpec, simulate_entry
 from cryopose.entry import Entry
+from cryopose.errors import InputError
+from cryopose.geometry import euler_to_matrix, matrix_to_euler
+from cryopose.methods import get_method, parse_params
+from cryopose.methods.relion_refine.auto_refine import (
+    RelionRefineConfig,
+    auto_refine_command,
+    blind_particles,
+    relion_environment,
+)
+from cryopose.metrics import angular_errors
+from cryopose.predictions import load_predictions
+from cryopose.reconstruct import reconstruct_relion
+from cryopose.simulate import SimulationSpec, simulate_entry
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 
 
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
-    spec = SimulationSpec(name="rr_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=2.0,
-                          seed=6)
+    spec = SimulationSpec(name="rr_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=2.0, seed=6)
     return Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
 
 
 def test_the_refined_half_is_blind(entry, tmp_path):
     names = blind_particles(entry, 1, tmp_path / "blind.star")
     blind = io.read_particles_star(tmp_path / "blind.star").particles
-    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnMaxValueProbDistribution"):
+    for col in (
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnMaxValueProbDistribution",
+    ):
         assert col not in blind.columns
     assert sorted(blind["rlnRandomSubset"].unique()) == [1, 2]
     assert all(n.split("@", 1)[1].startswith("/") for n in blind["rlnImageName"])
@@ -47,8 +57,14 @@ def test_command_and_parameters():
     cmd = auto_refine_command(config, "p.star", "ref.mrc", "run", "D2", 120.0)
     assert cmd[:3] == ["mpirun", "-np", "4"] and "relion_refine_mpi" in cmd
     text = " ".join(cmd)
-    for option in ("--auto_refine --split_random_halves", "--ini_high 35", "--sym D2", "--ctf",
-                   "--particle_diameter 120.0", "--firstiter_cc"):
+    for option in (
+        "--auto_refine --split_random_halves",
+        "--ini_high 35",
+        "--sym D2",
+        "--ctf",
+        "--particle_diameter 120.0",
+        "--firstiter_cc",
+    ):
         assert option in text
     with pytest.raises(InputError, match="mpi_processes must be >= 3"):
         method.settings({"mpi_processes": 2})
@@ -58,9 +74,13 @@ def test_command_and_parameters():
 
 def _median_error(entry: Entry, half: int, angles) -> float:
     truth = entry.read_star(half).particles[EULER].to_numpy()
-    return float(angular_errors(euler_to_matrix(torch.tensor(truth)),
-                                euler_to_matrix(torch.as_tensor(np.asarray(angles, dtype=np.float64))),
-                                entry.symmetry).median())
+    return float(
+        angular_errors(
+            euler_to_matrix(torch.tensor(truth)),
+            euler_to_matrix(torch.as_tensor(np.asarray(angles, dtype=np.float64))),
+            entry.symmetry,
+        ).median()
+    )
 
 
 def _local_refine_from(entry: Entry, reference, angles, work) -> tuple[float, float]:
@@ -70,13 +90,16 @@ def _local_refine_from(entry: Entry, reference, angles, work) -> tuple[float, fl
     names = blind_particles(entry, 1, work / "blind.star")
     blind = io.read_particles_star(work / "blind.star")
     truth = entry.read_star(1).particles
-    start = blind.particles.assign(**{c: np.asarray(angles)[:, i] for i, c in enumerate(EULER)},
-                                   rlnOriginXAngst=truth["rlnOriginXAngst"].to_numpy(),
-                                   rlnOriginYAngst=truth["rlnOriginYAngst"].to_numpy())
+    start = blind.particles.assign(
+        **{c: np.asarray(angles)[:, i] for i, c in enumerate(EULER)},
+        rlnOriginXAngst=truth["rlnOriginXAngst"].to_numpy(),
+        rlnOriginYAngst=truth["rlnOriginYAngst"].to_numpy(),
+    )
     io.write_particles_star(work / "start.star", io.ParticleStar(blind.optics, start))
     config = RelionRefineConfig(healpix_order=4, auto_local_healpix_order=4, offset_range_px=3, offset_step_px=1.5)
-    cmd = auto_refine_command(config, work / "start.star", reference, work / "run", "C1",
-                              0.9 * entry.box_size * entry.pixel_size)
+    cmd = auto_refine_command(
+        config, work / "start.star", reference, work / "run", "C1", 0.9 * entry.box_size * entry.pixel_size
+    )
     proc = subprocess.run(cmd, cwd=work, env=relion_environment(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     refined = io.read_particles_star(work / "run_data.star").particles

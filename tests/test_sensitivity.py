@@ -10,15 +10,22 @@ import torch
 
 from cryopose import io
 from cryopose.cli import main
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from cryopose.evaluate import evaluate
 from cryopose.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from cryopose.metric_table import metric
 from cryopose.metrics import angular_errors
-from cryopose.sensitivity import (METRICS, monotone_violations, parse_perturbation, perturb_angles, perturbation_name,
-                                  sensitivity_table, write_perturbed_predictions)
+from cryopose.sensitivity import (
+    METRICS,
+    monotone_violations,
+    parse_perturbation,
+    perturb_angles,
+    perturbation_name,
+    sensitivity_table,
+    write_perturbed_predictions,
+)
 from cryopose.simulate import SimulationSpec, simulate_entry
-from cryopose.entry import Entry
 
 
 def _gens():
@@ -69,8 +76,7 @@ def test_levels_are_nested():
 
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
-    spec = SimulationSpec(name="sens_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=1.0,
-                          seed=9)
+    spec = SimulationSpec(name="sens_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=200, snr=1.0, seed=9)
     return Entry(simulate_entry(spec, tmp_path_factory.mktemp("bench"), progress=False))
 
 
@@ -80,9 +86,12 @@ def test_predictions_keep_everything_but_the_angles(entry, tmp_path):
     assert list(pred["rlnImageName"]) == list(truth["rlnImageName"])
     for col in ("rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU"):
         np.testing.assert_array_equal(pred[col].to_numpy(), truth[col].to_numpy())
-    diff = pred[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy() - \
-        truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    diff = (
+        pred[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+        - truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
     assert np.abs(diff).max() <= 3 + 1e-9 and np.abs(diff).max() > 2.5
+
     # Seeded: the same call gives the same file; another half or seed another draw.
     def angles(path):  # (the files' headers carry the time of writing)
         return io.read_particles_star(path).particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
@@ -103,9 +112,18 @@ def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
     metrics = []
     for name in ("exact", "noise1", "noise3", "noise5", "random10", "random20", "random30"):
         preds = [write_perturbed_predictions(entry, h, name, tmp_path / name / f"half{h}.star") for h in (0, 1)]
-        evaluate(entry, preds[0], preds[1], prediction_type="SO3", use_pred_confidence=False,
-                 outdir=tmp_path / name, ground_truth_dir=tmp_path / "gt", plots=False, progress=False,
-                 method=f"perturbation:{name}")
+        evaluate(
+            entry,
+            preds[0],
+            preds[1],
+            prediction_type="SO3",
+            use_pred_confidence=False,
+            outdir=tmp_path / name,
+            ground_truth_dir=tmp_path / "gt",
+            plots=False,
+            progress=False,
+            method=f"perturbation:{name}",
+        )
         metrics.append(tmp_path / name / "metrics.json")
     table = sensitivity_table(metrics)
     assert len(table) == 8  # the exact evaluation is level 0 of both experiments
@@ -128,8 +146,9 @@ def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
     assert main(["sensitivity", *map(str, metrics), "--out", str(tmp_path / "sensitivity.csv")]) == 0
     assert "not monotone" not in capsys.readouterr().out
     written = pd.read_csv(tmp_path / "sensitivity.csv")
-    pd.testing.assert_frame_equal(written[["entry", "experiment", "level"]], table[["entry", "experiment", "level"]],
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        written[["entry", "experiment", "level"]], table[["entry", "experiment", "level"]], check_dtype=False
+    )
     assert "### uniform angular noise" in (tmp_path / "sensitivity.md").read_text()
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
     assert (tmp_path / "sensitivity_fsc.png").stat().st_size > 10_000
@@ -139,12 +158,23 @@ def test_a_non_monotone_table_is_reported():
     rows = []
     for lv, pcc, res in ((0, 0.99, 5.0), (1, 0.95, 4.99), (3, 0.96, 4.5), (5, 0.9505, 4.49)):
         row = {m: (0.9 if "PCC" in m else 6.0) for m in METRICS}
-        rows.append({**row, "entry": "e", "experiment": "noise", "level": lv, "unit": "±°", "MAnE": lv,
-                     "PCC(GT,V)": pcc, "FSCR0.5(V0,V1)": res})
+        rows.append(
+            {
+                **row,
+                "entry": "e",
+                "experiment": "noise",
+                "level": lv,
+                "unit": "±°",
+                "MAnE": lv,
+                "PCC(GT,V)": pcc,
+                "FSCR0.5(V0,V1)": res,
+            }
+        )
     # Within the tolerances (PCC + 0.0005, resolution 0.2 % finer) is noise, not a violation.
     assert sorted(monotone_violations(pd.DataFrame(rows))) == [
         "e, noise: FSCR0.5(V0,V1) goes from 4.99 at 1 to 4.5 at 3",
-        "e, noise: PCC(GT,V) goes from 0.95 at 1 to 0.96 at 3"]
+        "e, noise: PCC(GT,V) goes from 0.95 at 1 to 0.96 at 3",
+    ]
 
 
 def test_the_direction_of_each_metric_comes_from_the_table():
@@ -153,11 +183,22 @@ def test_the_direction_of_each_metric_comes_from_the_table():
     rows = []
     for lv, pcc, res in ((0, 0.80, 10.0), (1, 0.85, 9.0), (3, 0.70, 12.0)):
         row = {m: (0.9 if metric(m).unit == "" else 6.0) for m in METRICS}
-        rows.append({**row, "entry": "e", "experiment": "noise", "level": lv, "unit": "±°", "MAnE": lv,
-                     "cross_PCC": pcc, "masked_cross_FSCR0.5": res})
+        rows.append(
+            {
+                **row,
+                "entry": "e",
+                "experiment": "noise",
+                "level": lv,
+                "unit": "±°",
+                "MAnE": lv,
+                "cross_PCC": pcc,
+                "masked_cross_FSCR0.5": res,
+            }
+        )
     assert sorted(monotone_violations(pd.DataFrame(rows))) == [
         "e, noise: cross_PCC goes from 0.8 at 0 to 0.85 at 1",
-        "e, noise: masked_cross_FSCR0.5 goes from 10 at 0 to 9 at 1"]
+        "e, noise: masked_cross_FSCR0.5 goes from 10 at 0 to 9 at 1",
+    ]
 
 
 def test_the_table_refuses_other_methods_and_repeats(tmp_path):

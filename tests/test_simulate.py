@@ -8,12 +8,19 @@ import torch
 from scipy import ndimage
 
 from cryopose import cli, simulate
+from cryopose.entry import Entry, open_stack, read_images, write_map
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix
-from cryopose.entry import Entry, read_images, open_stack, write_map
 from cryopose.metrics import pearson_correlation
-from cryopose.simulate import (SUITES, SimulationSpec, map_from_model_file, map_from_mrc, pseudo_molecule,
-                               sample_poses, simulate_entry)
+from cryopose.simulate import (
+    SUITES,
+    SimulationSpec,
+    map_from_model_file,
+    map_from_mrc,
+    pseudo_molecule,
+    sample_poses,
+    simulate_entry,
+)
 from cryopose.symmetry import symmetry_matrices
 
 SMALL = dict(box_size=32, pixel_size=3.3, n_particles=40, snr=1.0)
@@ -52,7 +59,7 @@ def test_pseudo_molecule_is_compact_and_connected_like_a_protein():
     d = vol.shape[0]
     z, y, x = np.indices(vol.shape) - d // 2
     w = vol / vol.sum()
-    rg = np.sqrt((w * (x ** 2 + y ** 2 + z ** 2)).sum()) * 2.13
+    rg = np.sqrt((w * (x**2 + y**2 + z**2)).sum()) * 2.13
     diameter = 0.6 * 64 * 2.13
     assert 0.2 * diameter < rg < 0.45 * diameter, rg  # a filled globule, neither a point nor a shell
     binary = vol > 0.15 * vol.max()
@@ -80,7 +87,8 @@ def test_map_from_model_file_places_atoms(tmp_path):
     pdb.write_text(
         "ATOM      1  CA  ALA A   1      10.000   0.000   0.000  1.00 20.00           C\n"
         "ATOM      2  SG  CYS A   2     -10.000   0.000   0.000  1.00 20.00           S\n"
-        "END\n")
+        "END\n"
+    )
     vol = map_from_model_file(pdb, 32, 2.0)
     d = 32
     # Atoms are centred: C at x=+10 Å -> +5 px, S (heavier, Z=16) at x=-5 px from the box centre.
@@ -98,13 +106,13 @@ def test_map_from_model_file_errors(tmp_path):
 def test_map_from_mrc_resamples_to_pixel_size(tmp_path):
     d = 64
     z, y, x = np.indices((d, d, d)) - d // 2
-    blob = np.exp(-((x - 8) ** 2 + y ** 2 + z ** 2) / (2 * 3.0 ** 2)).astype(np.float32)  # 1 Å px
+    blob = np.exp(-((x - 8) ** 2 + y**2 + z**2) / (2 * 3.0**2)).astype(np.float32)  # 1 Å px
     write_map(tmp_path / "blob.mrc", blob, 1.0)
     out = map_from_mrc(tmp_path / "blob.mrc", 32, 2.0)
     peak = np.unravel_index(np.argmax(out), out.shape)
     assert peak == (16, 16, 16 + 4)  # 8 Å -> 4 pixels of 2 Å
     # Width in Å is kept: sigma 3 Å -> 1.5 px, so the value one pixel away is exp(-1/(2*1.5²)).
-    assert out[16, 16, 21] / out[16, 16, 20] == pytest.approx(np.exp(-1 / (2 * 1.5 ** 2)), rel=0.05)
+    assert out[16, 16, 21] / out[16, 16, 20] == pytest.approx(np.exp(-1 / (2 * 1.5**2)), rel=0.05)
 
 
 def test_simulate_entry_writes_the_cesped_layout(tmp_path):
@@ -128,8 +136,17 @@ def test_simulate_entry_writes_the_cesped_layout(tmp_path):
 
 
 def test_simulated_images_carry_the_signal_at_their_pose(tmp_path):
-    spec = SimulationSpec(name="hi", symmetry="C1", seed=2, box_size=32, pixel_size=3.3, n_particles=30,
-                          snr=1000.0, shift_sigma=0.0, contrast_sigma=0.0)
+    spec = SimulationSpec(
+        name="hi",
+        symmetry="C1",
+        seed=2,
+        box_size=32,
+        pixel_size=3.3,
+        n_particles=30,
+        snr=1000.0,
+        shift_sigma=0.0,
+        contrast_sigma=0.0,
+    )
     folder = simulate_entry(spec, tmp_path, progress=False)
     entry = Entry(folder)
     parts = entry.read_star(0).particles
@@ -181,14 +198,17 @@ def test_interrupted_simulation_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(symmetry="X7"), "X7"),
-    (dict(box_size=31), "box_size"),
-    (dict(pixel_size=0.0), "pixel_size"),
-    (dict(snr=-1.0), "snr"),
-    (dict(defocus_range=(2.0, 1.0)), "defocus_range"),
-    (dict(name="a/b"), "name"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(symmetry="X7"), "X7"),
+        (dict(box_size=31), "box_size"),
+        (dict(pixel_size=0.0), "pixel_size"),
+        (dict(snr=-1.0), "snr"),
+        (dict(defocus_range=(2.0, 1.0)), "defocus_range"),
+        (dict(name="a/b"), "name"),
+    ],
+)
 def test_bad_specs_are_rejected_with_the_field(change, message, tmp_path):
     spec = SimulationSpec(**{**dict(name="bad", **SMALL), **change})
     with pytest.raises(InputError, match=message):
@@ -212,11 +232,32 @@ def test_suites_cover_c1_cn_dn():
 
 
 def test_cli_simulate_and_info(tmp_path, capsys):
-    assert cli.main(["simulate", "--name", "cli1", "--symmetry", "C3", "--box-size", "32", "--pixel-size", "3",
-                     "--n-particles", "20", "--snr", "0.5", "--out", str(tmp_path), "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "simulate",
+                "--name",
+                "cli1",
+                "--symmetry",
+                "C3",
+                "--box-size",
+                "32",
+                "--pixel-size",
+                "3",
+                "--n-particles",
+                "20",
+                "--snr",
+                "0.5",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert cli.main(["info", str(tmp_path / "cli1")]) == 0
     out = capsys.readouterr().out
-    info = json.loads(out[out.index("{"):])
+    info = json.loads(out[out.index("{") :])
     assert info["symmetry"] == "C3" and info["particles"] == {"0": 20, "1": 20} and info["box_size"] == 32
 
 
@@ -227,14 +268,26 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 def test_molecule_seed_keeps_the_molecule_and_changes_the_particles(tmp_path):
     base = SimulationSpec(name="a", symmetry="C2", box_size=24, pixel_size=4.0, n_particles=8, snr=1.0, seed=5)
-    other = SimulationSpec(name="b", symmetry="C2", box_size=24, pixel_size=4.0, n_particles=8, snr=0.5, seed=6,
-                           molecule_seed=5, defocus_range=(2.0, 3.0))
-    a, b = simulate.simulate_entry(base, tmp_path, progress=False), simulate.simulate_entry(other, tmp_path,
-                                                                                              progress=False)
+    other = SimulationSpec(
+        name="b",
+        symmetry="C2",
+        box_size=24,
+        pixel_size=4.0,
+        n_particles=8,
+        snr=0.5,
+        seed=6,
+        molecule_seed=5,
+        defocus_range=(2.0, 3.0),
+    )
+    a, b = (
+        simulate.simulate_entry(base, tmp_path, progress=False),
+        simulate.simulate_entry(other, tmp_path, progress=False),
+    )
     map_a, map_b = (mrcfile.read(p / f"{p.name}_source_map.mrc") for p in (a, b))
     assert np.array_equal(map_a, map_b)
-    assert not np.array_equal(read_images(open_stack(a / "particles_0.mrcs"), [0]),
-                              read_images(open_stack(b / "particles_0.mrcs"), [0]))
+    assert not np.array_equal(
+        read_images(open_stack(a / "particles_0.mrcs"), [0]), read_images(open_stack(b / "particles_0.mrcs"), [0])
+    )
     # Without the key a spec is written as before, so existing entries stay valid.
     assert "molecule_seed" not in base.to_json() and other.to_json()["molecule_seed"] == 5
     assert SimulationSpec.from_dict(other.to_json()) == other

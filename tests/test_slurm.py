@@ -73,17 +73,25 @@ def test_tiny_workflow_through_slurm(slurm, tmp_path):
     # One GPU per network job; one thread per job, so that two jobs share the CI machine's 2 cores.
     (work / "config" / "gpu.yaml").write_text("devices:\n  train_gpus: 1\nthreads:\n  train: 1\n  reconstruct: 1\n")
     before = len(_jobs()) if JOBCOMP.exists() else 0
-    out = snakemake(work, "--profile", "slurm", "--configfile", "config/gpu.yaml",
-                    "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2", "--verbose",
-                    timeout=1800)
+    out = snakemake(
+        work,
+        "--profile",
+        "slurm",
+        "--configfile",
+        "config/gpu.yaml",
+        "--slurm-no-account",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--verbose",
+        timeout=1800,
+    )
     board = pd.read_csv(work / "results" / "leaderboard.csv")
     assert len(board) == 3 and board["MAnE"].notna().all()
     assert (work / "results" / "generalisation.csv").is_file()
     # Every job but `all` ran as a Slurm job and completed (the cluster's job-completion log).
     jobs = _jobs()[before:]
     dry_work = _workdir(tmp_path / "count")
-    use_tiny_subset(dry_work, ["tiny_c2"], ["ground_truth", "image2sphere", "image2sphere+refine"],
-                    generalisation=True)
+    use_tiny_subset(dry_work, ["tiny_c2"], ["ground_truth", "image2sphere", "image2sphere+refine"], generalisation=True)
     dry = snakemake(dry_work, "-n")
     expected = job_counts(dry.stdout + dry.stderr)["total"] - 1
     assert len(jobs) == expected, (len(jobs), expected)

@@ -16,12 +16,27 @@ from cryopose.symmetry import (
     group_order,
     parse_symmetry,
     symmetry_aware_angle,
-    symmetry_matrices,
     symmetry_mates,
+    symmetry_matrices,
 )
 
-GROUPS = {"C1": 1, "C2": 2, "C4": 4, "C7": 7, "D1": 2, "D2": 4, "D3": 6, "D5": 10,
-          "T": 12, "O": 24, "I": 60, "I1": 60, "I2": 60, "I3": 60, "I4": 60}
+GROUPS = {
+    "C1": 1,
+    "C2": 2,
+    "C4": 4,
+    "C7": 7,
+    "D1": 2,
+    "D2": 4,
+    "D3": 6,
+    "D5": 10,
+    "T": 12,
+    "O": 24,
+    "I": 60,
+    "I1": 60,
+    "I2": 60,
+    "I3": 60,
+    "I4": 60,
+}
 NON_TRIVIAL = ["C2", "C4", "D2", "D3", "T", "O", "I1", "I3"]
 
 
@@ -31,7 +46,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _match_counts(a: torch.Tensor, b: torch.Tensor, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For each matrix of a (b): how many matrices of b (a) equal it within atol."""
-    close = ((a[:, None] - b[None, :]).abs().amax(dim=(-1, -2)) < atol)
+    close = (a[:, None] - b[None, :]).abs().amax(dim=(-1, -2)) < atol
     return close.sum(dim=1), close.sum(dim=0)
 
 
@@ -45,16 +60,31 @@ def _min_angle_between_elements(g: torch.Tensor) -> float:
 # Names
 
 
-@pytest.mark.parametrize("raw, canonical", [
-    ("c1", "C1"), ("C1", "C1"), ("d2", "D2"), (" C12 ", "C12"), ("t", "T"), ("O", "O"),
-    ("I", "I2"), ("i", "I2"), ("i1", "I1"), ("I3", "I3"), ("I4", "I4"), ("D1", "D1"),
-])
+@pytest.mark.parametrize(
+    "raw, canonical",
+    [
+        ("c1", "C1"),
+        ("C1", "C1"),
+        ("d2", "D2"),
+        (" C12 ", "C12"),
+        ("t", "T"),
+        ("O", "O"),
+        ("I", "I2"),
+        ("i", "I2"),
+        ("i1", "I1"),
+        ("I3", "I3"),
+        ("I4", "I4"),
+        ("D1", "D1"),
+    ],
+)
 def test_parse_symmetry_normalises(raw, canonical):
     assert parse_symmetry(raw) == canonical
 
 
-@pytest.mark.parametrize("bad", ["X3", "C0", "D0", "", "Q", "I5", "I0", "C-1", "C1.5", "Cn", "C04",
-                                 "D2h", "C2v", "Oh", "Ih", "Td", "CI", None, 4])
+@pytest.mark.parametrize(
+    "bad",
+    ["X3", "C0", "D0", "", "Q", "I5", "I0", "C-1", "C1.5", "Cn", "C04", "D2h", "C2v", "Oh", "Ih", "Td", "CI", None, 4],
+)
 def test_bad_names_raise_input_error(bad):
     with pytest.raises(InputError, match="valid names"):
         parse_symmetry(bad)
@@ -109,8 +139,13 @@ def test_cyclic_and_dihedral_axes():
 
 def _relion_symmetry_ops(name: str, workdir) -> torch.Tensor:
     """Matrices printed by ``relion_refine --sym NAME --print_symmetry_ops`` (RELION 3.1)."""
-    proc = subprocess.run(["relion_refine", "--sym", name, "--print_symmetry_ops"], cwd=workdir,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["relion_refine", "--sym", name, "--print_symmetry_ops"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     text = proc.stdout + proc.stderr
     header = re.search(r"Using symmetry group (\S+), with the following (\d+) transformation matrices", text)
     assert header, f"unexpected relion_refine output:\n{text}"  # it exits 0 even on errors
@@ -184,8 +219,7 @@ def test_small_perturbation_of_a_mate_gives_the_perturbation_angle(name):
 def test_c1_equals_geodesic_angle():
     r_true = random_rotations(300, generator=_gen(3))
     r_pred = random_rotations(300, generator=_gen(4))
-    assert torch.allclose(symmetry_aware_angle(r_true, r_pred, "C1"), geodesic_angle(r_true, r_pred),
-                          atol=1e-9)
+    assert torch.allclose(symmetry_aware_angle(r_true, r_pred, "C1"), geodesic_angle(r_true, r_pred), atol=1e-9)
 
 
 @pytest.mark.parametrize("name", NON_TRIVIAL)
@@ -266,8 +300,8 @@ def test_canonical_mate_ties_go_to_lowest_group_index():
     # documented exception to invariance.
     z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     rz = lambda a: rotation_about_axis(z, float(a))  # noqa: E731
-    assert torch.allclose(canonical_mate(rz(45), "C4"), rz(45))     # g0 @ R = Rz(45), g3 @ R = Rz(-45)
-    assert torch.allclose(canonical_mate(rz(135), "C4"), rz(-45))   # g2 @ R = Rz(-45), g3 @ R = Rz(45)
-    assert torch.allclose(canonical_mate(rz(-45), "C4"), rz(-45))   # g0 @ R = Rz(-45), g1 @ R = Rz(45)
+    assert torch.allclose(canonical_mate(rz(45), "C4"), rz(45))  # g0 @ R = Rz(45), g3 @ R = Rz(-45)
+    assert torch.allclose(canonical_mate(rz(135), "C4"), rz(-45))  # g2 @ R = Rz(-45), g3 @ R = Rz(45)
+    assert torch.allclose(canonical_mate(rz(-45), "C4"), rz(-45))  # g0 @ R = Rz(-45), g1 @ R = Rz(45)
     # Away from ties the answer is unique: Rz(100) -> Rz(10).
     assert torch.allclose(canonical_mate(rz(100), "C4"), rz(10))

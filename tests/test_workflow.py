@@ -25,20 +25,30 @@ def _workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """Run Snakemake in ``workdir``; ``timeout`` (s) turns a run that never ends (a Slurm job that
     can never be scheduled stays pending for ever) into a failure instead of a hung CI."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
-def use_tiny_subset(work: Path, entries: list[str], methods: list[str], generalisation: bool = False,
-                    sensitivity: bool = False) -> None:
+def use_tiny_subset(
+    work: Path, entries: list[str], methods: list[str], generalisation: bool = False, sensitivity: bool = False
+) -> None:
     """Make a part of the tiny config the work copy's config.yaml (a --configfile would be merged
     key by key into the default's methods and experiments): the runs that test a mechanism
     (resuming, Slurm) need only the jobs that exercise it, not the whole tiny DAG again."""
@@ -84,8 +94,14 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     out = snakemake(work, "-n", "--configfile", f"config/{config.name}")
     counts = job_counts(out.stdout + out.stderr)
     s = e - len(real)
-    expected = {"ground_truth_maps": e, "train": 2 * e * t, "predict": 2 * e * t,
-                "evaluate": e * m, "leaderboard": 1, "all": 1}
+    expected = {
+        "ground_truth_maps": e,
+        "train": 2 * e * t,
+        "predict": 2 * e * t,
+        "evaluate": e * m,
+        "leaderboard": 1,
+        "all": 1,
+    }
     if v:
         expected["refine_predictions"] = 2 * e * v
     # The generalisation experiment: each transfer entry is simulated, preprocessed when a method
@@ -115,19 +131,33 @@ def test_dry_run_schedules_every_job(tmp_path, config):
     assert counts == expected, counts
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.replace("threads:", "threadz:"), "'threadz' was unexpected"),
-    (lambda c: c.replace("  random:", "  randm:"), "unknown method(s) randm"),
-    (lambda c: c.replace("backend: torch", "backend: cryosparc"), "cryosparc"),
-    (lambda c: c.replace("n_particles: 300", "n_particles: many", 1), "many"),
-    (lambda c: c.replace("    lmax: 3", "    lmaxx: 3"), "image2sphere: unknown parameter(s) lmaxx"),
-    (lambda c: c.replace("  random:\n    seed: 0\n", "").replace("  image2sphere+refine:", "  random+refine:"),
-     "random+refine refines the predictions of random, which is not in methods"),
-    (lambda c: c.replace("    local_rounds: 3", "    local_round: 3"), "image2sphere+refine: unknown parameter(s) local_round"),
-    (lambda c: c.replace("    trained_on: tiny_c2", "    trained_on: tiny_c9"), "trained_on 'tiny_c9' is not an entry"),
-    (lambda c: c.replace("  entries: [tiny_c1]", "  entries: [tiny_c7]"), "sensitivity: entries: tiny_c7 not in entries"),
-    (lambda c: c.replace("  random_percent: [10, 20, 30]", "  random_percent: [10, 120]"), "120"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.replace("threads:", "threadz:"), "'threadz' was unexpected"),
+        (lambda c: c.replace("  random:", "  randm:"), "unknown method(s) randm"),
+        (lambda c: c.replace("backend: torch", "backend: cryosparc"), "cryosparc"),
+        (lambda c: c.replace("n_particles: 300", "n_particles: many", 1), "many"),
+        (lambda c: c.replace("    lmax: 3", "    lmaxx: 3"), "image2sphere: unknown parameter(s) lmaxx"),
+        (
+            lambda c: c.replace("  random:\n    seed: 0\n", "").replace("  image2sphere+refine:", "  random+refine:"),
+            "random+refine refines the predictions of random, which is not in methods",
+        ),
+        (
+            lambda c: c.replace("    local_rounds: 3", "    local_round: 3"),
+            "image2sphere+refine: unknown parameter(s) local_round",
+        ),
+        (
+            lambda c: c.replace("    trained_on: tiny_c2", "    trained_on: tiny_c9"),
+            "trained_on 'tiny_c9' is not an entry",
+        ),
+        (
+            lambda c: c.replace("  entries: [tiny_c1]", "  entries: [tiny_c7]"),
+            "sensitivity: entries: tiny_c7 not in entries",
+        ),
+        (lambda c: c.replace("  random_percent: [10, 20, 30]", "  random_percent: [10, 120]"), "120"),
+    ],
+)
 def test_bad_config_fails_before_any_job(tmp_path, edit, message):
     work = _workdir(tmp_path)
     # The edited tiny config replaces the default one: a --configfile would be merged into it.
@@ -174,7 +204,9 @@ def test_tiny_workflow_end_to_end(tmp_path):
     # Projection matching and the refined variant predict shifts; the variant's time includes its base's.
     pm, ref = board[board.method == "projection_matching"], board[board.method == "image2sphere+refine"]
     assert (pm["MAnE"] < merged["MAnE_rnd"].min()).all() and pm["shift_error_mean_A"].notna().all()
-    assert ref["shift_error_mean_A"].notna().all() and board[board.method == "random"]["shift_error_mean_A"].isna().all()
+    assert (
+        ref["shift_error_mean_A"].notna().all() and board[board.method == "random"]["shift_error_mean_A"].isna().all()
+    )
     i2s_time = board[board.method == "image2sphere"].set_index("entry")
     assert (ref.set_index("entry")["predict_seconds"] > i2s_time["predict_seconds"]).all()
     assert (ref.set_index("entry")["train_seconds"] == i2s_time["train_seconds"]).all()
@@ -213,8 +245,13 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 1, "leaderboard": 1, "all": 1, "total": 3}
     (work / "results/evaluation/random/tiny_c2/metrics.json").unlink()
     dry = snakemake(work, "-n", "--configfile", "config/tiny.yaml")
-    assert job_counts(dry.stdout + dry.stderr) == {"evaluate": 2, "leaderboard": 1, "generalisation": 1, "all": 1,
-                                                   "total": 5}
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "evaluate": 2,
+        "leaderboard": 1,
+        "generalisation": 1,
+        "all": 1,
+        "total": 5,
+    }
     snakemake(work, "-c2", "--configfile", "config/tiny.yaml")
     assert (work / "results/evaluation/random/tiny_c2/metrics.json").is_file()
 
@@ -230,8 +267,15 @@ def test_preprocess_stage_is_wired(tmp_path):
     out = snakemake(_workdir(tmp_path), "-n", "results/preprocessed/tiny_c2", "--configfile", "config/tiny.yaml")
     assert job_counts(out.stdout + out.stderr) == {"simulate_entry": 1, "preprocess_entry": 1, "total": 2}
     assert "cryopose preprocess resources/benchmark/tiny_c2 --out results/preprocessed" in out.stdout + out.stderr
-    out = snakemake(_workdir(tmp_path / "b"), "-n", "-p", "results/predictions/image2sphere/tiny_c2/half0.star",
-                    "results/predictions/random/tiny_c2/half0.star", "--configfile", "config/tiny.yaml")
+    out = snakemake(
+        _workdir(tmp_path / "b"),
+        "-n",
+        "-p",
+        "results/predictions/image2sphere/tiny_c2/half0.star",
+        "results/predictions/random/tiny_c2/half0.star",
+        "--configfile",
+        "config/tiny.yaml",
+    )
     text = out.stdout + out.stderr
     assert "--method image2sphere --entry results/preprocessed/tiny_c2" in text
     assert "--method random --entry resources/benchmark/tiny_c2" in text
@@ -249,8 +293,14 @@ def test_interrupted_run_resumes(tmp_path):
     # Two entries and the two cheap methods: enough jobs left to interrupt and to resume.
     use_tiny_subset(work, ["tiny_c1", "tiny_c2"], ["ground_truth", "random"])
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "-c2"], cwd=work,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "-c2"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (work / "logs" / "evaluate").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -260,8 +310,10 @@ def test_interrupted_run_resumes(tmp_path):
     assert not (work / "results" / "leaderboard.csv").exists()
     # Snakemake may start an evaluation before every entry is simulated: compare only the entries
     # whose simulation had finished when the run was killed.
-    done = {p.parent.name: p.parent / "particles_0.mrcs"
-            for p in (work / "resources" / "benchmark").glob("*/simulation.json")}
+    done = {
+        p.parent.name: p.parent / "particles_0.mrcs"
+        for p in (work / "resources" / "benchmark").glob("*/simulation.json")
+    }
     assert done, "no simulation had finished"
     before = {name: stack.stat().st_mtime_ns for name, stack in done.items()}
     # A killed Snakemake leaves its lock behind: the documented recovery is --unlock, then rerun.
@@ -277,15 +329,25 @@ def test_interrupted_run_resumes(tmp_path):
 def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
     work = _workdir(tmp_path)
     cfg = work / "config" / "relion.yaml"
-    cfg.write_text((work / "config" / "tiny.yaml").read_text().replace(
-        'backend: torch\n  jobs: 1\n  relion_launcher: ""',
-        'backend: relion\n  jobs: 2\n  relion_launcher: "apptainer exec relion.sif"'))
+    cfg.write_text(
+        (work / "config" / "tiny.yaml")
+        .read_text()
+        .replace(
+            'backend: torch\n  jobs: 1\n  relion_launcher: ""',
+            'backend: relion\n  jobs: 2\n  relion_launcher: "apptainer exec relion.sif"',
+        )
+    )
     out = snakemake(work, "-n", "--configfile", "config/relion.yaml")
     text = out.stdout + out.stderr
-    commands = [line.split("cryopose", 1)[1] for line in text.splitlines()
-                if "cryopose ground-truth" in line or "cryopose evaluate" in line]
+    commands = [
+        line.split("cryopose", 1)[1]
+        for line in text.splitlines()
+        if "cryopose ground-truth" in line or "cryopose evaluate" in line
+    ]
     # Ground truth of 3 entries and the transfer entry; 5 methods × 3 entries; 4 trained methods on
     # the transfer entry; the sensitivity experiment's 7 evaluations of tiny_c1.
     assert len(commands) == 4 + 5 * 3 + 4 + 7
-    assert all("--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
-               for c in commands), commands
+    assert all(
+        "--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
+        for c in commands
+    ), commands

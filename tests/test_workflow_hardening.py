@@ -40,7 +40,7 @@ threads: {train: 1, reconstruct: 1}
 """
 
 # Every character a shell gives a meaning to that a path or a string may hold.
-NASTY = "it's a \"dir\" $(touch SENTINEL); `touch SENTINEL` é ü"
+NASTY = 'it\'s a "dir" $(touch SENTINEL); `touch SENTINEL` é ü'
 # The same for the benchmark folder, less whitespace, quotes and '#', which the image names of
 # STAR files cannot carry (the workflow refuses them: test_a_benchmark_dir_star_files_cannot_hold).
 # Unquoted, each of $(>SENTINEL), ;>SENTINEL and `>SENTINEL` creates the file without a space.
@@ -62,24 +62,36 @@ def _dry_run_fails(tmp_path: Path, config: str, *args: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("old, new, words", [
-    ("symmetry: C1", "symmetry: X9", ["h_c1", "symmetry", "X9", "C<n>"]),
-    ("symmetry: C1", "symmetry: C0", ["h_c1", "symmetry", "C0", "C<n>"]),
-    ("symmetry: C1", "symmetry: I5", ["h_c1", "symmetry", "I5", "C<n>"]),
-    ("box_size: 24", "box_size: 25", ["h_c1", "box_size", "25", "even"]),
-    ("box_size: 24", "box_size: 10", ["box_size", "10", "16"]),
-    ("amplitude_contrast: 0.1", "amplitude_contrast: 1", ["amplitude_contrast", "1", "maximum"]),
-    ("defocus_range: [0.5, 2.5]", "defocus_range: [2.5, 0.5]", ["h_c1", "defocus_range", "low <= high"]),
-    ("seed: 7", "seed: 7\n      source: maps/none.mrc", ["h_c1", "source", "maps/none.mrc", "not found"]),
-    ("    seed: 0\n", "    seed: abc\n", ["random", "seed", "'abc'", "integer"]),
-    ("    seed: 0\n", "    seed: 1.5\n", ["random", "seed", "1.5", "integer"]),
-    ("  ground_truth: {}\n", "  ground_truth: {}\n  projection_matching: {rounds: many}\n",
-     ["projection_matching", "rounds", "'many'", "integer"]),
-    ("  ground_truth: {}\n", "  ground_truth: {}\n  projection_matching: {max_shift: -2}\n",
-     ["projection_matching", "max_shift", "-2"]),
-    ("  ground_truth: {}\n", "  ground_truth: {}\n  image2sphere: {augment: 1}\n",
-     ["image2sphere", "augment", "1", "true or false"]),
-])
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ("symmetry: C1", "symmetry: X9", ["h_c1", "symmetry", "X9", "C<n>"]),
+        ("symmetry: C1", "symmetry: C0", ["h_c1", "symmetry", "C0", "C<n>"]),
+        ("symmetry: C1", "symmetry: I5", ["h_c1", "symmetry", "I5", "C<n>"]),
+        ("box_size: 24", "box_size: 25", ["h_c1", "box_size", "25", "even"]),
+        ("box_size: 24", "box_size: 10", ["box_size", "10", "16"]),
+        ("amplitude_contrast: 0.1", "amplitude_contrast: 1", ["amplitude_contrast", "1", "maximum"]),
+        ("defocus_range: [0.5, 2.5]", "defocus_range: [2.5, 0.5]", ["h_c1", "defocus_range", "low <= high"]),
+        ("seed: 7", "seed: 7\n      source: maps/none.mrc", ["h_c1", "source", "maps/none.mrc", "not found"]),
+        ("    seed: 0\n", "    seed: abc\n", ["random", "seed", "'abc'", "integer"]),
+        ("    seed: 0\n", "    seed: 1.5\n", ["random", "seed", "1.5", "integer"]),
+        (
+            "  ground_truth: {}\n",
+            "  ground_truth: {}\n  projection_matching: {rounds: many}\n",
+            ["projection_matching", "rounds", "'many'", "integer"],
+        ),
+        (
+            "  ground_truth: {}\n",
+            "  ground_truth: {}\n  projection_matching: {max_shift: -2}\n",
+            ["projection_matching", "max_shift", "-2"],
+        ),
+        (
+            "  ground_truth: {}\n",
+            "  ground_truth: {}\n  image2sphere: {augment: 1}\n",
+            ["image2sphere", "augment", "1", "true or false"],
+        ),
+    ],
+)
 def test_an_impossible_value_fails_the_dry_run(tmp_path, old, new, words):
     assert old in BASE
     text = _dry_run_fails(tmp_path, BASE.replace(old, new, 1))
@@ -117,12 +129,13 @@ def _nasty_config(work: Path) -> tuple[str, str, str]:
     source = f"maps {NASTY}/map {NASTY}.mrc"
     (work / source).parent.mkdir(parents=True)
     z, y, x = np.mgrid[:24, :24, :24] - 12.0
-    blob = np.exp(-((x - 3) ** 2 + y ** 2 + (z + 2) ** 2) / 8) + np.exp(-((x + 3) ** 2 + (y - 2) ** 2 + z ** 2) / 6)
+    blob = np.exp(-((x - 3) ** 2 + y**2 + (z + 2) ** 2) / 8) + np.exp(-((x + 3) ** 2 + (y - 2) ** 2 + z**2) / 6)
     with mrcfile.new(work / source) as mrc:
         mrc.set_data(blob.astype(np.float32))
         mrc.voxel_size = 4.0
-    config = (BASE.replace("benchmark_dir: resources/benchmark", f"benchmark_dir: {json.dumps(bench)}")
-              .replace("      seed: 7\n", f"      seed: 7\n      source: {json.dumps(source)}\n"))
+    config = BASE.replace("benchmark_dir: resources/benchmark", f"benchmark_dir: {json.dumps(bench)}").replace(
+        "      seed: 7\n", f"      seed: 7\n      source: {json.dumps(source)}\n"
+    )
     return config, bench, source
 
 
@@ -131,14 +144,14 @@ def test_a_benchmark_dir_star_files_cannot_hold_fails_the_dry_run(tmp_path):
     run stops before any job, naming the key, the characters and why."""
     config = BASE.replace("benchmark_dir: resources/benchmark", f"benchmark_dir: {json.dumps('bench ' + NASTY)}")
     text = _dry_run_fails(tmp_path, config)
-    assert "benchmark_dir" in text and "whitespace, quotes or '#'" in text and "\"'\"" in text, text[-3000:]
+    assert "benchmark_dir" in text and "whitespace, quotes or '#'" in text and '"\'"' in text, text[-3000:]
     assert not _sentinels(tmp_path)
 
 
 def _commands(text: str) -> list[list[str]]:
     """The shell commands a dry run with -p prints, split the way a POSIX shell splits them."""
     prefix = "Shell command: "
-    return [shlex.split(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
+    return [shlex.split(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
 
 
 def _after(argv: list[str], option: str) -> list[str]:
@@ -149,9 +162,12 @@ def test_nasty_strings_reach_every_command_as_one_argument(tmp_path):
     work = _workdir(tmp_path / "w")
     config, bench, source = _nasty_config(work)
     # Dry run only: string parameters of the methods that take them, and a RELION launcher.
-    config = config.replace("  ground_truth: {}\n", "  ground_truth: {}\n  relion_refine:\n"
-                            f"    extra_args: {json.dumps(NASTY)}\n    launcher: {json.dumps(NASTY)}\n"
-                            f"  image2sphere:\n    encoder_weights: {json.dumps(NASTY + '.pt')}\n")
+    config = config.replace(
+        "  ground_truth: {}\n",
+        "  ground_truth: {}\n  relion_refine:\n"
+        f"    extra_args: {json.dumps(NASTY)}\n    launcher: {json.dumps(NASTY)}\n"
+        f"  image2sphere:\n    encoder_weights: {json.dumps(NASTY + '.pt')}\n",
+    )
     config += f"reconstruction: {{backend: relion, jobs: 1, relion_launcher: {json.dumps(NASTY)}}}\n"
     (work / "config" / "config.yaml").write_text(config)
     out = snakemake(work, "-n", "-p")
@@ -173,8 +189,7 @@ def test_nasty_strings_reach_every_command_as_one_argument(tmp_path):
         params = dict(p.split("=", 1) for p in _after(c, "--param"))
         assert json.loads(params["extra_args"]) == NASTY and json.loads(params["launcher"]) == NASTY
     i2s = [c for c in trained if _after(c, "--method") == ["image2sphere"]]
-    assert len(i2s) == 4 and all(_after(c, "--param") == [f"encoder_weights={json.dumps(NASTY + '.pt')}"]
-                                 for c in i2s)
+    assert len(i2s) == 4 and all(_after(c, "--param") == [f"encoder_weights={json.dumps(NASTY + '.pt')}"] for c in i2s)
     assert not _sentinels(tmp_path)
 
 
@@ -197,6 +212,16 @@ def test_a_quoted_relion_launcher_keeps_its_arguments_whole():
     space stays one argument (str.split would cut it in two)."""
     from cryopose.cli import _reconstruct_options, build_parser
 
-    args = build_parser().parse_args(["ground-truth", "e", "--out", "o", "--backend", "relion",
-                                      "--relion-launcher", "apptainer exec '/images/my images/relion.sif'"])
+    args = build_parser().parse_args(
+        [
+            "ground-truth",
+            "e",
+            "--out",
+            "o",
+            "--backend",
+            "relion",
+            "--relion-launcher",
+            "apptainer exec '/images/my images/relion.sif'",
+        ]
+    )
     assert _reconstruct_options(args)["launcher"] == ["apptainer", "exec", "/images/my images/relion.sif"]

@@ -18,8 +18,14 @@ def _jobs(output: str) -> list[dict]:
         wildcards = dict(re.findall(r"(\w+)=([^,\s]+)", (re.search(r"wildcards: (.*)", block) or [""])[0]))
         threads = re.search(r"threads: (\d+)", block)
         resources = dict(re.findall(r"(\w+)=([^,\s]+)", (re.search(r"resources: (.*)", block) or [""])[0]))
-        jobs.append({"rule": rule.group(1), "wildcards": wildcards, "threads": int(threads.group(1)) if threads else 1,
-                     "resources": resources})
+        jobs.append(
+            {
+                "rule": rule.group(1),
+                "wildcards": wildcards,
+                "threads": int(threads.group(1)) if threads else 1,
+                "resources": resources,
+            }
+        )
     return jobs
 
 

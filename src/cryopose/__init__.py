@@ -43,8 +43,18 @@ _EXPORTS = {
     "InputError": "cryopose.errors",
 }
 
-__all__ = ["Entry", "ParticlesDataset", "evaluate", "load_predictions", "write_predictions", "Method", "METHODS",
-           "get_method", "InputError", "__version__"]
+__all__ = [
+    "Entry",
+    "ParticlesDataset",
+    "evaluate",
+    "load_predictions",
+    "write_predictions",
+    "Method",
+    "METHODS",
+    "get_method",
+    "InputError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load lazily (__getattr__)
     from .data import ParticlesDataset

@@ -91,15 +91,16 @@ def rotate90_about_centre(images: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(images, -k, dims=(-2, -1))
 
 
-def affine_about_centre(images: torch.Tensor, angle_deg: torch.Tensor, shift_px: torch.Tensor,
-                        zoom: torch.Tensor) -> torch.Tensor:
+def affine_about_centre(
+    images: torch.Tensor, angle_deg: torch.Tensor, shift_px: torch.Tensor, zoom: torch.Tensor
+) -> torch.Tensor:
     """``I'(p) = I(A⁻¹(p − t))`` with ``A = zoom·Q(angle)`` about pixel ``S//2``, bilinear, zeros outside.
 
     Args:
         images: ``(B, S, S)``.
         angle_deg, zoom: ``(B,)``. shift_px: ``(B, 2)`` (x, y) in pixels.
     """
-    b, s = images.shape[0], images.shape[-1]
+    s = images.shape[-1]
     dev = images.device
     c = s // 2
     coords = torch.arange(s, dtype=torch.float64, device=dev) - c
@@ -108,8 +109,9 @@ def affine_about_centre(images: torch.Tensor, angle_deg: torch.Tensor, shift_px:
     inv = _rot2d(-angle_deg.to(dev)) / zoom.to(dev, torch.float64)[:, None, None]  # A⁻¹
     q = torch.einsum("bij,bhwj->bhwi", inv, p[None] - shift_px.to(dev, torch.float64)[:, None, None, :])
     grid = (2 * (q + c) + 1) / s - 1  # align_corners=False: pixel centres at (2i+1)/S − 1
-    return F.grid_sample(images[:, None].float(), grid.float(), mode="bilinear", padding_mode="zeros",
-                         align_corners=False)[:, 0].to(images.dtype)
+    return F.grid_sample(
+        images[:, None].float(), grid.float(), mode="bilinear", padding_mode="zeros", align_corners=False
+    )[:, 0].to(images.dtype)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -117,13 +119,18 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     ky = torch.fft.fftfreq(s, device=images.device)
     kx = torch.fft.rfftfreq(s, device=images.device)
     k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-    kernel = torch.exp(-2 * math.pi ** 2 * sigma.float()[:, None, None] ** 2 * k2)
+    kernel = torch.exp(-2 * math.pi**2 * sigma.float()[:, None, None] ** 2 * k2)
     return torch.fft.irfft2(torch.fft.rfft2(images.float()) * kernel, s=(s, s)).to(images.dtype)
 
 
-def augment_batch(images: torch.Tensor, rotmats: torch.Tensor, shifts_angstrom: torch.Tensor, pixel_size: float,
-                  config: AugmentConfig = AugmentConfig(),
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment_batch(
+    images: torch.Tensor,
+    rotmats: torch.Tensor,
+    shifts_angstrom: torch.Tensor,
+    pixel_size: float,
+    config: AugmentConfig = AugmentConfig(),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Augment a batch and update its labels so they stay true.
 
     Args:
@@ -160,8 +167,11 @@ def augment_batch(images: torch.Tensor, rotmats: torch.Tensor, shifts_angstrom: 
     # Small rotation, shift and zoom in one interpolation.
     do_rot, do_shift, do_zoom = u() < config.rotation_prob, u() < config.shift_prob, u() < config.zoom_prob
     angle = torch.where(do_rot, (2 * u() - 1) * config.rotation_deg, torch.zeros(b, dtype=torch.float64))
-    t = torch.where(do_shift[:, None], (2 * torch.rand(b, 2, generator=generator, dtype=torch.float64) - 1)
-                    * config.shift_fraction * s, torch.zeros(b, 2, dtype=torch.float64))
+    t = torch.where(
+        do_shift[:, None],
+        (2 * torch.rand(b, 2, generator=generator, dtype=torch.float64) - 1) * config.shift_fraction * s,
+        torch.zeros(b, 2, dtype=torch.float64),
+    )
     zoom = torch.where(do_zoom, 1 + u() * config.zoom_fraction, torch.ones(b, dtype=torch.float64))
     sel = do_rot | do_shift | do_zoom
     if sel.any():
@@ -189,6 +199,6 @@ def augment_batch(images: torch.Tensor, rotmats: torch.Tensor, shifts_angstrom: 
         h = max(1, min(s, int(round(math.sqrt(area * aspect)))))
         w = max(1, min(s, int(round(math.sqrt(area / aspect)))))
         y0, x0 = int(u(1) * (s - h + 1)), int(u(1) * (s - w + 1))
-        out[i, y0:y0 + h, x0:x0 + w] = 0
+        out[i, y0 : y0 + h, x0 : x0 + w] = 0
 
     return out, r.to(rotmats.dtype), (-disp * pixel_size).to(shifts_angstrom.dtype)

@@ -19,8 +19,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.list_suites:
         for suite, specs in SUITES.items():
             for s in specs:
-                print(f"{suite}\t{s.name}\t{s.symmetry}\tbox {s.box_size}\t{s.pixel_size} Å/px\t"
-                      f"{s.n_particles} particles/half\tSNR {s.snr}")
+                print(
+                    f"{suite}\t{s.name}\t{s.symmetry}\tbox {s.box_size}\t{s.pixel_size} Å/px\t"
+                    f"{s.n_particles} particles/half\tSNR {s.snr}"
+                )
         return 0
     if args.spec:
         path = Path(args.spec)
@@ -29,8 +31,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as err:
             raise InputError(f"not UTF-8 text ({err})", path=path) from err
         except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
-                             path=path) from err
+            raise InputError(f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", path=path) from err
         # Every spec is judged before the first entry is written; a list's specs are named by index.
         items = list(enumerate(data)) if isinstance(data, list) else [(None, data)]
         specs = [SimulationSpec.from_dict(d, path=path, where=None if i is None else f"[{i}]") for i, d in items]
@@ -38,17 +39,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         paths = [simulate_entry(s, args.out, overwrite=args.overwrite, progress=not args.quiet) for s in specs]
     elif args.name:
         spec = SimulationSpec(
-            name=args.name, symmetry=args.symmetry, box_size=args.box_size, pixel_size=args.pixel_size,
-            n_particles=args.n_particles, snr=args.snr, seed=args.seed, source=args.source,
-            preferred_fraction=args.preferred_fraction)
+            name=args.name,
+            symmetry=args.symmetry,
+            box_size=args.box_size,
+            pixel_size=args.pixel_size,
+            n_particles=args.n_particles,
+            snr=args.snr,
+            seed=args.seed,
+            source=args.source,
+            preferred_fraction=args.preferred_fraction,
+        )
         _refuse_simulating_over_inputs(args, [spec])
         paths = [simulate_entry(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)]
     else:
         # An unknown suite or entry is left to simulate_suite's message.
-        _refuse_simulating_over_inputs(args, [s for s in SUITES.get(args.suite, ())
-                                              if not args.entries or s.name in args.entries])
-        paths = simulate_suite(args.suite, args.out, entries=args.entries, overwrite=args.overwrite,
-                               progress=not args.quiet)
+        _refuse_simulating_over_inputs(
+            args, [s for s in SUITES.get(args.suite, ()) if not args.entries or s.name in args.entries]
+        )
+        paths = simulate_suite(
+            args.suite, args.out, entries=args.entries, overwrite=args.overwrite, progress=not args.quiet
+        )
     for p in paths:
         print(p)
     return 0
@@ -57,9 +67,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _refuse_simulating_over_inputs(args: argparse.Namespace, specs) -> None:
     """Each spec's entry ``OUT/<name>`` may replace an earlier simulation (--overwrite decides),
     but not lie inside an entry, hold one, or hold the spec file or source map it is made from."""
-    refuse_overwriting_inputs({"--out": [Path(args.out) / s.name for s in specs]},
-                              {"--spec": args.spec, "--source": [s.source for s in specs if s.source != "pseudo"]},
-                              builds_entries=True)
+    refuse_overwriting_inputs(
+        {"--out": [Path(args.out) / s.name for s in specs]},
+        {"--spec": args.spec, "--source": [s.source for s in specs if s.source != "pseudo"]},
+        builds_entries=True,
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -86,10 +98,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     entry = resolve_entry(args.entry, args.benchmark_dir)
     # The copy replaces OUT/<name> whole: an earlier copy, never the entry itself or a folder holding it.
     refuse_overwriting_inputs({"--out": Path(args.out) / entry.name}, {"entry": entry.root}, builds_entries=True)
-    out = write_preprocessed_entry(entry, args.out, image_size=args.image_size, crop_fraction=args.crop_fraction,
-                                   normalise=not args.no_normalise, ctf_correction=ctf,
-                                   wiener_constant=args.wiener_constant, benchmark_dir=args.benchmark_dir,
-                                   progress=not args.quiet)
+    out = write_preprocessed_entry(
+        entry,
+        args.out,
+        image_size=args.image_size,
+        crop_fraction=args.crop_fraction,
+        normalise=not args.no_normalise,
+        ctf_correction=ctf,
+        wiener_constant=args.wiener_constant,
+        benchmark_dir=args.benchmark_dir,
+        progress=not args.quiet,
+    )
     print(out)
     return 0
 
@@ -120,16 +139,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # predictions (sensitivity, generalisation), which is safe while no written file is one of them.
     gt_dir = args.ground_truth_dir or (Path(args.out) / "ground_truth" if args.out else None)
     refuse_overwriting_inputs(
-        {"--out": [Path(args.out) / n for n in evaluation_files(not args.no_plots)] if args.out else None,
-         "--ground-truth-dir": [Path(gt_dir) / n for n in GROUND_TRUTH_FILES] if gt_dir else None},
-        {"entry": entry.root, "--half0": args.half0, "--half1": args.half1})
+        {
+            "--out": [Path(args.out) / n for n in evaluation_files(not args.no_plots)] if args.out else None,
+            "--ground-truth-dir": [Path(gt_dir) / n for n in GROUND_TRUTH_FILES] if gt_dir else None,
+        },
+        {"entry": entry.root, "--half0": args.half0, "--half1": args.half1},
+    )
     options = _reconstruct_options(args)
-    result = evaluate(entry, args.half0, args.half1, prediction_type=args.prediction_type, backend=args.backend,
-                      use_pred_confidence=not args.no_pred_confidence, outdir=args.out,
-                      ground_truth_dir=args.ground_truth_dir, plots=not args.no_plots, progress=not args.quiet,
-                      jobs=args.jobs, method=args.method, trained_on=args.trained_on, **options)
+    result = evaluate(
+        entry,
+        args.half0,
+        args.half1,
+        prediction_type=args.prediction_type,
+        backend=args.backend,
+        use_pred_confidence=not args.no_pred_confidence,
+        outdir=args.out,
+        ground_truth_dir=args.ground_truth_dir,
+        plots=not args.no_plots,
+        progress=not args.quiet,
+        jobs=args.jobs,
+        method=args.method,
+        trained_on=args.trained_on,
+        **options,
+    )
     m = result.metrics
-    print(f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})")
+    print(
+        f"{m['entry']} ({m['symmetry']}, {m['prediction_type']}, backend {m['backend']}, mask from {m['mask_source']})"
+    )
     reasons = m.get("null_reasons") or {}
     for row in rows("printed"):  # the metrics, labels and units of cryopose.metric_table
         if row.key not in m:
@@ -150,8 +186,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     entry = _entry(args)
     refuse_overwriting_inputs({"--out": args.out, "--work-dir": args.work_dir}, {"--entry": entry.root})
     entry.validate()
-    method.run_train(entry, args.half, Path(args.out), parse_params(method, args.param),
-                     Path(args.work_dir) if args.work_dir else None)
+    method.run_train(
+        entry,
+        args.half,
+        Path(args.out),
+        parse_params(method, args.param),
+        Path(args.work_dir) if args.work_dir else None,
+    )
     print(args.out)
     return 0
 
@@ -163,8 +204,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     entry = _entry(args)
     refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--model": args.model})
     entry.validate()
-    method.run_predict(Path(args.model), entry, args.half, Path(args.out), parse_params(method, args.param),
-                       transfer=args.transfer)
+    method.run_predict(
+        Path(args.model), entry, args.half, Path(args.out), parse_params(method, args.param), transfer=args.transfer
+    )
     print(args.out)
     return 0
 
@@ -174,12 +216,14 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from .refine import RefineConfig, refine_predictions
 
     entry = _entry(args)
-    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--predictions": args.predictions,
-                                                    "--reference": args.reference})
+    refuse_overwriting_inputs(
+        {"--out": args.out}, {"--entry": entry.root, "--predictions": args.predictions, "--reference": args.reference}
+    )
     entry.validate()
     config = parameters.build(RefineConfig, parameters.parse_pairs(RefineConfig, args.param))
-    refine_predictions(entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config,
-                       progress=not args.quiet)
+    refine_predictions(
+        entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config, progress=not args.quiet
+    )
     print(args.out)
     return 0
 
@@ -198,21 +242,38 @@ def _cmd_ground_truth(args: argparse.Namespace) -> int:
     # The cache is published by replacing the whole folder: the folder is the output.
     refuse_overwriting_inputs({"--out": Path(args.out)}, {"entry": entry.root})
     entry.validate()
-    ground_truth_maps(entry, Path(args.out), backend=args.backend, progress=not args.quiet, jobs=args.jobs,
-                      **_reconstruct_options(args))
+    ground_truth_maps(
+        entry,
+        Path(args.out),
+        backend=args.backend,
+        progress=not args.quiet,
+        jobs=args.jobs,
+        **_reconstruct_options(args),
+    )
     print(args.out)
     return 0
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import (leaderboard_paths, leaderboard_table, summary_table, timings_from_benchmarks,
-                              to_markdown, write_leaderboard)
+    from .leaderboard import (
+        leaderboard_paths,
+        leaderboard_table,
+        summary_table,
+        timings_from_benchmarks,
+        to_markdown,
+        write_leaderboard,
+    )
 
-    refuse_overwriting_inputs({"--out": leaderboard_paths(args.out)},
-                              {"metrics": args.metrics, **{f"--{kind}-benchmarks": getattr(args, f"{kind}_benchmarks")
-                                                           for kind in ("train", "predict", "refine")}})
-    timings = timings_from_benchmarks({kind: getattr(args, f"{kind}_benchmarks") or []
-                                       for kind in ("train", "predict", "refine")})
+    refuse_overwriting_inputs(
+        {"--out": leaderboard_paths(args.out)},
+        {
+            "metrics": args.metrics,
+            **{f"--{kind}-benchmarks": getattr(args, f"{kind}_benchmarks") for kind in ("train", "predict", "refine")},
+        },
+    )
+    timings = timings_from_benchmarks(
+        {kind: getattr(args, f"{kind}_benchmarks") or [] for kind in ("train", "predict", "refine")}
+    )
     table = leaderboard_table(args.metrics, timings)
     write_leaderboard(table, args.out)
     print(to_markdown(table, summary_table(table)))
@@ -230,11 +291,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
         raise InputError("name the entries to download (or --list them)", where="entries")
     # OUT/<name> may be kept or built (an entry already there is kept); an unknown name is
     # download_entry's to name.
-    refuse_overwriting_inputs({"--out": [Path(args.out) / n for n in args.entries if n in CESPED_RECORDS]}, {},
-                              builds_entries=True)
+    refuse_overwriting_inputs(
+        {"--out": [Path(args.out) / n for n in args.entries if n in CESPED_RECORDS]}, {}, builds_entries=True
+    )
     for name in args.entries:
-        print(download_entry(name, Path(args.out), base_url=args.base_url, retries=args.retries,
-                             backoff=args.backoff, keep_chunks=args.keep_chunks, progress=not args.quiet))
+        print(
+            download_entry(
+                name,
+                Path(args.out),
+                base_url=args.base_url,
+                retries=args.retries,
+                backoff=args.backoff,
+                keep_chunks=args.keep_chunks,
+                progress=not args.quiet,
+            )
+        )
     return 0
 
 
@@ -249,12 +320,19 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
-    from .sensitivity import (missing_values, monotone_violations, sensitivity_paths, sensitivity_table,
-                              write_sensitivity)
+    from .sensitivity import (
+        missing_values,
+        monotone_violations,
+        sensitivity_paths,
+        sensitivity_table,
+        write_sensitivity,
+    )
 
     beside = [Path(p).with_name("fsc.csv") for p in args.metrics]  # read too, for the FSC figure
-    refuse_overwriting_inputs({"--out": sensitivity_paths(args.out, any(p.is_file() for p in beside))},
-                              {"metrics": args.metrics, "fsc.csv": beside})
+    refuse_overwriting_inputs(
+        {"--out": sensitivity_paths(args.out, any(p.is_file() for p in beside))},
+        {"metrics": args.metrics, "fsc.csv": beside},
+    )
     table = sensitivity_table(args.metrics)
     fsc = {}
     for path in args.metrics:  # fsc.csv lies beside each metrics.json
@@ -327,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="write a preprocessed copy of an entry (stacks + STAR) in the same layout")
     p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
     p.add_argument("--out", required=True, help="folder to write <entry>/ into")
-    p.add_argument("--benchmark-dir", default=None, help="where entry names are looked up (default resources/benchmark)")
+    p.add_argument(
+        "--benchmark-dir", default=None, help="where entry names are looked up (default resources/benchmark)"
+    )
     p.add_argument("--image-size", type=int, default=None, help="final image size in pixels (default: the cropped box)")
     p.add_argument("--crop-fraction", type=float, default=1.0, help="central fraction of the box to keep")
     p.add_argument("--ctf-correction", choices=["phase_flip", "wiener", "none"], default="phase_flip")
@@ -336,22 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
 
-    p = sub.add_parser("evaluate", help="reconstruct half-maps from predicted poses and score them (metrics.json, "
-                                        "particles.csv, fsc.csv, plots)")
+    p = sub.add_parser(
+        "evaluate",
+        help="reconstruct half-maps from predicted poses and score them (metrics.json, particles.csv, fsc.csv, plots)",
+    )
     p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
     p.add_argument("--half0", required=True, help="predictions STAR for half 0 (by the model trained on half 1)")
     p.add_argument("--half1", required=True, help="predictions STAR for half 1 (by the model trained on half 0)")
-    p.add_argument("--prediction-type", choices=["S2", "SO3", "SO3xR2"], default="SO3",
-                   help="what was predicted; the ground truth fills in the rest (default: %(default)s)")
+    p.add_argument(
+        "--prediction-type",
+        choices=["S2", "SO3", "SO3xR2"],
+        default="SO3",
+        help="what was predicted; the ground truth fills in the rest (default: %(default)s)",
+    )
     _add_reconstruction_args(p)
-    p.add_argument("--no-pred-confidence", action="store_true",
-                   help="do not weight particles by rlnParticleFigureOfMerit when reconstructing")
+    p.add_argument(
+        "--no-pred-confidence",
+        action="store_true",
+        help="do not weight particles by rlnParticleFigureOfMerit when reconstructing",
+    )
     p.add_argument("--out", help="folder for metrics.json, particles.csv, fsc.csv, maps and plots")
     p.add_argument("--ground-truth-dir", help="cache of the ground-truth half-maps (default OUT/ground_truth)")
     p.add_argument("--method", help="name of the method that made the predictions (recorded in metrics.json)")
     p.add_argument("--trained-on", help="entry the models were trained on, when not this one (generalisation)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="reconstructions at once (2 runs the two halves side by side; useful with relion)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="reconstructions at once (2 runs the two halves side by side; useful with relion)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
@@ -365,27 +458,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict the poses of one half with the model of the other half")
     _add_method_args(p, "the half to predict")
     p.add_argument("--model", required=True, help="model folder written by 'cryopose train' on the other half")
-    p.add_argument("--transfer", action="store_true",
-                   help="the model was trained on another entry (generalisation): any half may be predicted")
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="the model was trained on another entry (generalisation): any half may be predicted",
+    )
     p.add_argument("--out", required=True, help="predictions STAR")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("refine", help="refine predicted poses and shifts of one half locally against a reference "
-                                      "map (the other half's reconstruction)")
+    p = sub.add_parser(
+        "refine",
+        help="refine predicted poses and shifts of one half locally against a reference "
+        "map (the other half's reconstruction)",
+    )
     p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir (raw particles)")
     p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half the predictions are for")
     p.add_argument("--predictions", required=True, help="predictions STAR to refine")
     p.add_argument("--reference", required=True, help="reference map on the particles' pixel grid (MRC)")
     p.add_argument("--out", required=True, help="refined predictions STAR (with rlnOriginX/YAngst)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="refinement parameter (repeatable): local_resolution, local_step, local_rounds, "
-                        "local_max_shift, local_batch_size, local_device")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="refinement parameter (repeatable): local_resolution, local_step, local_rounds, "
+        "local_max_shift, local_batch_size, local_device",
+    )
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_refine)
 
-    p = sub.add_parser("ground-truth", help="reconstruct an entry's ground-truth half-maps once (the cache "
-                                            "'cryopose evaluate --ground-truth-dir' reuses)")
+    p = sub.add_parser(
+        "ground-truth",
+        help="reconstruct an entry's ground-truth half-maps once (the cache "
+        "'cryopose evaluate --ground-truth-dir' reuses)",
+    )
     p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
     p.add_argument("--out", required=True, help="folder for GT_half0.mrc, GT_half1.mrc, ground_truth.json")
     _add_reconstruction_args(p)
@@ -397,10 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", help="metrics.json files of 'cryopose evaluate --method ...'")
     p.add_argument("--out", required=True, help="leaderboard CSV (summary and .md are written beside it)")
     p.add_argument("--train-benchmarks", nargs="*", help="Snakemake benchmark files .../train/<method>/<entry>/*.tsv")
-    p.add_argument("--predict-benchmarks", nargs="*", help="Snakemake benchmark files .../predict/<method>/<entry>/*.tsv")
-    p.add_argument("--refine-benchmarks", nargs="*",
-                   help="Snakemake benchmark files .../refine/<method>+refine/<entry>/*.tsv (added to the base "
-                        "method's prediction time)")
+    p.add_argument(
+        "--predict-benchmarks", nargs="*", help="Snakemake benchmark files .../predict/<method>/<entry>/*.tsv"
+    )
+    p.add_argument(
+        "--refine-benchmarks",
+        nargs="*",
+        help="Snakemake benchmark files .../refine/<method>+refine/<entry>/*.tsv (added to the base "
+        "method's prediction time)",
+    )
     p.set_defaults(func=_cmd_leaderboard)
 
     p = sub.add_parser("download", help="download real CESPED entries from Zenodo (resumable, md5-verified)")
@@ -414,26 +525,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("generalisation", help="compare evaluations of models on their own entry and on another "
-                                              "entry (metrics.json of 'cryopose evaluate --trained-on')")
+    p = sub.add_parser(
+        "generalisation",
+        help="compare evaluations of models on their own entry and on another "
+        "entry (metrics.json of 'cryopose evaluate --trained-on')",
+    )
     p.add_argument("metrics", nargs="+", help="metrics.json files, in-distribution and transfer")
     p.add_argument("--out", required=True, help="table CSV (a bar chart .png is written beside it)")
     p.set_defaults(func=_cmd_generalisation)
 
-    p = sub.add_parser("perturb", help="ground-truth predictions with perturbed angles (misalignment sensitivity, "
-                                       "the paper's Appendix H)")
+    p = sub.add_parser(
+        "perturb",
+        help="ground-truth predictions with perturbed angles (misalignment sensitivity, the paper's Appendix H)",
+    )
     p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
     p.add_argument("--half", type=int, choices=[0, 1], required=True)
-    p.add_argument("--perturbation", required=True,
-                   help="exact, noise<degrees> (uniform noise of ± that on each Euler angle) or random<percent> "
-                        "(that share of particles with random poses)")
+    p.add_argument(
+        "--perturbation",
+        required=True,
+        help="exact, noise<degrees> (uniform noise of ± that on each Euler angle) or random<percent> "
+        "(that share of particles with random poses)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="predictions STAR")
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
     p.set_defaults(func=_cmd_perturb)
 
-    p = sub.add_parser("sensitivity", help="table and plots of the map metrics against the perturbation "
-                                           "(metrics.json of 'cryopose evaluate --method perturbation:<name>')")
+    p = sub.add_parser(
+        "sensitivity",
+        help="table and plots of the map metrics against the perturbation "
+        "(metrics.json of 'cryopose evaluate --method perturbation:<name>')",
+    )
     p.add_argument("metrics", nargs="+", help="metrics.json files of the perturbed evaluations (and 'exact')")
     p.add_argument("--out", required=True, help="table CSV (.md, .png and _fsc.png are written beside it)")
     p.set_defaults(func=_cmd_sensitivity)
@@ -461,8 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryopose {args.command}: error: {err}", file=sys.stderr)
         return 1
     except Terminated as stop:
-        print(f"cryopose {args.command}: {stop}; its temporary files were removed and earlier outputs are "
-              "unchanged", file=sys.stderr)
+        print(
+            f"cryopose {args.command}: {stop}; its temporary files were removed and earlier outputs are unchanged",
+            file=sys.stderr,
+        )
         return stop.code
 
 

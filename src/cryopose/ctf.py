@@ -30,8 +30,17 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["electron_wavelength", "ctf_2d", "apply_ctf", "phase_flip", "wiener_filter", "ctf_from_star_columns",
-           "ctf_parameters", "ctf_from_parameters", "CTF_COLUMNS"]
+__all__ = [
+    "electron_wavelength",
+    "ctf_2d",
+    "apply_ctf",
+    "phase_flip",
+    "wiener_filter",
+    "ctf_from_star_columns",
+    "ctf_parameters",
+    "ctf_from_parameters",
+    "CTF_COLUMNS",
+]
 
 
 def electron_wavelength(voltage_kv: float | torch.Tensor) -> torch.Tensor:
@@ -47,8 +56,9 @@ def electron_wavelength(voltage_kv: float | torch.Tensor) -> torch.Tensor:
     return 12.2643247 / torch.sqrt(v * (1 + 0.978466e-6 * v))
 
 
-def _frequency_grid(image_size: int, pixel_size: float, rfft: bool,
-                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _frequency_grid(
+    image_size: int, pixel_size: float, rfft: bool, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k_y, k_x)``, each ``(S, S//2+1)`` (or ``(S, S)``), in 1/Å, in FFT order."""
     ky = torch.fft.fftfreq(image_size, d=pixel_size, dtype=torch.float64, device=device)
     kx_fn = torch.fft.rfftfreq if rfft else torch.fft.fftfreq
@@ -57,21 +67,34 @@ def _frequency_grid(image_size: int, pixel_size: float, rfft: bool,
 
 
 @functools.lru_cache(maxsize=16)
-def _polar_grid(image_size: int, pixel_size: float, rfft: bool, device: str,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _polar_grid(
+    image_size: int, pixel_size: float, rfft: bool, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(k², cos 2θ, sin 2θ)`` on the FFT grid, θ = atan2(k_y, k_x); cached (read-only use)."""
     ky, kx = _frequency_grid(image_size, pixel_size, rfft, device=torch.device(device))
     theta = torch.atan2(ky, kx)
-    return ((kx ** 2 + ky ** 2).to(dtype), torch.cos(2 * theta).to(dtype), torch.sin(2 * theta).to(dtype))
+    return ((kx**2 + ky**2).to(dtype), torch.cos(2 * theta).to(dtype), torch.sin(2 * theta).to(dtype))
 
 
 def _as_float64(values, device: torch.device | None) -> list[torch.Tensor]:
     return [torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]
 
 
-def ctf_2d(defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration, amplitude_contrast,
-           pixel_size: float, image_size: int, phase_shift=0.0, bfactor=0.0, rfft: bool = True,
-           fftshift: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def ctf_2d(
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage,
+    spherical_aberration,
+    amplitude_contrast,
+    pixel_size: float,
+    image_size: int,
+    phase_shift=0.0,
+    bfactor=0.0,
+    rfft: bool = True,
+    fftshift: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """RELION's 2D CTF for a batch of particles.
 
     Every per-particle argument is a float or a tensor; their shapes ``(...)`` broadcast together
@@ -99,8 +122,16 @@ def ctf_2d(defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration, a
         raise ValueError(f"ctf_2d: image_size must be a positive integer, got {image_size!r}")
     if not pixel_size > 0:
         raise ValueError(f"ctf_2d: pixel_size must be > 0 Å, got {pixel_size!r}")
-    values = (defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration, amplitude_contrast,
-              phase_shift, bfactor)
+    values = (
+        defocus_u,
+        defocus_v,
+        defocus_angle,
+        voltage,
+        spherical_aberration,
+        amplitude_contrast,
+        phase_shift,
+        bfactor,
+    )
     device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
     params = torch.broadcast_tensors(*_as_float64(values, device))
     u, v, ang, kv, cs, w, phi, b = (p[..., None, None] for p in params)
@@ -112,9 +143,12 @@ def ctf_2d(defocus_u, defocus_v, defocus_angle, voltage, spherical_aberration, a
     half_sum, half_diff = (0.5 * (u + v)).to(dtype), (0.5 * (u - v)).to(dtype)
     defocus = half_sum + half_diff * (cos2t * torch.cos(a2).to(dtype) + sin2t * torch.sin(a2).to(dtype))
     cs_angstrom = cs * 1e7
-    amplitude_phase = torch.atan(w / torch.sqrt(1 - w ** 2))
-    gamma = ((-math.pi * lam).to(dtype) * defocus * k2 + (0.5 * math.pi * cs_angstrom * lam ** 3).to(dtype) * k2 ** 2
-             - (torch.deg2rad(phi) + amplitude_phase).to(dtype))
+    amplitude_phase = torch.atan(w / torch.sqrt(1 - w**2))
+    gamma = (
+        (-math.pi * lam).to(dtype) * defocus * k2
+        + (0.5 * math.pi * cs_angstrom * lam**3).to(dtype) * k2**2
+        - (torch.deg2rad(phi) + amplitude_phase).to(dtype)
+    )
     ctf = -torch.sin(gamma)
     if bool((b != 0).any()):
         ctf = ctf * torch.exp(-b.to(dtype) * k2 / 4)
@@ -168,17 +202,31 @@ def wiener_filter(images: torch.Tensor, ctf: torch.Tensor, constant: float = 0.1
     """
     if not constant > 0:
         raise ValueError(f"wiener_filter: constant (1/SNR) must be > 0, got {constant}")
-    return apply_ctf(images, ctf / (ctf ** 2 + constant))
+    return apply_ctf(images, ctf / (ctf**2 + constant))
 
 
-CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-               "rlnAmplitudeContrast", "rlnImagePixelSize")
+CTF_COLUMNS = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+)
 OPTIONAL_CTF_COLUMNS = ("rlnPhaseShift", "rlnCtfBfactor")
 
 
-def ctf_from_star_columns(particles: pd.DataFrame, image_size: int, pixel_size: float | None = None,
-                          use_bfactor: bool = True, source: str | None = None, rfft: bool = True,
-                          fftshift: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def ctf_from_star_columns(
+    particles: pd.DataFrame,
+    image_size: int,
+    pixel_size: float | None = None,
+    use_bfactor: bool = True,
+    source: str | None = None,
+    rfft: bool = True,
+    fftshift: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """CTFs of the particles of a STAR table whose rows carry their optics (see
     :func:`cryopose.io.particles_with_optics`).
 
@@ -200,8 +248,9 @@ def ctf_from_star_columns(particles: pd.DataFrame, image_size: int, pixel_size: 
     """
     for col in CTF_COLUMNS:
         if col not in particles.columns:
-            raise InputError(f"missing column needed for the CTF; expected {', '.join(CTF_COLUMNS)}",
-                             path=source, where=col)
+            raise InputError(
+                f"missing column needed for the CTF; expected {', '.join(CTF_COLUMNS)}", path=source, where=col
+            )
     cols = list(CTF_COLUMNS) + [c for c in OPTIONAL_CTF_COLUMNS if c in particles.columns]
     try:
         values = particles[cols].to_numpy(dtype=np.float64)
@@ -210,38 +259,66 @@ def ctf_from_star_columns(particles: pd.DataFrame, image_size: int, pixel_size: 
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"non-finite value {values[row, col]} (expected a finite number)", path=source,
-                         where=f"row {row} (0-based), column {cols[col]}")
+        raise InputError(
+            f"non-finite value {values[row, col]} (expected a finite number)",
+            path=source,
+            where=f"row {row} (0-based), column {cols[col]}",
+        )
     table = dict(zip(cols, values.T))
-    for col, ok, expected in (("rlnAmplitudeContrast", lambda x: (x >= 0) & (x < 1), "in [0, 1)"),
-                              ("rlnImagePixelSize", lambda x: x > 0, "> 0"),
-                              ("rlnVoltage", lambda x: x > 0, "> 0")):
+    for col, ok, expected in (
+        ("rlnAmplitudeContrast", lambda x: (x >= 0) & (x < 1), "in [0, 1)"),
+        ("rlnImagePixelSize", lambda x: x > 0, "> 0"),
+        ("rlnVoltage", lambda x: x > 0, "> 0"),
+    ):
         wrong = ~ok(table[col])
         if wrong.any():
             row = int(np.argmax(wrong))
-            raise InputError(f"value {table[col][row]} out of range (expected {expected})", path=source,
-                             where=f"row {row} (0-based), column {col}")
+            raise InputError(
+                f"value {table[col][row]} out of range (expected {expected})",
+                path=source,
+                where=f"row {row} (0-based), column {col}",
+            )
     if pixel_size is None:
         sizes = np.unique(table["rlnImagePixelSize"])
         if len(sizes) > 1:
-            raise InputError(f"particles have several pixel sizes {sizes.tolist()}; pass the images' pixel size",
-                             path=source, where="rlnImagePixelSize")
+            raise InputError(
+                f"particles have several pixel sizes {sizes.tolist()}; pass the images' pixel size",
+                path=source,
+                where="rlnImagePixelSize",
+            )
         pixel_size = float(sizes[0]) if len(sizes) else 1.0  # no rows: any grid gives (0, S, ·)
     params = {c: torch.tensor(x) for c, x in table.items()}
-    return ctf_from_parameters(params, image_size, pixel_size, use_bfactor=use_bfactor, rfft=rfft,
-                               fftshift=fftshift, dtype=dtype)
+    return ctf_from_parameters(
+        params, image_size, pixel_size, use_bfactor=use_bfactor, rfft=rfft, fftshift=fftshift, dtype=dtype
+    )
 
 
-def ctf_from_parameters(params: dict[str, torch.Tensor], image_size: int, pixel_size: float,
-                        use_bfactor: bool = True, rfft: bool = True, fftshift: bool = False,
-                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def ctf_from_parameters(
+    params: dict[str, torch.Tensor],
+    image_size: int,
+    pixel_size: float,
+    use_bfactor: bool = True,
+    rfft: bool = True,
+    fftshift: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """CTFs from per-particle RELION columns already validated and held as ``(N,)`` tensors
     (e.g. by :func:`ctf_from_star_columns`' checks, done once for a whole table)."""
-    return ctf_2d(params["rlnDefocusU"], params["rlnDefocusV"], params["rlnDefocusAngle"], params["rlnVoltage"],
-                  params["rlnSphericalAberration"], params["rlnAmplitudeContrast"], pixel_size, image_size,
-                  phase_shift=params.get("rlnPhaseShift", 0.0),
-                  bfactor=params.get("rlnCtfBfactor", 0.0) if use_bfactor else 0.0, rfft=rfft, fftshift=fftshift,
-                  dtype=dtype)
+    return ctf_2d(
+        params["rlnDefocusU"],
+        params["rlnDefocusV"],
+        params["rlnDefocusAngle"],
+        params["rlnVoltage"],
+        params["rlnSphericalAberration"],
+        params["rlnAmplitudeContrast"],
+        pixel_size,
+        image_size,
+        phase_shift=params.get("rlnPhaseShift", 0.0),
+        bfactor=params.get("rlnCtfBfactor", 0.0) if use_bfactor else 0.0,
+        rfft=rfft,
+        fftshift=fftshift,
+        dtype=dtype,
+    )
 
 
 def ctf_parameters(particles: pd.DataFrame, source: str | None = None) -> dict[str, torch.Tensor]:

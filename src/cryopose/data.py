@@ -11,8 +11,8 @@ with labels kept true (:mod:`cryopose.augment`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,12 +22,11 @@ from torch.utils.data import Dataset
 from . import io
 from .augment import AugmentConfig, augment_batch
 from .ctf import ctf_from_parameters, ctf_parameters
-from .entry import DEFAULT_BENCHMARK_DIR, resolve_entry
+from .entry import DEFAULT_BENCHMARK_DIR, Entry, resolve_entry
 from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
 from .symmetry import symmetry_mates
-from .entry import Entry
 
 __all__ = ["ParticlesDataset", "DEFAULT_BENCHMARK_DIR"]
 
@@ -60,11 +59,22 @@ class ParticlesDataset(Dataset):
     ``sampling_rate``. Missing angles give NaN rotation matrices.
     """
 
-    def __init__(self, entry=None, halfset: int | None = None, benchmark_dir: str | Path | None = None, *,
-                 image_size: int | None = None, crop_fraction: float = 1.0, normalise: bool = True,
-                 ctf_correction: str | None = "phase_flip", wiener_constant: float = 0.1,
-                 augment: AugmentConfig | bool | None = None, generator: torch.Generator | None = None,
-                 targetName=None, benchmarkDir=None):
+    def __init__(
+        self,
+        entry=None,
+        halfset: int | None = None,
+        benchmark_dir: str | Path | None = None,
+        *,
+        image_size: int | None = None,
+        crop_fraction: float = 1.0,
+        normalise: bool = True,
+        ctf_correction: str | None = "phase_flip",
+        wiener_constant: float = 0.1,
+        augment: AugmentConfig | bool | None = None,
+        generator: torch.Generator | None = None,
+        targetName=None,
+        benchmarkDir=None,
+    ):
         # CESPED's keyword names, so ParticlesDataset(targetName=..., halfset=..., benchmarkDir=...) ports as is.
         entry = entry if entry is not None else targetName
         benchmark_dir = benchmark_dir if benchmark_dir is not None else benchmarkDir
@@ -82,24 +92,33 @@ class ParticlesDataset(Dataset):
         sizes = merged["rlnImageSize"].to_numpy(dtype=np.int64)
         pixel_sizes = merged["rlnImagePixelSize"].to_numpy(dtype=np.float64)
         if len(np.unique(sizes)) != 1 or len(np.unique(pixel_sizes)) != 1:
-            raise InputError(f"particles have several box sizes {np.unique(sizes).tolist()} or pixel sizes "
-                             f"{np.unique(pixel_sizes).tolist()}; a dataset needs one of each", path=self.star_path,
-                             where="data_optics")
+            raise InputError(
+                f"particles have several box sizes {np.unique(sizes).tolist()} or pixel sizes "
+                f"{np.unique(pixel_sizes).tolist()}; a dataset needs one of each",
+                path=self.star_path,
+                where="data_optics",
+            )
         self.original_box_size = int(sizes[0])
         self.original_sampling_rate = float(pixel_sizes[0])
-        self.config = PreprocessConfig(normalise=normalise, ctf_correction=ctf_correction,
-                                       wiener_constant=wiener_constant, crop_fraction=crop_fraction,
-                                       image_size=image_size)
-        _, self._image_size, self._sampling_rate = output_geometry(self.original_box_size,
-                                                                   self.original_sampling_rate, self.config)
+        self.config = PreprocessConfig(
+            normalise=normalise,
+            ctf_correction=ctf_correction,
+            wiener_constant=wiener_constant,
+            crop_fraction=crop_fraction,
+            image_size=image_size,
+        )
+        _, self._image_size, self._sampling_rate = output_geometry(
+            self.original_box_size, self.original_sampling_rate, self.config
+        )
         self.augment = AugmentConfig() if augment is True else (augment or None)
         self.generator = generator
         flipped = merged.get("rlnCtfDataArePhaseFlipped", pd.Series(0, index=merged.index)).to_numpy()
         self._already_flipped = flipped.astype(bool)
 
         # CTF columns are validated once here; batches then only index these tensors.
-        self._ctf_params = (ctf_parameters(merged, source=str(self.star_path))
-                            if self.config.ctf_correction is not None else {})
+        self._ctf_params = (
+            ctf_parameters(merged, source=str(self.star_path)) if self.config.ctf_correction is not None else {}
+        )
         stacks, index = [], np.empty(len(merged), dtype=np.int64)
         stack_of = np.empty(len(merged), dtype=np.int64)
         seen: dict[str, int] = {}
@@ -114,12 +133,18 @@ class ParticlesDataset(Dataset):
         for k, path in enumerate(stacks):
             n, ny, nx = io.stack_shape(path)
             if (ny, nx) != (self.original_box_size,) * 2:
-                raise InputError(f"stack images are {ny}×{nx} but the STAR says rlnImageSize {self.original_box_size}",
-                                 path=path, where="box size")
+                raise InputError(
+                    f"stack images are {ny}×{nx} but the STAR says rlnImageSize {self.original_box_size}",
+                    path=path,
+                    where="box size",
+                )
             highest = int(index[stack_of == k].max())
             if highest >= n:
-                raise InputError(f"particles refer to image {highest + 1} (1-based) but the stack holds {n}",
-                                 path=self.star_path, where=f"rlnImageName ({path.name})")
+                raise InputError(
+                    f"particles refer to image {highest + 1} (1-based) but the stack holds {n}",
+                    path=self.star_path,
+                    where=f"rlnImageName ({path.name})",
+                )
         self._ids = merged["rlnImageName"].astype(str).tolist()
         # The same image under two spellings (7@x.mrcs, 000007@./x.mrcs) is one particle: io's
         # particle_keys is the single definition.
@@ -179,7 +204,11 @@ class ParticlesDataset(Dataset):
             self._shifts = torch.tensor(t[ORIGIN].to_numpy(dtype=np.float64)).float()
         else:
             self._shifts = torch.zeros(len(t), 2)
-        conf = t["rlnMaxValueProbDistribution"] if "rlnMaxValueProbDistribution" in t.columns else pd.Series(1.0, index=t.index)
+        conf = (
+            t["rlnMaxValueProbDistribution"]
+            if "rlnMaxValueProbDistribution" in t.columns
+            else pd.Series(1.0, index=t.index)
+        )
         self._confidence = torch.tensor(conf.to_numpy(dtype=np.float64)).float()[:, None]
 
     def _check_indices(self, indices) -> np.ndarray:
@@ -202,9 +231,12 @@ class ParticlesDataset(Dataset):
             # A NaN pixel would silently poison a whole batch's loss or a reconstruction.
             i = int(idx[int(torch.nonzero(~finite)[0])])
             stack = self._stack_paths[int(self._stack_of[i])]
-            raise InputError(f"image {int(self._image_index[i]) + 1} of this stack has NaN or infinite pixels; "
-                             f"finite values expected", path=stack,
-                             where=f"particle {self._ids[i]} (row {i + 1} of {self.star_path.name})")
+            raise InputError(
+                f"image {int(self._image_index[i]) + 1} of this stack has NaN or infinite pixels; "
+                f"finite values expected",
+                path=stack,
+                where=f"particle {self._ids[i]} (row {i + 1} of {self.star_path.name})",
+            )
         return out
 
     def get_batch(self, indices: Sequence[int]):
@@ -227,8 +259,9 @@ class ParticlesDataset(Dataset):
         ctf = None
         if config.ctf_correction is not None:
             params = {k: v[idx] for k, v in self._ctf_params.items()}
-            ctf = ctf_from_parameters(params, self.original_box_size, self.original_sampling_rate, use_bfactor=False,
-                                      dtype=torch.float32)
+            ctf = ctf_from_parameters(
+                params, self.original_box_size, self.original_sampling_rate, use_bfactor=False, dtype=torch.float32
+            )
             # Particles already phase-flipped on disk keep their phases: a CTF of +1 leaves them be.
             flipped = torch.from_numpy(self._already_flipped[idx])
             if flipped.any():
@@ -248,8 +281,9 @@ class ParticlesDataset(Dataset):
         """``(..., G, 3, 3)``: every pose equivalent to ``rotmats`` under the entry's group (``g·R``)."""
         return symmetry_mates(rotmats, self.symmetry)
 
-    def update_md(self, ids: Sequence[str], angles, shifts=None, confidence=None,
-                  angles_format: str = "rotmat") -> None:
+    def update_md(
+        self, ids: Sequence[str], angles, shifts=None, confidence=None, angles_format: str = "rotmat"
+    ) -> None:
         """Store predictions for the particles ``ids``.
 
         Args:
@@ -262,43 +296,56 @@ class ParticlesDataset(Dataset):
         ids = [str(i) for i in ids]
         unknown = [i for i in ids if i not in self._row_of_id]
         if unknown:
-            raise InputError(f"{len(unknown)} particle ids are not in this half, e.g. {unknown[0]!r}",
-                             path=self.star_path, where="update_md ids")
+            raise InputError(
+                f"{len(unknown)} particle ids are not in this half, e.g. {unknown[0]!r}",
+                path=self.star_path,
+                where="update_md ids",
+            )
         if len(set(ids)) != len(ids):
             raise InputError("duplicate particle ids in one update", path=self.star_path, where="update_md ids")
         n = len(ids)
         a = torch.as_tensor(np.asarray(angles, dtype=np.float64))
         if angles_format == "rotmat":
             if a.shape != (n, 3, 3):
-                raise InputError(f"angles must have shape ({n}, 3, 3) for angles_format='rotmat', got {tuple(a.shape)}",
-                                 where="update_md angles")
+                raise InputError(
+                    f"angles must have shape ({n}, 3, 3) for angles_format='rotmat', got {tuple(a.shape)}",
+                    where="update_md angles",
+                )
             ok = is_rotation_matrix(a, atol=1e-3)
             if not ok.all():
                 row = int(torch.nonzero(~ok)[0])
-                raise InputError(f"angles[{row}] is not a rotation matrix (orthonormal, det +1)",
-                                 where="update_md angles")
+                raise InputError(
+                    f"angles[{row}] is not a rotation matrix (orthonormal, det +1)", where="update_md angles"
+                )
             euler = matrix_to_euler(a)
         elif angles_format == "zyz_degrees":
             if a.shape != (n, 3):
-                raise InputError(f"angles must have shape ({n}, 3) for angles_format='zyz_degrees', "
-                                 f"got {tuple(a.shape)}", where="update_md angles")
+                raise InputError(
+                    f"angles must have shape ({n}, 3) for angles_format='zyz_degrees', got {tuple(a.shape)}",
+                    where="update_md angles",
+                )
             euler = a
         else:
-            raise InputError(f"angles_format must be 'rotmat' or 'zyz_degrees', got {angles_format!r}",
-                             where="update_md angles_format")
+            raise InputError(
+                f"angles_format must be 'rotmat' or 'zyz_degrees', got {angles_format!r}",
+                where="update_md angles_format",
+            )
         if not torch.isfinite(euler).all():
             raise InputError("angles contain NaN or infinity", where="update_md angles")
         s = c = None
         if shifts is not None:
             s = np.asarray(shifts, dtype=np.float64)
             if s.shape != (n, 2) or not np.isfinite(s).all():
-                raise InputError(f"shifts must be finite with shape ({n}, 2) in Å, got {s.shape}",
-                                 where="update_md shifts")
+                raise InputError(
+                    f"shifts must be finite with shape ({n}, 2) in Å, got {s.shape}", where="update_md shifts"
+                )
         if confidence is not None:
             c = np.asarray(confidence, dtype=np.float64).reshape(-1)
             if c.shape != (n,) or not np.isfinite(c).all():
-                raise InputError(f"confidence must be {n} finite values, got shape {np.shape(confidence)}",
-                                 where="update_md confidence")
+                raise InputError(
+                    f"confidence must be {n} finite values, got shape {np.shape(confidence)}",
+                    where="update_md confidence",
+                )
         # Everything is validated: apply all of it, so a bad call changes nothing.
         rows = np.array([self._row_of_id[i] for i in ids])
         self._table.loc[rows, EULER] = euler.numpy()
@@ -332,10 +379,19 @@ class ParticlesDataset(Dataset):
         io.write_particles_star(path, io.ParticleStar(optics=self._optics, particles=table))
 
 
-def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | None = None, crop_fraction: float = 1.0,
-                             normalise: bool = True, ctf_correction: str | None = "phase_flip",
-                             wiener_constant: float = 0.1, batch_size: int = 256, progress: bool = True,
-                             benchmark_dir: str | Path | None = None) -> Path:
+def write_preprocessed_entry(
+    entry,
+    out_dir: str | Path,
+    *,
+    image_size: int | None = None,
+    crop_fraction: float = 1.0,
+    normalise: bool = True,
+    ctf_correction: str | None = "phase_flip",
+    wiener_constant: float = 0.1,
+    batch_size: int = 256,
+    progress: bool = True,
+    benchmark_dir: str | Path | None = None,
+) -> Path:
     """Write a preprocessed copy of an entry to ``out_dir/<name>/`` in the same layout.
 
     The STAR files carry the new pixel size and box (rlnImagePixelSize, rlnImageSize), image
@@ -349,14 +405,32 @@ def write_preprocessed_entry(entry, out_dir: str | Path, *, image_size: int | No
     src = resolve_entry(entry, benchmark_dir)
     src.check_independent_halves()  # halves sharing particles are refused before anything is written
     with io.staged_folder(Path(out_dir) / src.name) as work:
-        _write_preprocessed(src, work, image_size=image_size, crop_fraction=crop_fraction, normalise=normalise,
-                            ctf_correction=ctf_correction, wiener_constant=wiener_constant, batch_size=batch_size,
-                            progress=progress)
+        _write_preprocessed(
+            src,
+            work,
+            image_size=image_size,
+            crop_fraction=crop_fraction,
+            normalise=normalise,
+            ctf_correction=ctf_correction,
+            wiener_constant=wiener_constant,
+            batch_size=batch_size,
+            progress=progress,
+        )
     return Path(out_dir) / src.name
 
 
-def _write_preprocessed(src: Entry, dest: Path, *, image_size, crop_fraction, normalise, ctf_correction,
-                        wiener_constant, batch_size, progress) -> None:
+def _write_preprocessed(
+    src: Entry,
+    dest: Path,
+    *,
+    image_size,
+    crop_fraction,
+    normalise,
+    ctf_correction,
+    wiener_constant,
+    batch_size,
+    progress,
+) -> None:
     from tqdm.auto import tqdm
 
     from .preprocess import center_crop, fourier_resize_map
@@ -365,8 +439,15 @@ def _write_preprocessed(src: Entry, dest: Path, *, image_size, crop_fraction, no
     bar = tqdm(total=total, desc=f"preprocess {src.name}", unit="img", disable=not progress)
     with bar:
         for h in src.halves:
-            ds = ParticlesDataset(src, h, image_size=image_size, crop_fraction=crop_fraction, normalise=normalise,
-                                  ctf_correction=ctf_correction, wiener_constant=wiener_constant)
+            ds = ParticlesDataset(
+                src,
+                h,
+                image_size=image_size,
+                crop_fraction=crop_fraction,
+                normalise=normalise,
+                ctf_correction=ctf_correction,
+                wiener_constant=wiener_constant,
+            )
             n, size = len(ds), ds.image_size
             stack_name = f"particles_{h}.mrcs"
             with io.StackWriter(dest / stack_name, n, size, ds.sampling_rate) as writer:
@@ -378,8 +459,9 @@ def _write_preprocessed(src: Entry, dest: Path, *, image_size, crop_fraction, no
             optics["rlnImagePixelSize"] = ds.sampling_rate
             optics["rlnImageSize"] = size
             if ctf_correction == "phase_flip" or "rlnCtfDataArePhaseFlipped" in optics.columns:
-                optics["rlnCtfDataArePhaseFlipped"] = 1 if ctf_correction == "phase_flip" else \
-                    optics["rlnCtfDataArePhaseFlipped"]
+                optics["rlnCtfDataArePhaseFlipped"] = (
+                    1 if ctf_correction == "phase_flip" else optics["rlnCtfDataArePhaseFlipped"]
+                )
             table = ds.metadata
             # Predictions must name the particles as the source entry does: keep the original name
             # (RELION's own label for this), and the first one when a copy is preprocessed again.
@@ -390,13 +472,15 @@ def _write_preprocessed(src: Entry, dest: Path, *, image_size, crop_fraction, no
             with io.atomic_write(dest / f"info_{h}.json") as tmp:
                 tmp.write_bytes(src.info_path(h).read_bytes())
     crop, _, _ = output_geometry(ds.original_box_size, ds.original_sampling_rate, ds.config)
-    for path, out in ((src.mask_path, dest / f"{src.name}_mask.mrc"),
-                      (src.ground_truth_map_path, dest / f"{src.name}_source_map.mrc")):
+    for path, out in (
+        (src.mask_path, dest / f"{src.name}_mask.mrc"),
+        (src.ground_truth_map_path, dest / f"{src.name}_source_map.mrc"),
+    ):
         if path.exists():
             vol, _ = io.read_map(path)
             vol = torch.from_numpy(vol)
             start = vol.shape[0] // 2 - crop // 2
-            vol = fourier_resize_map(center_crop(vol[start:start + crop], crop), size)
+            vol = fourier_resize_map(center_crop(vol[start : start + crop], crop), size)
             if "mask" in out.name:
                 vol = vol.clamp(0, 1)
             io.write_map(out, vol.numpy(), ds.sampling_rate)

@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 
-__all__ = ["CESPED_RECORDS", "MASK_RECORD", "ZENODO", "RemoteFile", "record_files", "download_file",
-           "download_entry"]
+__all__ = ["CESPED_RECORDS", "MASK_RECORD", "ZENODO", "RemoteFile", "record_files", "download_file", "download_entry"]
 
 ZENODO = "https://zenodo.org"
 #: Zenodo record ids of each entry's halves, as CESPED published them (``cryopose download --list``);
@@ -89,8 +88,9 @@ def _open(url: str, timeout: float, offset: int = 0):
         raise TransientError(f"cannot reach {url} ({getattr(err, 'reason', err)})") from err
 
 
-def record_files(record: int, base_url: str = ZENODO, timeout: float = 60.0, retries: int = 5,
-                 backoff: float = 2.0) -> dict[str, RemoteFile]:
+def record_files(
+    record: int, base_url: str = ZENODO, timeout: float = 60.0, retries: int = 5, backoff: float = 2.0
+) -> dict[str, RemoteFile]:
     """``{key: RemoteFile}`` of a Zenodo record (``GET <base>/api/records/<id>``), retried with
     backoff; :class:`InputError` when the server stays unreachable."""
     url = f"{base_url}/api/records/{record}"
@@ -101,9 +101,10 @@ def record_files(record: int, base_url: str = ZENODO, timeout: float = 60.0, ret
             break
         except (TransientError, OSError, http.client.HTTPException) as err:
             if attempt == retries:
-                raise InputError(f"{err}; gave up after {retries} retries: offline, or the server is down?",
-                                 where=f"record {record}") from err
-            time.sleep(backoff * 2 ** attempt)
+                raise InputError(
+                    f"{err}; gave up after {retries} retries: offline, or the server is down?", where=f"record {record}"
+                ) from err
+            time.sleep(backoff * 2**attempt)
     try:
         data = json.loads(body)
         files = {}
@@ -112,11 +113,13 @@ def record_files(record: int, base_url: str = ZENODO, timeout: float = 60.0, ret
             if algo != "md5" or not digest:
                 raise ValueError(f"checksum {f['checksum']!r} is not md5:<hex>")
             key = f["key"]
-            files[key] = RemoteFile(record, key, int(f["size"]), digest.lower(),
-                                    f"{base_url}/records/{record}/files/{key}")
+            files[key] = RemoteFile(
+                record, key, int(f["size"]), digest.lower(), f"{base_url}/records/{record}/files/{key}"
+            )
     except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"unexpected record format ({err}); expected files[] with key, size, checksum",
-                         path=url) from err
+        raise InputError(
+            f"unexpected record format ({err}); expected files[] with key, size, checksum", path=url
+        ) from err
     return files
 
 
@@ -169,8 +172,14 @@ def _fetch_once(remote: RemoteFile, part: Path, timeout: float, bar) -> None:
         raise TransientError(f"{remote.key}: received {got} bytes, the record says {remote.size}")
 
 
-def download_file(remote: RemoteFile, dest: str | Path, retries: int = 5, backoff: float = 2.0,
-                  timeout: float = 60.0, progress: bool = True) -> Path:
+def download_file(
+    remote: RemoteFile,
+    dest: str | Path,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
     """Download ``remote`` to ``dest`` through ``dest.part`` (resumed if present), verify size and
     md5, then rename. A ``dest`` already there with the right md5 is kept.
 
@@ -191,15 +200,22 @@ def download_file(remote: RemoteFile, dest: str | Path, retries: int = 5, backof
                 break
             except TransientError as err:
                 if attempt == retries:
-                    raise InputError(f"{err}; gave up after {retries} retries (run again to resume from "
-                                     f"{part.stat().st_size if part.exists() else 0} bytes; offline?)",
-                                     path=dest, where=f"record {remote.record}") from err
-                time.sleep(backoff * 2 ** attempt)
+                    raise InputError(
+                        f"{err}; gave up after {retries} retries (run again to resume from "
+                        f"{part.stat().st_size if part.exists() else 0} bytes; offline?)",
+                        path=dest,
+                        where=f"record {remote.record}",
+                    ) from err
+                time.sleep(backoff * 2**attempt)
     digest = _md5(part).hexdigest()
     if digest != remote.md5:
         part.unlink()
-        raise InputError(f"md5 {digest} does not match the record's {remote.md5}; the download was removed, "
-                         f"run again to fetch it anew", path=dest, where=f"record {remote.record}, {remote.key}")
+        raise InputError(
+            f"md5 {digest} does not match the record's {remote.md5}; the download was removed, "
+            f"run again to fetch it anew",
+            path=dest,
+            where=f"record {remote.record}, {remote.key}",
+        )
     os.replace(part, dest)
     return dest
 
@@ -209,17 +225,20 @@ def _half_files(files: dict[str, RemoteFile], half: int, record: int) -> tuple[l
     plain = []
     for key in (f"particles_{half}.star", f"info_{half}.json"):
         if key not in files:
-            raise InputError(f"record {record} has no {key} (files: {', '.join(sorted(files))})",
-                             where=f"record {record}")
+            raise InputError(
+                f"record {record} has no {key} (files: {', '.join(sorted(files))})", where=f"record {record}"
+            )
         plain.append(files[key])
-    chunks = sorted((int(m.group(2)), f) for k, f in files.items()
-                    if (m := _CHUNK.match(k)) and int(m.group(1)) == half)
+    chunks = sorted(
+        (int(m.group(2)), f) for k, f in files.items() if (m := _CHUNK.match(k)) and int(m.group(1)) == half
+    )
     if not chunks:
         raise InputError(f"record {record} has no stack chunks particles_{half}.mrcs.chunk_*", where=f"record {record}")
     numbers = [n for n, _ in chunks]
     if numbers != list(range(len(numbers))):
-        raise InputError(f"record {record}: stack chunks {numbers} are not 0..{len(numbers) - 1}",
-                         where=f"record {record}")
+        raise InputError(
+            f"record {record}: stack chunks {numbers} are not 0..{len(numbers) - 1}", where=f"record {record}"
+        )
     return plain, [f for _, f in chunks]
 
 
@@ -237,9 +256,16 @@ def _concatenate(chunks: list[Path], dest: Path, expected_size: int) -> None:
     os.replace(part, dest)
 
 
-def download_entry(entry: str, out_dir: str | Path, base_url: str = ZENODO, retries: int = 5,
-                   backoff: float = 2.0, timeout: float = 60.0, keep_chunks: bool = False,
-                   progress: bool = True) -> Path:
+def download_entry(
+    entry: str,
+    out_dir: str | Path,
+    base_url: str = ZENODO,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    keep_chunks: bool = False,
+    progress: bool = True,
+) -> Path:
     """Download one CESPED entry into ``out_dir/<entry>`` (the layout :class:`cryopose.Entry`
     reads) and return that folder; an entry already there is kept.
 

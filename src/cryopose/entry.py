@@ -117,8 +117,11 @@ class Entry:
                     raise InputError(err.problem, path=self.info_path(h), where="symmetry") from err
                 raise
         if syms[0] != syms[1]:
-            raise InputError(f"the halves disagree on the symmetry: {syms[0]} (info_0.json) vs {syms[1]} "
-                             "(info_1.json)", path=self.root, where="symmetry")
+            raise InputError(
+                f"the halves disagree on the symmetry: {syms[0]} (info_0.json) vs {syms[1]} (info_1.json)",
+                path=self.root,
+                where="symmetry",
+            )
         return syms[0]
 
     def _optics_value(self, column: str) -> float:
@@ -126,12 +129,18 @@ class Entry:
         for h in self.halves:
             vals = np.unique(self.read_star(h).optics[column].to_numpy(dtype=np.float64))
             if len(vals) != 1:
-                raise InputError(f"optics groups disagree on {column}: {vals.tolist()} (an entry needs one value)",
-                                 path=self.star_path(h), where=f"data_optics, column {column}")
+                raise InputError(
+                    f"optics groups disagree on {column}: {vals.tolist()} (an entry needs one value)",
+                    path=self.star_path(h),
+                    where=f"data_optics, column {column}",
+                )
             values[h] = float(vals[0])
         if abs(values[0] - values[1]) > 1e-6 * max(abs(values[0]), 1.0):
-            raise InputError(f"the halves disagree on {column}: {values[0]} (particles_0.star) vs {values[1]} "
-                             "(particles_1.star)", path=self.root, where=column)
+            raise InputError(
+                f"the halves disagree on {column}: {values[0]} (particles_0.star) vs {values[1]} (particles_1.star)",
+                path=self.root,
+                where=column,
+            )
         return values[0]
 
     @property
@@ -164,17 +173,22 @@ class Entry:
             other_stack = os.path.realpath(self.stack_path(other))
             for row, key in enumerate(keys[h]):
                 if key.split("@", 1)[1] == other_stack:
-                    raise InputError(f"{names[h][row]!r} is an image of {self.stack_path(other).name}, the stack of "
-                                     f"half {other}: the halves must be independent (each particle in one half only)",
-                                     path=self.star_path(h), where=f"data_particles row {row} (0-based), column "
-                                                                   "rlnImageName")
+                    raise InputError(
+                        f"{names[h][row]!r} is an image of {self.stack_path(other).name}, the stack of "
+                        f"half {other}: the halves must be independent (each particle in one half only)",
+                        path=self.star_path(h),
+                        where=f"data_particles row {row} (0-based), column rlnImageName",
+                    )
         row_of = {key: row for row, key in enumerate(keys[0])}
         for row, key in enumerate(keys[1]):
             if key in row_of:
-                raise InputError(f"{names[1][row]!r} is also particle {names[0][row_of[key]]!r} of half 0 (row "
-                                 f"{row_of[key]} of {self.star_path(0).name}): the halves must be independent "
-                                 "(each particle in one half only)", path=self.star_path(1),
-                                 where=f"data_particles row {row} (0-based), column rlnImageName")
+                raise InputError(
+                    f"{names[1][row]!r} is also particle {names[0][row_of[key]]!r} of half 0 (row "
+                    f"{row_of[key]} of {self.star_path(0).name}): the halves must be independent "
+                    "(each particle in one half only)",
+                    path=self.star_path(1),
+                    where=f"data_particles row {row} (0-based), column rlnImageName",
+                )
 
     def validate(self) -> None:
         """Check that the entry's files exist and agree; raise :class:`InputError` naming the problem.
@@ -190,8 +204,11 @@ class Entry:
         for h in self.halves:
             for p in (self.star_path(h), self.stack_path(h), self.info_path(h)):
                 if not p.is_file():
-                    raise InputError("missing file of the entry layout (particles_{h}.star, particles_{h}.mrcs, "
-                                     "info_{h}.json for h = 0, 1)", path=p)
+                    raise InputError(
+                        "missing file of the entry layout (particles_{h}.star, particles_{h}.mrcs, "
+                        "info_{h}.json for h = 0, 1)",
+                        path=p,
+                    )
         _ = self.symmetry
         _ = self.pixel_size
         box = self.box_size
@@ -205,17 +222,25 @@ class Entry:
                 path = resolve_stack_path(star_path, stack)
                 n, ny, nx = stack_shape(path)
                 if (ny, nx) != (box, box):
-                    raise InputError(f"stack images are {ny} x {nx} pixels but {star_path} says rlnImageSize "
-                                     f"{box}", path=path, where="box size")
+                    raise InputError(
+                        f"stack images are {ny} x {nx} pixels but {star_path} says rlnImageSize {box}",
+                        path=path,
+                        where="box size",
+                    )
                 if top > n:
-                    raise InputError(f"particles refer to image {top} (1-based) but the stack {path} holds "
-                                     f"{n} images", path=star_path, where=f"rlnImageName ({stack})")
+                    raise InputError(
+                        f"particles refer to image {top} (1-based) but the stack {path} holds {n} images",
+                        path=star_path,
+                        where=f"rlnImageName ({stack})",
+                    )
         for path, what in ((self.mask_path, "mask"), (self.ground_truth_map_path, "ground-truth map")):
             if path.exists():
                 shape, _ = _mrc_layout(path)
                 if tuple(shape) != (box, box, box):
-                    raise InputError(f"{what} has shape {shape} but the particles' box is {box} "
-                                     f"(expected {(box, box, box)})", path=path)
+                    raise InputError(
+                        f"{what} has shape {shape} but the particles' box is {box} (expected {(box, box, box)})",
+                        path=path,
+                    )
 
 
 def resolve_entry(entry, benchmark_dir=None) -> Entry:
@@ -228,6 +253,8 @@ def resolve_entry(entry, benchmark_dir=None) -> Entry:
         return Entry(path)
     root = Path(benchmark_dir if benchmark_dir is not None else DEFAULT_BENCHMARK_DIR) / str(entry)
     if not root.is_dir():
-        raise InputError(f"no entry {entry!r}: neither an entry folder nor a name in the benchmark directory "
-                         f"{root.parent}", path=root)
+        raise InputError(
+            f"no entry {entry!r}: neither an entry folder nor a name in the benchmark directory {root.parent}",
+            path=root,
+        )
     return Entry(root)

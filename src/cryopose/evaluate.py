@@ -21,24 +21,25 @@ import pandas as pd
 import torch
 
 from . import io
+from .entry import Entry
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .masks import mask_from_ground_truth
-from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
 from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
+from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
 from .reconstruct import reconstruct, relion_command
-from .entry import Entry
 
 __all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult"]
-
 
 
 # ---------------------------------------------------------------------------------------------
 # The protocol: maps from ground-truth and predicted poses, then metrics
 # ---------------------------------------------------------------------------------------------
 
-def prediction_star(entry: Entry, half: int, predictions: Predictions, prediction_type: str,
-                    use_pred_confidence: bool) -> io.ParticleStar:
+
+def prediction_star(
+    entry: Entry, half: int, predictions: Predictions, prediction_type: str, use_pred_confidence: bool
+) -> io.ParticleStar:
     """The entry's STAR for ``half`` with the predicted pose parameters transplanted into it.
 
     S2 predictions replace rlnAngleRot and rlnAngleTilt (the true rlnAnglePsi is kept); SO3 all
@@ -74,8 +75,15 @@ def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int) -> d
         digest.update(entry.star_path(h).read_bytes())
         st = entry.stack_path(h).stat()
         digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return {"entry": entry.name, "backend": backend, "symmetry": symmetry, "pad": pad, "inputs": digest.hexdigest(),
-            "box_size": entry.box_size, "pixel_size": entry.pixel_size}
+    return {
+        "entry": entry.name,
+        "backend": backend,
+        "symmetry": symmetry,
+        "pad": pad,
+        "inputs": digest.hexdigest(),
+        "box_size": entry.box_size,
+        "pixel_size": entry.pixel_size,
+    }
 
 
 def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tuple[np.ndarray, float]]:
@@ -126,19 +134,24 @@ def _cached_ground_truth(entry: Entry, cache_dir: Path, fingerprint: dict) -> tu
         except InputError:
             continue  # a damaged map: the cache is rebuilt
         if volume.shape != (box,) * 3 or not math.isclose(volume_px, px, rel_tol=1e-3):
-            raise InputError(f"a ground-truth map of box {volume.shape[0]} at {volume_px:g} Å/px, but {entry.name} has "
-                             f"box {box} at {px:g} Å/px: this cache is of another entry (or an earlier version of "
-                             f"this one); delete {cache_dir} or give --ground-truth-dir a folder of its own",
-                             path=path)
+            raise InputError(
+                f"a ground-truth map of box {volume.shape[0]} at {volume_px:g} Å/px, but {entry.name} has "
+                f"box {box} at {px:g} Å/px: this cache is of another entry (or an earlier version of "
+                f"this one); delete {cache_dir} or give --ground-truth-dir a folder of its own",
+                path=path,
+            )
         maps.append(volume)
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return None
     if isinstance(record, dict) and record.get("entry") not in (None, entry.name):
-        raise InputError(f"the ground-truth cache of entry {record.get('entry')!r}, not of {entry.name!r}: delete "
-                         f"{cache_dir} or give --ground-truth-dir a folder of its own", path=record_path,
-                         where="entry")
+        raise InputError(
+            f"the ground-truth cache of entry {record.get('entry')!r}, not of {entry.name!r}: delete "
+            f"{cache_dir} or give --ground-truth-dir a folder of its own",
+            path=record_path,
+            where="entry",
+        )
     if len(maps) != len(paths):
         return None
     # The record names the checksums of the two maps it was written with: a pair mixed from two
@@ -156,16 +169,28 @@ def _check_cache_folder(cache_dir: Path) -> None:
         raise InputError("the ground-truth cache must be a folder, but this is a file", path=cache_dir)
     if not cache_dir.is_dir():
         return
-    others = sorted(p.name for p in cache_dir.iterdir() if p.name not in GROUND_TRUTH_FILES and not io.is_temporary(p.name))
+    others = sorted(
+        p.name for p in cache_dir.iterdir() if p.name not in GROUND_TRUTH_FILES and not io.is_temporary(p.name)
+    )
     if others:
-        raise InputError(f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which are not part of a "
-                         f"ground-truth cache ({', '.join(GROUND_TRUTH_FILES)}); the cache replaces its folder as a "
-                         "whole, so give it a folder of its own", path=cache_dir, where="ground-truth cache")
+        raise InputError(
+            f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which are not part of a "
+            f"ground-truth cache ({', '.join(GROUND_TRUTH_FILES)}); the cache replaces its folder as a "
+            "whole, so give it a folder of its own",
+            path=cache_dir,
+            where="ground-truth cache",
+        )
 
 
-def ground_truth_maps(entry: Entry, cache_dir: str | Path, backend: str = "torch", pad: int = 2,
-                      progress: bool = True, jobs: int = 1,
-                      **reconstruct_options) -> tuple[np.ndarray, np.ndarray, float]:
+def ground_truth_maps(
+    entry: Entry,
+    cache_dir: str | Path,
+    backend: str = "torch",
+    pad: int = 2,
+    progress: bool = True,
+    jobs: int = 1,
+    **reconstruct_options,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """The half-maps GT0, GT1 reconstructed from the entry's ground-truth poses, cached.
 
     The folder ``cache_dir`` holds ``GT_half{h}.mrc`` and a ``ground_truth.json`` record of the
@@ -188,8 +213,15 @@ def ground_truth_maps(entry: Entry, cache_dir: str | Path, backend: str = "torch
         (m0, m1), px = cached
         return m0, m1, px
     _check_cache_folder(cache_dir)
-    results = _reconstruct_each([entry.star_path(h) for h in entry.halves], jobs, symmetry=entry.symmetry,
-                                backend=backend, pad=pad, progress=progress, **reconstruct_options)
+    results = _reconstruct_each(
+        [entry.star_path(h) for h in entry.halves],
+        jobs,
+        symmetry=entry.symmetry,
+        backend=backend,
+        pad=pad,
+        progress=progress,
+        **reconstruct_options,
+    )
     maps = [vol for vol, _ in results]
     px = results[0][1]
     *names, record_name = GROUND_TRUTH_FILES
@@ -211,14 +243,18 @@ def _read_entry_mask(entry: Entry) -> np.ndarray | None:
     if mask.shape != box:
         raise InputError(f"mask has shape {mask.shape} but the maps are {box}", path=entry.mask_path)
     if not math.isclose(mask_px, entry.pixel_size, rel_tol=0.01):
-        raise InputError(f"mask pixel size {mask_px:g} Å differs from the particles' {entry.pixel_size:g} Å",
-                         path=entry.mask_path, where="voxel size")
+        raise InputError(
+            f"mask pixel size {mask_px:g} Å differs from the particles' {entry.pixel_size:g} Å",
+            path=entry.mask_path,
+            where="voxel size",
+        )
     if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
         raise InputError("mask values must lie in [0, 1]", path=entry.mask_path)
     mask = np.clip(mask, 0, 1)
     if not mask.any():  # it would zero both maps: every masked metric undefined
-        raise InputError("mask is zero everywhere; expected values in [0, 1] that are > 0 over the molecule",
-                         path=entry.mask_path)
+        raise InputError(
+            "mask is zero everywhere; expected values in [0, 1] that are > 0 over the molecule", path=entry.mask_path
+        )
     return mask
 
 
@@ -233,11 +269,24 @@ class EvaluationResult:
     maps: dict
 
 
-def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_predictions: str | Path,
-             prediction_type: str = "SO3", backend: str = "torch", use_pred_confidence: bool = True,
-             outdir: str | Path | None = None, ground_truth_dir: str | Path | None = None, pad: int = 2,
-             low_resolution_angstrom: float = 30.0, plots: bool = True, progress: bool = True, jobs: int = 1,
-             method: str | None = None, trained_on: str | None = None, **reconstruct_options) -> EvaluationResult:
+def evaluate(
+    entry: Entry | str | Path,
+    half0_predictions: str | Path,
+    half1_predictions: str | Path,
+    prediction_type: str = "SO3",
+    backend: str = "torch",
+    use_pred_confidence: bool = True,
+    outdir: str | Path | None = None,
+    ground_truth_dir: str | Path | None = None,
+    pad: int = 2,
+    low_resolution_angstrom: float = 30.0,
+    plots: bool = True,
+    progress: bool = True,
+    jobs: int = 1,
+    method: str | None = None,
+    trained_on: str | None = None,
+    **reconstruct_options,
+) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
 
     ``half{h}_predictions`` is a STAR with the predictions for half ``h`` (made by the model trained
@@ -279,20 +328,27 @@ def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_pre
     if not isinstance(entry, Entry):
         entry = Entry(Path(entry))
     if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
-                         where="prediction_type")
+        raise InputError(
+            f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}", where="prediction_type"
+        )
     if backend not in ("torch", "relion"):
         raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
     entry.validate()
-    predictions = [load_predictions(entry, h, p, prediction_type, use_confidence=use_pred_confidence)
-                   for h, p in zip(entry.halves, (half0_predictions, half1_predictions))]
+    predictions = [
+        load_predictions(entry, h, p, prediction_type, use_confidence=use_pred_confidence)
+        for h, p in zip(entry.halves, (half0_predictions, half1_predictions))
+    ]
     for path, pred in zip((half0_predictions, half1_predictions), predictions):
         # All-zero weights reconstruct a zero map: refused here, naming the predictions, rather
         # than scored or refused later under the temporary STAR's name.
         if pred.confidence is not None and not bool((pred.confidence > 0).any()):
-            raise InputError(f"all {len(pred.confidence)} confidences are 0, so they weight nothing into the map; "
-                             f"expected finite values >= 0, not all 0 (to ignore the column, evaluate with "
-                             f"--no-pred-confidence)", path=path, where="rlnParticleFigureOfMerit")
+            raise InputError(
+                f"all {len(pred.confidence)} confidences are 0, so they weight nothing into the map; "
+                f"expected finite values >= 0, not all 0 (to ignore the column, evaluate with "
+                f"--no-pred-confidence)",
+                path=path,
+                where="rlnParticleFigureOfMerit",
+            )
     if backend == "relion":
         relion_command(reconstruct_options.get("launcher"), reconstruct_options.get("mpi_processes", 1))
     mask = _read_entry_mask(entry)  # read and checked before any work
@@ -301,23 +357,41 @@ def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_pre
     # Scratch files (the predicted STARs) live next to the output, where the next run finds and
     # removes what a killed run left; only a call that names no folder at all uses the system's.
     scratch = Path(outdir) if outdir else Path(ground_truth_dir) if ground_truth_dir else None
-    with (io.temporary_folder(scratch.parent, scratch.name) if scratch is not None
-          else io.temporary_folder(tempfile.gettempdir(), "cryopose-evaluate")) as tmp:
-        gt_dir = Path(ground_truth_dir) if ground_truth_dir else (Path(outdir) / "ground_truth" if outdir
-                                                                  else Path(tmp) / "ground_truth")
+    with (
+        io.temporary_folder(scratch.parent, scratch.name)
+        if scratch is not None
+        else io.temporary_folder(tempfile.gettempdir(), "cryopose-evaluate")
+    ) as tmp:
+        gt_dir = (
+            Path(ground_truth_dir)
+            if ground_truth_dir
+            else (Path(outdir) / "ground_truth" if outdir else Path(tmp) / "ground_truth")
+        )
         t0 = time.perf_counter()
-        gt0, gt1, px = ground_truth_maps(entry, gt_dir, backend=backend, pad=pad, progress=progress, jobs=jobs,
-                                         **reconstruct_options)
+        gt0, gt1, px = ground_truth_maps(
+            entry, gt_dir, backend=backend, pad=pad, progress=progress, jobs=jobs, **reconstruct_options
+        )
         t_gt = time.perf_counter() - t0
         t0 = time.perf_counter()
         star_paths = []
         for h, pred in zip(entry.halves, predictions):
             star_paths.append(Path(tmp) / f"predicted_half{h}.star")
-            io.write_particles_star(star_paths[-1], prediction_star(entry, h, pred, prediction_type,
-                                                                    use_pred_confidence))
-        v = [vol for vol, _ in _reconstruct_each(star_paths, jobs, symmetry=symmetry, backend=backend,
-                                                 use_weights=use_pred_confidence, pad=pad, progress=progress,
-                                                 **reconstruct_options)]
+            io.write_particles_star(
+                star_paths[-1], prediction_star(entry, h, pred, prediction_type, use_pred_confidence)
+            )
+        v = [
+            vol
+            for vol, _ in _reconstruct_each(
+                star_paths,
+                jobs,
+                symmetry=symmetry,
+                backend=backend,
+                use_weights=use_pred_confidence,
+                pad=pad,
+                progress=progress,
+                **reconstruct_options,
+            )
+        ]
         t_pred = time.perf_counter() - t0
 
     gt = 0.5 * (gt0 + gt1)
@@ -335,19 +409,44 @@ def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_pre
         if mask is None:
             no_mask, mask_source = f"no mask: GT {problem}, so none can be built from it", "none"
     pairs = {"(GT,V)": (gt, vmean), "(V0,V1)": (v[0], v[1]), "(GT0,GT1)": (gt0, gt1)}
-    comparisons = {name: compare_maps(a, b, px, mask=mask, low_resolution_angstrom=low_resolution_angstrom,
-                                      names=tuple(name.strip("()").split(",")))
-                   for name, (a, b) in pairs.items()}
+    comparisons = {
+        name: compare_maps(
+            a,
+            b,
+            px,
+            mask=mask,
+            low_resolution_angstrom=low_resolution_angstrom,
+            names=tuple(name.strip("()").split(",")),
+        )
+        for name, (a, b) in pairs.items()
+    }
     # Cross-half agreement: V_h against the other half's ground truth GT_(1-h), which holds none of
     # V_h's particles, so none of their noise. Its reference, GT_h against GT_(1-h), is (GT0,GT1).
-    cross = [compare_maps(v[h], (gt1, gt0)[h], px, mask=mask, low_resolution_angstrom=low_resolution_angstrom,
-                          names=(f"V{h}", f"GT{1 - h}")) for h in (0, 1)]
+    cross = [
+        compare_maps(
+            v[h],
+            (gt1, gt0)[h],
+            px,
+            mask=mask,
+            low_resolution_angstrom=low_resolution_angstrom,
+            names=(f"V{h}", f"GT{1 - h}"),
+        )
+        for h in (0, 1)
+    ]
 
     particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
-    metrics: dict = {"method": method, "entry": entry.name, "trained_on": trained_on or entry.name,
-                     "symmetry": symmetry, "prediction_type": prediction_type,
-                     "backend": backend, "use_pred_confidence": bool(use_pred_confidence),
-                     "mask_source": mask_source, "pixel_size": float(px), "box_size": float(entry.box_size)}
+    metrics: dict = {
+        "method": method,
+        "entry": entry.name,
+        "trained_on": trained_on or entry.name,
+        "symmetry": symmetry,
+        "prediction_type": prediction_type,
+        "backend": backend,
+        "use_pred_confidence": bool(use_pred_confidence),
+        "mask_source": mask_source,
+        "pixel_size": float(px),
+        "box_size": float(entry.box_size),
+    }
     metrics.update(pose_metrics)
     # Undefined map metrics are NaN (null in metrics.json); null_reasons says why for each.
     null_reasons: dict[str, str] = {}
@@ -361,13 +460,21 @@ def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_pre
     _cross_half_metrics(cross, no_mask, metrics, null_reasons)
     for prefix in ("", "masked_"):
         deltas = {f"{prefix}delta_PCC": (f"{prefix}PCC(GT0,GT1)", f"{prefix}PCC(GT,V)")}
-        deltas.update({f"{prefix}delta_FSCR{t:g}": (f"{prefix}FSCR{t:g}(GT,V)", f"{prefix}FSCR{t:g}(GT0,GT1)")
-                       for t in FSC_THRESHOLDS})
+        deltas.update(
+            {
+                f"{prefix}delta_FSCR{t:g}": (f"{prefix}FSCR{t:g}(GT,V)", f"{prefix}FSCR{t:g}(GT0,GT1)")
+                for t in FSC_THRESHOLDS
+            }
+        )
         # V's cross-half value against GT's (GT_h in place of V_h), signed as the paper's deltas
         # (positive = worse): 0 for the true poses by construction.
         deltas[f"{prefix}delta_cross_PCC"] = (f"{prefix}PCC(GT0,GT1)", f"{prefix}cross_PCC")
-        deltas.update({f"{prefix}delta_cross_FSCR{t:g}": (f"{prefix}cross_FSCR{t:g}", f"{prefix}FSCR{t:g}(GT0,GT1)")
-                       for t in FSC_THRESHOLDS})
+        deltas.update(
+            {
+                f"{prefix}delta_cross_FSCR{t:g}": (f"{prefix}cross_FSCR{t:g}", f"{prefix}FSCR{t:g}(GT0,GT1)")
+                for t in FSC_THRESHOLDS
+            }
+        )
         for delta, (minuend, subtrahend) in deltas.items():
             metrics[delta] = metrics[minuend] - metrics[subtrahend]
             causes = [null_reasons[k] for k in (minuend, subtrahend) if k in null_reasons]
@@ -379,15 +486,20 @@ def evaluate(entry: Entry | str | Path, half0_predictions: str | Path, half1_pre
     metrics["seconds_total"] = time.perf_counter() - t_start
     metrics = {k: _plain(val) for k, val in metrics.items()}
 
-    fsc = pd.DataFrame({"shell": np.arange(len(comparisons["(GT,V)"].frequencies)),
-                        "frequency_per_A": comparisons["(GT,V)"].frequencies})
+    fsc = pd.DataFrame(
+        {
+            "shell": np.arange(len(comparisons["(GT,V)"].frequencies)),
+            "frequency_per_A": comparisons["(GT,V)"].frequencies,
+        }
+    )
     with np.errstate(divide="ignore"):
         fsc["resolution_A"] = np.where(fsc["frequency_per_A"] > 0, 1.0 / fsc["frequency_per_A"], np.inf)
     for name, cmp in comparisons.items():
         fsc[f"FSC{name}"] = cmp.fsc
         fsc[f"masked_FSC{name}"] = cmp.masked_fsc
-    result = EvaluationResult(metrics=metrics, particles=particles, fsc=fsc,
-                              maps={"GT0": gt0, "GT1": gt1, "V0": v[0], "V1": v[1]})
+    result = EvaluationResult(
+        metrics=metrics, particles=particles, fsc=fsc, maps={"GT0": gt0, "GT1": gt1, "V0": v[0], "V1": v[1]}
+    )
     if outdir is not None:
         _write_outputs(Path(outdir), result, px, vmean, plots)
     return result
@@ -427,8 +539,9 @@ def _plain(value):
     return value
 
 
-def _pose_metrics(entry: Entry, predictions: list[Predictions], prediction_type: str,
-                  symmetry: str) -> tuple[pd.DataFrame, dict]:
+def _pose_metrics(
+    entry: Entry, predictions: list[Predictions], prediction_type: str, symmetry: str
+) -> tuple[pd.DataFrame, dict]:
     rows, errors, confidences, metrics = [], [], [], {}
     all_shift_errors = []
     for h, pred in zip(entry.halves, predictions):
@@ -439,18 +552,30 @@ def _pose_metrics(entry: Entry, predictions: list[Predictions], prediction_type:
             pred_angles = np.column_stack([pred_angles[:, :2], true_angles[:, 2]])
         pred_rot = euler_to_matrix(torch.tensor(pred_angles)) if prediction_type == "S2" else pred.rotmats
         err = angular_errors(euler_to_matrix(torch.tensor(true_angles)), pred_rot, symmetry)
-        conf = (truth["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
-                if "rlnMaxValueProbDistribution" in truth.columns else np.ones(len(truth)))
-        table = pd.DataFrame({"half": h, "rlnImageName": truth["rlnImageName"].astype(str).to_numpy(),
-                              "angular_error_deg": err.numpy(), "gt_confidence": conf})
+        conf = (
+            truth["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
+            if "rlnMaxValueProbDistribution" in truth.columns
+            else np.ones(len(truth))
+        )
+        table = pd.DataFrame(
+            {
+                "half": h,
+                "rlnImageName": truth["rlnImageName"].astype(str).to_numpy(),
+                "angular_error_deg": err.numpy(),
+                "gt_confidence": conf,
+            }
+        )
         for j, col in enumerate(EULER):
             table[f"true_{col}"] = true_angles[:, j]
             table[f"pred_{col}"] = pred_angles[:, j]
         if pred.confidence is not None:
             table["pred_confidence"] = pred.confidence.numpy()
         if pred.shifts is not None:
-            true_shifts = truth[ORIGIN].to_numpy(dtype=np.float64) if set(ORIGIN) <= set(truth.columns) \
+            true_shifts = (
+                truth[ORIGIN].to_numpy(dtype=np.float64)
+                if set(ORIGIN) <= set(truth.columns)
                 else np.zeros((len(truth), 2))
+            )
             table["shift_error_A"] = shift_errors(true_shifts, pred.shifts).numpy()
             all_shift_errors.append(table["shift_error_A"].to_numpy())
         summary = pose_error_summary(err, conf)
@@ -465,7 +590,7 @@ def _pose_metrics(entry: Entry, predictions: list[Predictions], prediction_type:
         s = np.concatenate(all_shift_errors)
         metrics["shift_error_mean_A"] = float(s.mean())
         metrics["shift_error_median_A"] = float(np.median(s))
-        metrics["shift_RMSE_A"] = float(np.sqrt(np.mean(s ** 2)))
+        metrics["shift_RMSE_A"] = float(np.sqrt(np.mean(s**2)))
     return pd.concat(rows, ignore_index=True), metrics
 
 

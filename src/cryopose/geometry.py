@@ -85,9 +85,11 @@ def matrix_to_euler(matrices: torch.Tensor) -> torch.Tensor:
     tilt = torch.atan2(sin_tilt, r22)
     eps = 1e-6 if m.dtype == torch.float64 else 1e-4
     regular = sin_tilt > eps
-    rot = torch.where(regular, torch.atan2(m[..., 1, 2], m[..., 0, 2]),
-                      torch.where(r22 > 0, torch.atan2(m[..., 1, 0], m[..., 0, 0]),
-                                  torch.atan2(-m[..., 1, 0], -m[..., 0, 0])))
+    rot = torch.where(
+        regular,
+        torch.atan2(m[..., 1, 2], m[..., 0, 2]),
+        torch.where(r22 > 0, torch.atan2(m[..., 1, 0], m[..., 0, 0]), torch.atan2(-m[..., 1, 0], -m[..., 0, 0])),
+    )
     psi = torch.where(regular, torch.atan2(m[..., 2, 1], -m[..., 2, 0]), torch.zeros_like(rot))
     return torch.rad2deg(torch.stack([rot, tilt, psi], dim=-1))
 
@@ -104,19 +106,49 @@ def matrix_to_quaternion(matrices: torch.Tensor) -> torch.Tensor:
     m = torch.as_tensor(matrices)
     m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
     # Four candidate formulas; take the one with the largest denominator for stability.
-    sq = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,
-                      1 - m00 + m11 - m22, 1 - m00 - m11 + m22], dim=-1)
+    sq = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], dim=-1)
     denom = 2.0 * torch.sqrt(sq.clamp(min=1e-12))
-    candidates = torch.stack([
-        torch.stack([denom[..., 0] / 4, (m[..., 2, 1] - m[..., 1, 2]) / denom[..., 0],
-                     (m[..., 0, 2] - m[..., 2, 0]) / denom[..., 0], (m[..., 1, 0] - m[..., 0, 1]) / denom[..., 0]], -1),
-        torch.stack([(m[..., 2, 1] - m[..., 1, 2]) / denom[..., 1], denom[..., 1] / 4,
-                     (m[..., 0, 1] + m[..., 1, 0]) / denom[..., 1], (m[..., 0, 2] + m[..., 2, 0]) / denom[..., 1]], -1),
-        torch.stack([(m[..., 0, 2] - m[..., 2, 0]) / denom[..., 2], (m[..., 0, 1] + m[..., 1, 0]) / denom[..., 2],
-                     denom[..., 2] / 4, (m[..., 1, 2] + m[..., 2, 1]) / denom[..., 2]], -1),
-        torch.stack([(m[..., 1, 0] - m[..., 0, 1]) / denom[..., 3], (m[..., 0, 2] + m[..., 2, 0]) / denom[..., 3],
-                     (m[..., 1, 2] + m[..., 2, 1]) / denom[..., 3], denom[..., 3] / 4], -1),
-    ], dim=-2)
+    candidates = torch.stack(
+        [
+            torch.stack(
+                [
+                    denom[..., 0] / 4,
+                    (m[..., 2, 1] - m[..., 1, 2]) / denom[..., 0],
+                    (m[..., 0, 2] - m[..., 2, 0]) / denom[..., 0],
+                    (m[..., 1, 0] - m[..., 0, 1]) / denom[..., 0],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 2, 1] - m[..., 1, 2]) / denom[..., 1],
+                    denom[..., 1] / 4,
+                    (m[..., 0, 1] + m[..., 1, 0]) / denom[..., 1],
+                    (m[..., 0, 2] + m[..., 2, 0]) / denom[..., 1],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 0, 2] - m[..., 2, 0]) / denom[..., 2],
+                    (m[..., 0, 1] + m[..., 1, 0]) / denom[..., 2],
+                    denom[..., 2] / 4,
+                    (m[..., 1, 2] + m[..., 2, 1]) / denom[..., 2],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 1, 0] - m[..., 0, 1]) / denom[..., 3],
+                    (m[..., 0, 2] + m[..., 2, 0]) / denom[..., 3],
+                    (m[..., 1, 2] + m[..., 2, 1]) / denom[..., 3],
+                    denom[..., 3] / 4,
+                ],
+                -1,
+            ),
+        ],
+        dim=-2,
+    )
     best = sq.argmax(dim=-1)
     q = torch.gather(candidates, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
     q = q / q.norm(dim=-1, keepdim=True)
@@ -130,11 +162,20 @@ def quaternion_to_matrix(quaternions: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"quaternion_to_matrix expects (..., 4), got {tuple(q.shape)}")
     q = q / q.norm(dim=-1, keepdim=True)
     w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(*q.shape[:-1], 3, 3)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - z * w),
+            2 * (x * z + y * w),
+            2 * (x * y + z * w),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - x * w),
+            2 * (x * z - y * w),
+            2 * (y * z + x * w),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*q.shape[:-1], 3, 3)
 
 
 def geodesic_angle(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
@@ -149,13 +190,15 @@ def geodesic_angle(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """
     rel = r1.transpose(-1, -2) @ r2
     trace = rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2]
-    skew = torch.stack([rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0],
-                        rel[..., 1, 0] - rel[..., 0, 1]], dim=-1)
+    skew = torch.stack(
+        [rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]], dim=-1
+    )
     return torch.rad2deg(torch.atan2(skew.norm(dim=-1) / 2, (trace - 1) / 2))
 
 
-def random_rotations(n: int, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def random_rotations(
+    n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """``(n, 3, 3)`` rotations uniform on SO(3) (Haar measure), from normalised Gaussian quaternions."""
     q = torch.randn(n, 4, generator=generator, dtype=dtype)
     return quaternion_to_matrix(q)

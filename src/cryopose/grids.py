@@ -16,13 +16,20 @@ import torch
 from .geometry import euler_to_matrix, matrix_to_quaternion
 from .symmetry import symmetry_matrices
 
-__all__ = ["so3_grid_size", "so3_healpix_grid", "nearest_grid_index", "symmetric_grid_target", "symmetric_grid_cells",
-           "target_from_cells", "grid_quaternions_of"]
+__all__ = [
+    "so3_grid_size",
+    "so3_healpix_grid",
+    "nearest_grid_index",
+    "symmetric_grid_target",
+    "symmetric_grid_cells",
+    "target_from_cells",
+    "grid_quaternions_of",
+]
 
 
 def so3_grid_size(order: int) -> int:
     """Number of rotations of the SO(3) HEALPix grid of ``order``: ``72·8^order``."""
-    return 72 * 8 ** order
+    return 72 * 8**order
 
 
 @functools.cache
@@ -31,7 +38,7 @@ def _grid_float64(order: int) -> torch.Tensor:
 
     if order < 0:
         raise ValueError(f"grid order must be >= 0, got {order}")
-    nside = 2 ** order
+    nside = 2**order
     tilt, rot = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)), nest=True)
     psi = np.linspace(0.0, 2 * np.pi, 6 * nside, endpoint=False)
     angles = np.stack([np.repeat(rot, psi.size), np.repeat(tilt, psi.size), np.tile(psi, rot.size)], -1)
@@ -44,8 +51,9 @@ def so3_healpix_grid(order: int, dtype: torch.dtype = torch.float32, device=None
     return _grid_float64(order).to(dtype=dtype, device=device)
 
 
-def nearest_grid_index(rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: int = 1024,
-                       grid_quaternions: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_grid_index(
+    rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: int = 1024, grid_quaternions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Index of the grid rotation nearest (in geodesic angle) to each rotation.
 
     The geodesic angle is monotone in ``|⟨q, q_g⟩|`` of unit quaternions, so the nearest cell is
@@ -63,7 +71,7 @@ def nearest_grid_index(rotmats: torch.Tensor, grid: torch.Tensor, chunk_size: in
     """
     q_grid = grid_quaternions if grid_quaternions is not None else grid_quaternions_of(grid)
     q = matrix_to_quaternion(torch.as_tensor(rotmats).double())
-    out = [(q[i:i + chunk_size] @ q_grid.T).abs().argmax(-1) for i in range(0, q.shape[0], chunk_size)]
+    out = [(q[i : i + chunk_size] @ q_grid.T).abs().argmax(-1) for i in range(0, q.shape[0], chunk_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -90,8 +98,9 @@ def symmetric_grid_target(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: s
     return target_from_cells(symmetric_grid_cells(rotmats, grid, symmetry), grid.shape[0])
 
 
-def symmetric_grid_cells(rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str,
-                         grid_quaternions: torch.Tensor | None = None) -> torch.Tensor:
+def symmetric_grid_cells(
+    rotmats: torch.Tensor, grid: torch.Tensor, symmetry: str, grid_quaternions: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(N, |G|)`` int64: the grid cell of each symmetry mate ``g·R`` (the sparse form of
     :func:`symmetric_grid_target`, small enough to keep for a whole validation set; the training
     loss reads the target through these cells, see :func:`cryopose.train.weighted_loss`).

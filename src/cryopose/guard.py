@@ -69,8 +69,9 @@ def _refuse(out: Path, label: str, relation: str, what: str, real: Path, advice:
     return InputError(f"refused: this output{shown} {relation} {what} {real}; {advice}", path=out, where=label)
 
 
-def refuse_overwriting_inputs(outputs: Mapping[str, object], inputs: Mapping[str, object] | None = None, *,
-                              builds_entries: bool = False) -> None:
+def refuse_overwriting_inputs(
+    outputs: Mapping[str, object], inputs: Mapping[str, object] | None = None, *, builds_entries: bool = False
+) -> None:
     """Raise :class:`InputError` unless every output is safe to write.
 
     Args:
@@ -94,14 +95,27 @@ def refuse_overwriting_inputs(outputs: Mapping[str, object], inputs: Mapping[str
             for in_label, given, in_real in read:
                 what = f"the input {in_label}" + ("" if given == in_real else f" {given}, which is")
                 if real == in_real:
-                    raise _refuse(out, label, "is", what, in_real,
-                                  f"an input is never an output: choose another {label}")
+                    raise _refuse(
+                        out, label, "is", what, in_real, f"an input is never an output: choose another {label}"
+                    )
                 if in_real in real.parents:
-                    raise _refuse(out, label, "lies inside", what, in_real,
-                                  f"an input is never an output: choose a {label} outside it")
+                    raise _refuse(
+                        out,
+                        label,
+                        "lies inside",
+                        what,
+                        in_real,
+                        f"an input is never an output: choose a {label} outside it",
+                    )
                 if real in in_real.parents:
-                    raise _refuse(out, label, "holds", what, in_real,
-                                  f"writing there could replace or delete it: choose a {label} that does not hold it")
+                    raise _refuse(
+                        out,
+                        label,
+                        "holds",
+                        what,
+                        in_real,
+                        f"writing there could replace or delete it: choose a {label} that does not hold it",
+                    )
             entry_advice = f"an entry holds only its own files: choose a {label} outside it"
             for folder in real.parents:
                 if is_entry_folder(folder):
@@ -111,5 +125,11 @@ def refuse_overwriting_inputs(outputs: Mapping[str, object], inputs: Mapping[str
                     raise _refuse(out, label, "is", "the entry folder", real, entry_advice)
                 held = _entries_below(real, ENTRY_SEARCH_DEPTH)
                 if held is not None:
-                    raise _refuse(out, label, "holds", "the entry folder", held,
-                                  f"writing there could replace or mix with it: choose a {label} that holds no entry")
+                    raise _refuse(
+                        out,
+                        label,
+                        "holds",
+                        "the entry folder",
+                        held,
+                        f"writing there could replace or mix with it: choose a {label} that holds no entry",
+                    )

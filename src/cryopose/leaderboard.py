@@ -23,9 +23,20 @@ from .errors import InputError
 from .methods import REFINE_SUFFIX
 from .metric_table import columns
 
-__all__ = ["timings_from_benchmarks", "COLUMNS", "TIMING_COLUMNS", "SUMMARY_COLUMNS", "leaderboard_table", "summary_table", "to_markdown",
-           "write_leaderboard", "benchmark_seconds", "generalisation_table", "write_generalisation",
-           "GENERALISATION_COLUMNS"]
+__all__ = [
+    "timings_from_benchmarks",
+    "COLUMNS",
+    "TIMING_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "leaderboard_table",
+    "summary_table",
+    "to_markdown",
+    "write_leaderboard",
+    "benchmark_seconds",
+    "generalisation_table",
+    "write_generalisation",
+    "GENERALISATION_COLUMNS",
+]
 
 # Every list of metrics below is a view of cryopose.metric_table.METRICS, in its order.
 #: Metric columns from metrics.json, in the paper's order (Table 1, Appendix D), then the masked
@@ -45,8 +56,9 @@ def benchmark_seconds(path: str | Path) -> float:
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise InputError(f"cannot read a Snakemake benchmark table ({err})", path=path) from err
     if "s" not in table.columns or table.empty:
-        raise InputError("expected a tab-separated benchmark table with an 's' column and one row", path=path,
-                         where="s")
+        raise InputError(
+            "expected a tab-separated benchmark table with an 's' column and one row", path=path, where="s"
+        )
     return float(table["s"].iloc[0])
 
 
@@ -90,8 +102,9 @@ def _null_reasons(metrics: dict, columns: list[str]) -> str | None:
     return "; ".join(missing) or None
 
 
-def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, str], dict] | None = None
-                      ) -> pd.DataFrame:
+def leaderboard_table(
+    metrics_files: list[str | Path], timings: dict[tuple[str, str], dict] | None = None
+) -> pd.DataFrame:
     """One row per (method, entry), sorted by method then entry.
 
     Args:
@@ -107,8 +120,13 @@ def leaderboard_table(metrics_files: list[str | Path], timings: dict[tuple[str, 
         if key in seen:
             raise InputError(f"a second evaluation of method {key[0]!r} on entry {key[1]!r}", path=path)
         seen.add(key)
-        row = {"method": m["method"], "entry": m["entry"], "symmetry": m.get("symmetry"),
-               "backend": m.get("backend"), "n_particles": m.get("n_particles")}
+        row = {
+            "method": m["method"],
+            "entry": m["entry"],
+            "symmetry": m.get("symmetry"),
+            "backend": m.get("backend"),
+            "n_particles": m.get("n_particles"),
+        }
         row.update({c: m.get(c) for c in COLUMNS})
         row["null_reasons"] = _null_reasons(m, COLUMNS)
         t = dict((timings or {}).get(key, {}))
@@ -153,17 +171,27 @@ def to_markdown(table: pd.DataFrame, summary: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in shown) + " |")
-    notes = [f"- {r['method']} on {r['entry']}: {r['null_reasons']}" for _, r in table.iterrows()
-             if isinstance(r.get("null_reasons"), str)]
+    notes = [
+        f"- {r['method']} on {r['entry']}: {r['null_reasons']}"
+        for _, r in table.iterrows()
+        if isinstance(r.get("null_reasons"), str)
+    ]
     if notes:
         lines += ["", "Missing values (–), undefined for these reasons:", "", *notes]
-    lines += ["", "Per method, mean ± std over the entries with a value (entries without one are left out "
-              "and counted as missing):", ""]
+    lines += [
+        "",
+        "Per method, mean ± std over the entries with a value (entries without one are left out "
+        "and counted as missing):",
+        "",
+    ]
     cols = columns("markdown_summary")
     lines += ["| method | entries | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
     for _, r in summary.iterrows():
-        cells = [f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}"
-                 + (f" ({r[f'{c}_missing']} missing)" if r.get(f"{c}_missing") else "") for c in cols]
+        cells = [
+            f"{_fmt(r[f'{c}_mean'])} ± {_fmt(r[f'{c}_std'])}"
+            + (f" ({r[f'{c}_missing']} missing)" if r.get(f"{c}_missing") else "")
+            for c in cols
+        ]
         lines.append(f"| {r['method']} | {r['entries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -200,10 +228,16 @@ def generalisation_table(metrics_files: list[str | Path]) -> pd.DataFrame:
     for path in map(Path, metrics_files):
         m = _read_metrics(path)
         trained_on = m.get("trained_on") or m["entry"]
-        rows.append({"method": m["method"], "trained_on": trained_on, "entry": m["entry"],
-                     "setting": "in-distribution" if trained_on == m["entry"] else "transfer",
-                     **{c: m.get(c) for c in GENERALISATION_COLUMNS},
-                     "null_reasons": _null_reasons(m, GENERALISATION_COLUMNS)})
+        rows.append(
+            {
+                "method": m["method"],
+                "trained_on": trained_on,
+                "entry": m["entry"],
+                "setting": "in-distribution" if trained_on == m["entry"] else "transfer",
+                **{c: m.get(c) for c in GENERALISATION_COLUMNS},
+                "null_reasons": _null_reasons(m, GENERALISATION_COLUMNS),
+            }
+        )
     if not rows:
         raise InputError("no evaluations to compare", where="metrics files")
     table = pd.DataFrame(rows).sort_values(["method", "trained_on", "setting"]).reset_index(drop=True)

@@ -8,8 +8,9 @@ from scipy import ndimage
 __all__ = ["soft_mask_from_map", "spherical_mask", "lowpass_map", "mask_from_ground_truth"]
 
 
-def soft_mask_from_map(volume: np.ndarray, threshold: float | None = None, dilate_px: float = 3.0,
-                       soft_edge_px: float = 4.0) -> np.ndarray:
+def soft_mask_from_map(
+    volume: np.ndarray, threshold: float | None = None, dilate_px: float = 3.0, soft_edge_px: float = 4.0
+) -> np.ndarray:
     """A soft mask around the density of ``volume``.
 
     Args:
@@ -59,15 +60,20 @@ def lowpass_map(volume: np.ndarray, pixel_size: float, resolution_angstrom: floa
     """``volume`` with a Gaussian low-pass whose amplitude falls to 1/2 at ``resolution_angstrom``."""
     vol = np.asarray(volume, dtype=np.float32)
     k = [np.fft.fftfreq(n, d=pixel_size) for n in vol.shape[:-1]] + [np.fft.rfftfreq(vol.shape[-1], d=pixel_size)]
-    k2 = sum(np.meshgrid(*[x ** 2 for x in k], indexing="ij", sparse=True))
+    k2 = sum(np.meshgrid(*[x**2 for x in k], indexing="ij", sparse=True))
     sigma2 = (1.0 / resolution_angstrom) ** 2 / (2 * np.log(2))
     filtered = np.fft.irfftn(np.fft.rfftn(vol) * np.exp(-k2 / (2 * sigma2)), s=vol.shape)
     return filtered.astype(np.float32)
 
 
-def mask_from_ground_truth(volume: np.ndarray, pixel_size: float, resolution_angstrom: float = 15.0,
-                           threshold_fraction: float = 0.1, dilate_px: float = 3.0,
-                           soft_edge_px: float = 4.0) -> np.ndarray:
+def mask_from_ground_truth(
+    volume: np.ndarray,
+    pixel_size: float,
+    resolution_angstrom: float = 15.0,
+    threshold_fraction: float = 0.1,
+    dilate_px: float = 3.0,
+    soft_edge_px: float = 4.0,
+) -> np.ndarray:
     """A soft mask for an entry that ships none, built from its ground-truth reconstruction.
 
     The map is low-passed to ``max(resolution_angstrom, 3·pixel_size)`` first so that noise does not
@@ -75,5 +81,6 @@ def mask_from_ground_truth(volume: np.ndarray, pixel_size: float, resolution_ang
     ``threshold_fraction`` of its maximum, dilated and given a soft edge (:func:`soft_mask_from_map`).
     """
     smooth = lowpass_map(volume, pixel_size, max(resolution_angstrom, 3 * pixel_size))
-    return soft_mask_from_map(smooth, threshold=threshold_fraction * float(smooth.max()), dilate_px=dilate_px,
-                              soft_edge_px=soft_edge_px)
+    return soft_mask_from_map(
+        smooth, threshold=threshold_fraction * float(smooth.max()), dilate_px=dilate_px, soft_edge_px=soft_edge_px
+    )

@@ -38,9 +38,21 @@ from .grids import so3_grid_size, so3_healpix_grid
 from .parameters import param, validate
 from .preprocess import fourier_resize_map
 
-__all__ = ["MatchingConfig", "RefineConfig", "fourier_cube", "band_mask", "central_slices", "image_spectra",
-           "shift_phases", "shift_grid", "match_scores", "projection_match",
-           "refine_poses", "entry_particles", "check_reference"]
+__all__ = [
+    "MatchingConfig",
+    "RefineConfig",
+    "fourier_cube",
+    "band_mask",
+    "central_slices",
+    "image_spectra",
+    "shift_phases",
+    "shift_grid",
+    "match_scores",
+    "projection_match",
+    "refine_poses",
+    "entry_particles",
+    "check_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,9 @@ class RefineConfig:
     """Settings of the local refinement of given poses (:func:`refine_poses`)."""
 
     local_resolution: float = param(8.0, "Å: band of the local search (clipped to Nyquist)", above=0)
-    local_step: float = param(10.0, "degrees: first rotation step, halved each round (~ the input's grid spacing)",
-                               above=0)
+    local_step: float = param(
+        10.0, "degrees: first rotation step, halved each round (~ the input's grid spacing)", above=0
+    )
     local_rounds: int = param(8, "rounds of the local pattern search", min=0)
     local_max_shift: float = param(13.0, "Å: radius of the initial shift search around the given shift", above=0)
     local_batch_size: int = param(128, "particles refined at once", min=1)
@@ -104,7 +117,7 @@ def band_mask(box: int, max_radius: float, min_radius: float = 1.0) -> tuple[tor
     ky = torch.fft.fftfreq(box, dtype=torch.float64) * box
     kx = torch.fft.rfftfreq(box, dtype=torch.float64) * box
     kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
-    r = torch.sqrt(kxx ** 2 + kyy ** 2)
+    r = torch.sqrt(kxx**2 + kyy**2)
     mask = (r >= min_radius) & (r <= max_radius) & ~((kxx == 0) & (kyy < 0))
     return mask, torch.stack([kxx[mask], kyy[mask]], -1)
 
@@ -180,13 +193,12 @@ def shift_grid(radius: float, step: float) -> torch.Tensor:
     n = int(math.floor(radius / step + 1e-9))
     a = torch.arange(-n, n + 1, dtype=torch.float64) * step
     g = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)
-    g = g[(g ** 2).sum(-1) <= radius ** 2 + 1e-9]
-    order = torch.argsort((g ** 2).sum(-1), stable=True)
+    g = g[(g**2).sum(-1) <= radius**2 + 1e-9]
+    order = torch.argsort((g**2).sum(-1), stable=True)
     return g[order]
 
 
-def match_scores(spectra: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor, phases: torch.Tensor
-                 ) -> torch.Tensor:
+def match_scores(spectra: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """Normalised cross-correlations ``c`` (module docstring) of images with CTF-modulated, shifted
     projections.
 
@@ -202,29 +214,33 @@ def match_scores(spectra: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor,
     y = spectra.conj()[:, None, :] * phases * ctf[:, None, :].to(spectra.dtype)  # (B, S, M)
     pt = slices.transpose(-1, -2)
     num = y.real @ pt.real - y.imag @ pt.imag
-    norm = (ctf.float() ** 2)[:, None, :] @ (slices.real ** 2 + slices.imag ** 2).transpose(-1, -2)  # (B, 1, R)
+    norm = (ctf.float() ** 2)[:, None, :] @ (slices.real**2 + slices.imag**2).transpose(-1, -2)  # (B, 1, R)
     return num / norm.clamp_min(1e-20).sqrt()
 
 
-_SHIFT_STEPS = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [-1, 1], [-1, -1]],
-                            dtype=torch.float64)
+_SHIFT_STEPS = torch.tensor(
+    [[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=torch.float64
+)
 
 
-def _local_search(spectra, ctf, cube, points, rotmats, shifts, box: int, pad: int, step_deg: float,
-                  shift_step: float, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _local_search(
+    spectra, ctf, cube, points, rotmats, shifts, box: int, pad: int, step_deg: float, shift_step: float, rounds: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pattern search from ``rotmats (B, 3, 3)`` and ``shifts (B, 2)`` (pixels): each round tries the
     7 turns of :func:`~cryopose.geometry.axis_turns` times the 9 shift moves, keeps the best, and halves
     both steps. Returns the best rotations, shifts and their scores ``(B,)``."""
     dev = spectra.device
     b = len(spectra)
     rot, shift = rotmats.to(dev, torch.float64), shifts.to(dev, torch.float64)
-    score = match_scores(spectra, ctf, central_slices(cube, rot[:, None], points, pad),
-                         shift_phases(shift[:, None], points, box))[:, 0, 0]
+    score = match_scores(
+        spectra, ctf, central_slices(cube, rot[:, None], points, pad), shift_phases(shift[:, None], points, box)
+    )[:, 0, 0]
     for _ in range(rounds):
         cand_rot = rot[:, None] @ axis_turns(step_deg).to(dev)[None]  # (B, 7, 3, 3): R·δ
         cand_shift = shift[:, None] + shift_step * _SHIFT_STEPS.to(dev)[None]  # (B, 9, 2)
-        s = match_scores(spectra, ctf, central_slices(cube, cand_rot, points, pad),
-                         shift_phases(cand_shift, points, box))  # (B, 9, 7)
+        s = match_scores(
+            spectra, ctf, central_slices(cube, cand_rot, points, pad), shift_phases(cand_shift, points, box)
+        )  # (B, 9, 7)
         best, flat = s.reshape(b, -1).max(-1)
         take = best > score  # a round never makes a particle worse
         i_shift, i_rot = flat // 7, flat % 7
@@ -245,9 +261,15 @@ def _batches(n: int, size: int, desc: str, progress: bool):
             bar.update(len(idx))
 
 
-def projection_match(images: torch.Tensor | callable, ctf: torch.Tensor | callable, n: int, reference: torch.Tensor,
-                     pixel_size: float, config: MatchingConfig = MatchingConfig(), progress: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def projection_match(
+    images: torch.Tensor | callable,
+    ctf: torch.Tensor | callable,
+    n: int,
+    reference: torch.Tensor,
+    pixel_size: float,
+    config: MatchingConfig = MatchingConfig(),
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global coarse-to-fine projection matching of ``n`` particles against ``reference``.
 
     Args:
@@ -279,7 +301,7 @@ def projection_match(images: torch.Tensor | callable, ctf: torch.Tensor | callab
     slices_c = central_slices(cube_c, grid, pts_c, config.pad)  # (R, Mc)
     shifts_c = shift_grid(config.max_shift / pixel_size, config.coarse_shift_step)
     phases_c = shift_phases(shifts_c.to(dev), pts_c, d)  # (S, Mc)
-    spacing = math.degrees((8 * math.pi ** 2 / so3_grid_size(config.coarse_order)) ** (1 / 3))
+    spacing = math.degrees((8 * math.pi**2 / so3_grid_size(config.coarse_order)) ** (1 / 3))
     k = min(config.candidates, len(grid))
 
     rot_out = torch.empty(n, 3, 3, dtype=torch.float64)
@@ -303,19 +325,35 @@ def projection_match(images: torch.Tensor | callable, ctf: torch.Tensor | callab
         cand_rot = grid.to(dev)[top]  # (B, K, 3, 3)
         cand_shift = shifts_c.to(dev)[torch.gather(which_shift, 1, top)]  # (B, K, 2)
         rot, shift, score = _local_search(
-            spec_f.repeat_interleave(k, 0), ctf_f.repeat_interleave(k, 0), cube_f, pts_f,
-            cand_rot.reshape(-1, 3, 3), cand_shift.reshape(-1, 2), d, config.pad, spacing / 2,
-            config.coarse_shift_step / 2, config.rounds)
+            spec_f.repeat_interleave(k, 0),
+            ctf_f.repeat_interleave(k, 0),
+            cube_f,
+            pts_f,
+            cand_rot.reshape(-1, 3, 3),
+            cand_shift.reshape(-1, 2),
+            d,
+            config.pad,
+            spacing / 2,
+            config.coarse_shift_step / 2,
+            config.rounds,
+        )
         pick = score.reshape(b, k).argmax(-1) + torch.arange(b, device=dev) * k
         rot_out[idx], shift_out[idx] = rot[pick].cpu(), shift[pick].cpu()
         conf_out[idx] = conf.double().cpu()
     return rot_out, shift_out, conf_out
 
 
-def refine_poses(images: torch.Tensor | callable, ctf: torch.Tensor | callable, n: int, reference: torch.Tensor,
-                 pixel_size: float, rotmats: torch.Tensor, shifts_px: torch.Tensor,
-                 config: RefineConfig = RefineConfig(), progress: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def refine_poses(
+    images: torch.Tensor | callable,
+    ctf: torch.Tensor | callable,
+    n: int,
+    reference: torch.Tensor,
+    pixel_size: float,
+    rotmats: torch.Tensor,
+    shifts_px: torch.Tensor,
+    config: RefineConfig = RefineConfig(),
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local refinement of given poses (and shifts) against ``reference``.
 
     First the shift alone, over a lattice of 1 pixel within ``local_max_shift`` of the given one
@@ -348,8 +386,9 @@ def refine_poses(images: torch.Tensor | callable, ctf: torch.Tensor | callable, 
         cand = shifts_px[idx].to(dev, torch.float64)[:, None] + offsets[None]  # (B, S, 2)
         s = match_scores(spec, c, central_slices(cube, rot0[:, None], pts), shift_phases(cand, pts, d))[..., 0]
         shift0 = cand[torch.arange(len(idx), device=dev), s.argmax(-1)]
-        rot, shift, score = _local_search(spec, c, cube, pts, rot0, shift0, d, 2, config.local_step, 0.5,
-                                          config.local_rounds)
+        rot, shift, score = _local_search(
+            spec, c, cube, pts, rot0, shift0, d, 2, config.local_step, 0.5, config.local_rounds
+        )
         rot_out[idx], shift_out[idx], score_out[idx] = rot.cpu(), shift.cpu(), score.double().cpu()
     return rot_out, shift_out, score_out
 
@@ -357,6 +396,7 @@ def refine_poses(images: torch.Tensor | callable, ctf: torch.Tensor | callable, 
 # ---------------------------------------------------------------------------------------------
 # Entry level: particles streamed from an entry's stack, predictions written as STAR
 # ---------------------------------------------------------------------------------------------
+
 
 def entry_particles(entry, half: int):
     """``(dataset, images(idx), ctf(idx), n, pixel_size)`` of one half of an entry, raw images read
@@ -382,10 +422,16 @@ def check_reference(reference: np.ndarray, ref_px: float, box: int, pixel_size: 
     from .errors import InputError
 
     if reference.shape != (box,) * 3:
-        raise InputError(f"reference map is {'×'.join(map(str, reference.shape))} voxels; the particles need "
-                         f"{box}×{box}×{box}", path=path, where="map size")
+        raise InputError(
+            f"reference map is {'×'.join(map(str, reference.shape))} voxels; the particles need {box}×{box}×{box}",
+            path=path,
+            where="map size",
+        )
     if ref_px > 0 and not math.isclose(ref_px, pixel_size, rel_tol=1e-3):  # 0: the header sets none
-        raise InputError(f"reference map has {ref_px:.4g} Å per voxel; the particles have {pixel_size:.4g} Å per pixel",
-                         path=path, where="voxel size")
+        raise InputError(
+            f"reference map has {ref_px:.4g} Å per voxel; the particles have {pixel_size:.4g} Å per pixel",
+            path=path,
+            where="voxel size",
+        )
     if not np.isfinite(reference).all():
         raise InputError("reference map contains NaN or infinity", path=path)

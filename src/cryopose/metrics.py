@@ -20,9 +20,19 @@ import torch
 
 from .symmetry import symmetry_aware_angle
 
-__all__ = ["angular_errors", "pose_error_summary", "shift_errors", "pearson_correlation", "fsc_curve",
-           "fsc_resolution", "MapComparison", "compare_maps", "map_degeneracy", "FSC_THRESHOLDS",
-           "ACCURACY_THRESHOLDS_DEG"]
+__all__ = [
+    "angular_errors",
+    "pose_error_summary",
+    "shift_errors",
+    "pearson_correlation",
+    "fsc_curve",
+    "fsc_resolution",
+    "MapComparison",
+    "compare_maps",
+    "map_degeneracy",
+    "FSC_THRESHOLDS",
+    "ACCURACY_THRESHOLDS_DEG",
+]
 
 FSC_THRESHOLDS = (0.143, 0.5)
 ACCURACY_THRESHOLDS_DEG = (5.0, 10.0, 15.0, 30.0)
@@ -33,6 +43,7 @@ _CHUNK = 1 << 20  # voxels per chunk in pearson_correlation
 # ---------------------------------------------------------------------------------------------
 # Poses
 # ---------------------------------------------------------------------------------------------
+
 
 def angular_errors(true_rotmats: torch.Tensor, pred_rotmats: torch.Tensor, symmetry: str = "C1") -> torch.Tensor:
     """Per-particle symmetry-aware angular error (paper eq. 5): ``min_g angle(g·R_true, R_pred)``.
@@ -47,13 +58,16 @@ def angular_errors(true_rotmats: torch.Tensor, pred_rotmats: torch.Tensor, symme
     true_rotmats = torch.as_tensor(true_rotmats, dtype=torch.float64)
     pred_rotmats = torch.as_tensor(pred_rotmats, dtype=torch.float64)
     if true_rotmats.shape != pred_rotmats.shape or true_rotmats.shape[-2:] != (3, 3):
-        raise ValueError(f"angular_errors: expected two (N, 3, 3) stacks of one shape, got "
-                         f"{tuple(true_rotmats.shape)} and {tuple(pred_rotmats.shape)}")
+        raise ValueError(
+            f"angular_errors: expected two (N, 3, 3) stacks of one shape, got "
+            f"{tuple(true_rotmats.shape)} and {tuple(pred_rotmats.shape)}"
+        )
     return symmetry_aware_angle(true_rotmats, pred_rotmats, symmetry)
 
 
-def pose_error_summary(errors_deg, confidence=None,
-                       accuracy_thresholds_deg: tuple[float, ...] = ACCURACY_THRESHOLDS_DEG) -> dict[str, float]:
+def pose_error_summary(
+    errors_deg, confidence=None, accuracy_thresholds_deg: tuple[float, ...] = ACCURACY_THRESHOLDS_DEG
+) -> dict[str, float]:
     """Summary statistics of per-particle angular errors.
 
     Args:
@@ -81,10 +95,13 @@ def pose_error_summary(errors_deg, confidence=None,
             raise ValueError(f"pose_error_summary: {weights.numel()} confidences for {err.numel()} errors")
         if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError("pose_error_summary: confidences must be finite, >= 0 and not all 0")
-    out = {"n": float(err.numel()), "MAnE": float(err.mean()),
-           "wMAnE": float((weights * err).sum() / weights.sum()),
-           # torch.median returns the lower middle value; the usual median averages the two.
-           "median_angular_error": float(np.median(err.numpy()))}
+    out = {
+        "n": float(err.numel()),
+        "MAnE": float(err.mean()),
+        "wMAnE": float((weights * err).sum() / weights.sum()),
+        # torch.median returns the lower middle value; the usual median averages the two.
+        "median_angular_error": float(np.median(err.numpy())),
+    }
     for t in accuracy_thresholds_deg:
         out[f"acc_{t:g}deg"] = float((err <= t).double().mean())
     return out
@@ -102,14 +119,16 @@ def shift_errors(true_shifts_angst, pred_shifts_angst) -> torch.Tensor:
     a = torch.as_tensor(true_shifts_angst, dtype=torch.float64)
     b = torch.as_tensor(pred_shifts_angst, dtype=torch.float64)
     if a.shape != b.shape or a.shape[-1] != 2:
-        raise ValueError(f"shift_errors: expected two (N, 2) arrays of one shape, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise ValueError(
+            f"shift_errors: expected two (N, 2) arrays of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return torch.linalg.vector_norm(a - b, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Maps
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_map(volume) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(volume))
@@ -145,7 +164,9 @@ def pearson_correlation(map1, map2, mask=None) -> float:
     if mask is not None:
         m = _as_map(mask)
         if m.shape != a.shape:
-            raise ValueError(f"pearson_correlation: mask shape {tuple(m.shape)} differs from the maps' {tuple(a.shape)}")
+            raise ValueError(
+                f"pearson_correlation: mask shape {tuple(m.shape)} differs from the maps' {tuple(a.shape)}"
+            )
         m = m.reshape(-1)
     a, b = a.reshape(-1), b.reshape(-1)
     # One pass of raw moments in float64; map values are O(1), so the cancellation in
@@ -157,10 +178,10 @@ def pearson_correlation(map1, map2, mask=None) -> float:
     low = torch.full((4,), math.inf, dtype=torch.float64)
     high = torch.full((4,), -math.inf, dtype=torch.float64)
     for start in range(0, a.numel(), _CHUNK):
-        x0 = x = a[start:start + _CHUNK].double()
-        y0 = y = b[start:start + _CHUNK].double()
+        x0 = x = a[start : start + _CHUNK].double()
+        y0 = y = b[start : start + _CHUNK].double()
         if m is not None:
-            mm = m[start:start + _CHUNK].double()
+            mm = m[start : start + _CHUNK].double()
             x, y = x * mm, y * mm
         sums += torch.stack([x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
         low = torch.minimum(low, torch.stack([x0.min(), y0.min(), x.min(), y.min()]))
@@ -216,11 +237,11 @@ def _shell_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         weight[-1] = 1.0
     sums = torch.zeros(3, nyquist + 2, dtype=torch.float64)
     for z0 in range(0, d, _SLAB):
-        sa, sb = fa[z0:z0 + _SLAB], fb[z0:z0 + _SLAB]
-        radius = torch.sqrt(kz[z0:z0 + _SLAB, None, None] ** 2 + ky2 + kx2)
+        sa, sb = fa[z0 : z0 + _SLAB], fb[z0 : z0 + _SLAB]
+        radius = torch.sqrt(kz[z0 : z0 + _SLAB, None, None] ** 2 + ky2 + kx2)
         shell = torch.round(radius).to(torch.int64).clamp_(max=nyquist + 1).reshape(-1)
         w = weight.expand(sa.shape).reshape(-1)
-        for i, value in enumerate(((sa * sb.conj()).real, sa.real ** 2 + sa.imag ** 2, sb.real ** 2 + sb.imag ** 2)):
+        for i, value in enumerate(((sa * sb.conj()).real, sa.real**2 + sa.imag**2, sb.real**2 + sb.imag**2)):
             sums[i] += torch.bincount(shell, weights=value.reshape(-1).double() * w, minlength=nyquist + 2)
     return sums
 
@@ -320,8 +341,9 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
     f = np.asarray(frequencies, dtype=np.float64)
     c = np.asarray(fsc, dtype=np.float64)
     if f.ndim != 1 or f.shape != c.shape or f.size < 2:
-        raise ValueError(f"fsc_resolution: need matching 1-D frequency and FSC arrays of >= 2 shells, got "
-                         f"{f.shape} and {c.shape}")
+        raise ValueError(
+            f"fsc_resolution: need matching 1-D frequency and FSC arrays of >= 2 shells, got {f.shape} and {c.shape}"
+        )
     if not np.all(np.diff(f) > 0) or f[0] != 0:
         raise ValueError("fsc_resolution: frequencies must start at 0 and increase")
     if np.isinf(c[1:]).any():
@@ -337,7 +359,7 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
     start = int(above.max())
     # The first shell after the start that is below the threshold or undefined: an undefined one
     # comes before any crossing, so where the curve would cross is unknown.
-    stop = np.flatnonzero((c[start + 1:] < threshold) | undefined[start + 1:])
+    stop = np.flatnonzero((c[start + 1 :] < threshold) | undefined[start + 1 :])
     if stop.size == 0:
         return float(1.0 / f[-1])
     k = start + 1 + int(stop[0])
@@ -379,9 +401,16 @@ class MapComparison:
         return {f"{key}{pair}": reason for key, reason in self.reasons.items()}
 
 
-def _compare_variant(a: torch.Tensor, b: torch.Tensor, freqs: np.ndarray, thresholds: tuple[float, ...],
-                     low_resolution_angstrom: float, problems: list[str], prefix: str, reasons: dict[str, str]
-                     ) -> tuple[float, np.ndarray, dict[float, float]]:
+def _compare_variant(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    freqs: np.ndarray,
+    thresholds: tuple[float, ...],
+    low_resolution_angstrom: float,
+    problems: list[str],
+    prefix: str,
+    reasons: dict[str, str],
+) -> tuple[float, np.ndarray, dict[float, float]]:
     """PCC, FSC and resolutions of one variant (unmasked or masked), recording in ``reasons``
     (under ``prefix + name``) why any of them is NaN; ``problems``: the maps' degeneracies."""
     sums = _shell_sums(a, b)
@@ -402,13 +431,21 @@ def _compare_variant(a: torch.Tensor, b: torch.Tensor, freqs: np.ndarray, thresh
         resolution[t] = fsc_resolution(freqs, fsc, t, low_resolution_angstrom)
         if math.isnan(resolution[t]):
             shells = np.flatnonzero(np.isnan(fsc[1:])) + 1
-            reasons[f"{prefix}FSCR{t:g}"] = (f"the FSC is undefined (a map has no power) at shell {int(shells[0])}, "
-                                             f"before it crosses {t:g}")
+            reasons[f"{prefix}FSCR{t:g}"] = (
+                f"the FSC is undefined (a map has no power) at shell {int(shells[0])}, before it crosses {t:g}"
+            )
     return pcc, fsc, resolution
 
 
-def compare_maps(map1, map2, pixel_size: float, mask=None, thresholds: tuple[float, ...] = FSC_THRESHOLDS,
-                 low_resolution_angstrom: float = 30.0, names: tuple[str, str] = ("map1", "map2")) -> MapComparison:
+def compare_maps(
+    map1,
+    map2,
+    pixel_size: float,
+    mask=None,
+    thresholds: tuple[float, ...] = FSC_THRESHOLDS,
+    low_resolution_angstrom: float = 30.0,
+    names: tuple[str, str] = ("map1", "map2"),
+) -> MapComparison:
     """PCC, FSC and FSC resolutions of two cubic maps, over the whole box and, if ``mask`` is given,
     of the maps multiplied by the mask.
 
@@ -429,8 +466,10 @@ def compare_maps(map1, map2, pixel_size: float, mask=None, thresholds: tuple[flo
         ma, mb = _prepare_pair(a, b, pixel_size, mask, "compare_maps")
         # A degenerate map stays the reason (a constant map times a soft mask is the mask's shape,
         # not signal); otherwise a map may still be empty where the mask is.
-        masked_problems = problems or [f"{n} {p} inside the mask" for n, x in zip(names, (ma, mb))
-                                       if (p := map_degeneracy(x))]
+        masked_problems = problems or [
+            f"{n} {p} inside the mask" for n, x in zip(names, (ma, mb)) if (p := map_degeneracy(x))
+        ]
         result.masked_pcc, result.masked_fsc, result.masked_resolution = _compare_variant(
-            ma, mb, freqs, thresholds, low_resolution_angstrom, masked_problems, "masked_", reasons)
+            ma, mb, freqs, thresholds, low_resolution_angstrom, masked_problems, "masked_", reasons
+        )
     return result

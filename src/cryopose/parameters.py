@@ -22,13 +22,27 @@ from .errors import InputError
 __all__ = ["param", "defaults", "build", "check_values", "validate", "parse_pairs", "describe", "type_name"]
 
 
-def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          above: float | None = None, below: float | None = None, choices: tuple | None = None) -> Any:
+def param(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
     """A parameter field: ``default`` (a list default is copied for each instance), a one-line
     ``help``, and optionally bounds — inclusive ``min``/``max``, exclusive ``above``/``below`` —
     or the allowed ``choices``."""
-    meta = {"help": help, "min": min, "max": max, "above": above, "below": below,
-            "choices": tuple(choices) if choices else None}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "above": above,
+        "below": below,
+        "choices": tuple(choices) if choices else None,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -90,8 +104,12 @@ def _range_problem(f: dataclasses.Field, value) -> str | None:
         return f"must be one of {', '.join(map(repr, meta['choices']))}"
     if value is None or not _is_number(value):
         return None
-    for bound, fails, sign in (("min", value.__lt__, ">="), ("above", value.__le__, ">"),
-                               ("max", value.__gt__, "<="), ("below", value.__ge__, "<")):
+    for bound, fails, sign in (
+        ("min", value.__lt__, ">="),
+        ("above", value.__le__, ">"),
+        ("max", value.__gt__, "<="),
+        ("below", value.__ge__, "<"),
+    ):
         if meta.get(bound) is not None and fails(meta[bound]):
             return f"must be {sign} {meta[bound]:g}"
     return None
@@ -109,14 +127,15 @@ def check_values(cls, values: dict, where: str = "--param") -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise InputError(f"unknown parameter(s) {', '.join(unknown)}; this method takes: "
-                         f"{', '.join(sorted(fields)) or 'none'}", where=where)
+        raise InputError(
+            f"unknown parameter(s) {', '.join(unknown)}; this method takes: {', '.join(sorted(fields)) or 'none'}",
+            where=where,
+        )
     hints = _hints(cls)
     for key, value in values.items():
         default = _default(fields[key])
         if not _fits(hints[key], value):
-            raise InputError(f"{key} must be {type_name(hints[key])} (default {default!r}), got {value!r}",
-                             where=where)
+            raise InputError(f"{key} must be {type_name(hints[key])} (default {default!r}), got {value!r}", where=where)
         problem = _range_problem(fields[key], value)
         if problem:
             raise InputError(f"{key} {problem}, got {value!r}", where=where)
@@ -146,8 +165,9 @@ def parse_pairs(cls, pairs: list[str] | None) -> dict:
         if not sep or not key:
             raise InputError(f"parameter {pair!r} is not of the form key=value", where="--param")
         if key not in hints:
-            raise InputError(f"unknown parameter {key!r}; this method takes: {', '.join(sorted(hints)) or 'none'}",
-                             where="--param")
+            raise InputError(
+                f"unknown parameter {key!r}; this method takes: {', '.join(sorted(hints)) or 'none'}", where="--param"
+            )
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -169,11 +189,28 @@ def describe(cls) -> list[dict]:
         if meta.get("choices"):
             limits = "one of " + ", ".join(map(str, meta["choices"]))
         else:
-            lo = (f"{meta['min']:g} ≤ " if meta.get("min") is not None
-                  else f"{meta['above']:g} < " if meta.get("above") is not None else "")
-            hi = (f" ≤ {meta['max']:g}" if meta.get("max") is not None
-                  else f" < {meta['below']:g}" if meta.get("below") is not None else "")
+            lo = (
+                f"{meta['min']:g} ≤ "
+                if meta.get("min") is not None
+                else f"{meta['above']:g} < "
+                if meta.get("above") is not None
+                else ""
+            )
+            hi = (
+                f" ≤ {meta['max']:g}"
+                if meta.get("max") is not None
+                else f" < {meta['below']:g}"
+                if meta.get("below") is not None
+                else ""
+            )
             limits = f"{lo}{f.name}{hi}" if lo or hi else ""
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": _default(f),
-                     "help": meta.get("help", ""), "limits": limits})
+        rows.append(
+            {
+                "name": f.name,
+                "type": type_name(hints[f.name]),
+                "default": _default(f),
+                "help": meta.get("help", ""),
+                "limits": limits,
+            }
+        )
     return rows

@@ -23,11 +23,22 @@ from . import io  # noqa: E402
 from .geometry import euler_to_matrix  # noqa: E402
 from .metric_table import heading  # noqa: E402
 
-__all__ = ["plot_fsc", "plot_angular_errors", "plot_orientations", "viewing_directions", "plot_training",
-           "plot_generalisation", "plot_sensitivity", "plot_sensitivity_fsc"]
+__all__ = [
+    "plot_fsc",
+    "plot_angular_errors",
+    "plot_orientations",
+    "viewing_directions",
+    "plot_training",
+    "plot_generalisation",
+    "plot_sensitivity",
+    "plot_sensitivity_fsc",
+]
 
-_PAIRS = {"(GT,V)": ("GT vs V (predicted)", "C0"), "(V0,V1)": ("V0 vs V1 (predicted halves)", "C1"),
-          "(GT0,GT1)": ("GT0 vs GT1 (ground-truth halves)", "C2")}
+_PAIRS = {
+    "(GT,V)": ("GT vs V (predicted)", "C0"),
+    "(V0,V1)": ("V0 vs V1 (predicted halves)", "C1"),
+    "(GT0,GT1)": ("GT0 vs GT1 (ground-truth halves)", "C2"),
+}
 
 
 def _save(fig, path: Path) -> None:
@@ -42,8 +53,12 @@ def plot_fsc(fsc: pd.DataFrame, metrics: dict, path: str | Path) -> None:
     f = fsc["frequency_per_A"].to_numpy()
     for pair, (label, colour) in _PAIRS.items():
         res = metrics.get(f"FSCR0.143{pair}")
-        ax.plot(f[1:], fsc[f"FSC{pair}"].to_numpy()[1:], color=colour,
-                label=f"{label}: {res:.2f} Å at 0.143" if res else label)
+        ax.plot(
+            f[1:],
+            fsc[f"FSC{pair}"].to_numpy()[1:],
+            color=colour,
+            label=f"{label}: {res:.2f} Å at 0.143" if res else label,
+        )
         if f"masked_FSC{pair}" in fsc and fsc[f"masked_FSC{pair}"].notna().all():
             ax.plot(f[1:], fsc[f"masked_FSC{pair}"].to_numpy()[1:], color=colour, ls="--", lw=1)
     for t in (0.143, 0.5):
@@ -97,17 +112,26 @@ def plot_orientations(particles: pd.DataFrame, path: str | Path, nside: int = 8)
     fig = plt.figure(figsize=(11, 3.8))
     counts = {}
     for which in ("true", "pred"):
-        dirs = viewing_directions(particles[[f"{which}_rlnAngleRot", f"{which}_rlnAngleTilt",
-                                             f"{which}_rlnAnglePsi"]].to_numpy())
+        dirs = viewing_directions(
+            particles[[f"{which}_rlnAngleRot", f"{which}_rlnAngleTilt", f"{which}_rlnAnglePsi"]].to_numpy()
+        )
         pix = hp.vec2pix(nside, dirs[:, 0], dirs[:, 1], dirs[:, 2])
         counts[which] = np.bincount(pix, minlength=npix).astype(float)
     vmax = max(c.max() for c in counts.values())
     for i, (which, title) in enumerate((("true", "ground-truth poses"), ("pred", "predicted poses"))):
-        hp.mollview(counts[which], fig=fig.number, sub=(1, 2, i + 1), title=f"{title} (particles per pixel)",
-                    min=0, max=vmax, cmap="viridis", unit="particles", hold=False)
+        hp.mollview(
+            counts[which],
+            fig=fig.number,
+            sub=(1, 2, i + 1),
+            title=f"{title} (particles per pixel)",
+            min=0,
+            max=vmax,
+            cmap="viridis",
+            unit="particles",
+            hold=False,
+        )
         hp.graticule(dpar=30, dmer=60, alpha=0.3)
     _save(fig, Path(path))
-
 
 
 def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -143,17 +167,23 @@ def plot_generalisation(table: pd.DataFrame, path: str | Path) -> None:
     for ax, col in zip(axes, ("MAnE", "delta_FSCR0.5")):
         label = heading(col)
         for k, setting in enumerate(("in-distribution", "transfer")):
-            values = [float(pd.to_numeric(g[g["setting"] == setting][col], errors="coerce").mean())
-                      if (g["setting"] == setting).any() else np.nan for _, g in groups]
+            values = [
+                float(pd.to_numeric(g[g["setting"] == setting][col], errors="coerce").mean())
+                if (g["setting"] == setting).any()
+                else np.nan
+                for _, g in groups
+            ]
             ax.bar(x + (k - 0.5) * 0.38, values, width=0.38, color=colours[setting], label=setting)
         ax.set_xticks(x, labels, fontsize=7, rotation=20, ha="right")
         ax.set_ylabel(label)
         ax.axhline(0, color="k", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Generalisation: models applied to another entry of the same molecule\n"
-                 "(compare Δs with the ground_truth row of the same entry: its offset is the half-maps' noise)",
-                 fontsize=10)
+    fig.suptitle(
+        "Generalisation: models applied to another entry of the same molecule\n"
+        "(compare Δs with the ground_truth row of the same entry: its offset is the half-maps' noise)",
+        fontsize=10,
+    )
     fig.tight_layout()
     _save(fig, Path(path))
 
@@ -164,8 +194,9 @@ def plot_sensitivity(table: pd.DataFrame, path: str | Path, experiments: dict, m
     poses, right column angular noise. ``table`` from :func:`cryopose.sensitivity.sensitivity_table`;
     ``experiments``: experiment → (label, unit of the level), as :data:`cryopose.sensitivity.EXPERIMENTS`."""
     names = [e for e in ("random", "noise") if (table["experiment"] == e).any()]
-    fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.6 * len(names), 2.8 * len(metrics)),
-                             squeeze=False, sharex="col")
+    fig, axes = plt.subplots(
+        len(metrics), len(names), figsize=(4.6 * len(names), 2.8 * len(metrics)), squeeze=False, sharex="col"
+    )
     for j, experiment in enumerate(names):
         t = table[table["experiment"] == experiment]
         label, unit = experiments[experiment]
@@ -201,8 +232,9 @@ def plot_sensitivity_fsc(curves: dict, path: str | Path, experiments: dict) -> N
                 fsc = curves[(entry, experiment, level)]
                 f = fsc["frequency_per_A"].to_numpy()[1:]
                 unit = experiments[experiment][1]
-                ax.plot(f, fsc["FSC(V0,V1)"].to_numpy()[1:], color=f"C{k}",
-                        label=f"{level:g}{'%' if unit == '%' else '°'}")
+                ax.plot(
+                    f, fsc["FSC(V0,V1)"].to_numpy()[1:], color=f"C{k}", label=f"{level:g}{'%' if unit == '%' else '°'}"
+                )
             for t in (0.143, 0.5):
                 ax.axhline(t, color="grey", lw=0.6, ls=":")
             ax.set_ylim(-0.1, 1.02)

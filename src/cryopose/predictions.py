@@ -33,8 +33,16 @@ from .geometry import euler_to_matrix, matrix_to_euler
 if TYPE_CHECKING:  # the entry module is only a type here
     from .entry import Entry
 
-__all__ = ["EULER", "ORIGIN", "CONFIDENCE", "PREDICTION_TYPES", "Predictions", "write_predictions",
-           "load_predictions", "true_origins"]
+__all__ = [
+    "EULER",
+    "ORIGIN",
+    "CONFIDENCE",
+    "PREDICTION_TYPES",
+    "Predictions",
+    "write_predictions",
+    "load_predictions",
+    "true_origins",
+]
 
 #: The pose angle columns, degrees (rot, tilt, psi: ZYZ).
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -54,8 +62,16 @@ def true_origins(entry: Entry, half: int) -> np.ndarray | None:
     return parts[ORIGIN].to_numpy(dtype=np.float64) if set(ORIGIN) <= set(parts.columns) else None
 
 
-def write_predictions(entry: Entry, half: int, out_star: str | Path, *, rotmats: torch.Tensor | None = None,
-                      angles_deg: np.ndarray | None = None, shifts_angstrom=None, confidence=None) -> Path:
+def write_predictions(
+    entry: Entry,
+    half: int,
+    out_star: str | Path,
+    *,
+    rotmats: torch.Tensor | None = None,
+    angles_deg: np.ndarray | None = None,
+    shifts_angstrom=None,
+    confidence=None,
+) -> Path:
     """Write the predictions STAR of half ``half`` of ``entry`` (atomically).
 
     Args:
@@ -76,8 +92,9 @@ def write_predictions(entry: Entry, half: int, out_star: str | Path, *, rotmats:
     if rotmats is not None:
         angles_deg = matrix_to_euler(torch.as_tensor(rotmats, dtype=torch.float64)).numpy()
     parts[EULER] = np.asarray(angles_deg, dtype=np.float64)
-    parts[ORIGIN] = (np.zeros((len(parts), 2)) if shifts_angstrom is None
-                     else np.asarray(shifts_angstrom, dtype=np.float64))
+    parts[ORIGIN] = (
+        np.zeros((len(parts), 2)) if shifts_angstrom is None else np.asarray(shifts_angstrom, dtype=np.float64)
+    )
     parts[CONFIDENCE] = 1.0 if confidence is None else np.asarray(confidence, dtype=np.float64)
     io.write_particles_star(Path(out_star), io.ParticleStar(star.optics.copy(), parts))
     return Path(out_star)
@@ -98,8 +115,9 @@ class Predictions:
     table: pd.DataFrame
 
 
-def load_predictions(entry: Entry, half: int, path: str | Path, prediction_type: str = "SO3",
-                     use_confidence: bool = True) -> Predictions:
+def load_predictions(
+    entry: Entry, half: int, path: str | Path, prediction_type: str = "SO3", use_confidence: bool = True
+) -> Predictions:
     """Read and check the predictions for ``half`` of ``entry``.
 
     Raises :class:`InputError` naming the file when: the type is unknown; ids (rlnImageName) are
@@ -109,8 +127,9 @@ def load_predictions(entry: Entry, half: int, path: str | Path, prediction_type:
     (``confidence`` is ``None``), so a column the evaluation ignores cannot stop it.
     """
     if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}",
-                         where="prediction_type")
+        raise InputError(
+            f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}", where="prediction_type"
+        )
     path = Path(path)
     pred = io.read_particles_star(path).particles
     truth = entry.read_star(half).particles
@@ -121,22 +140,33 @@ def load_predictions(entry: Entry, half: int, path: str | Path, prediction_type:
     names = pred["rlnImageName"].astype(str)
     dup = names[ids.duplicated()]
     if len(dup):
-        raise InputError(f"{len(dup)} particle ids appear more than once, e.g. {dup.iloc[0]!r}", path=path,
-                         where="rlnImageName")
+        raise InputError(
+            f"{len(dup)} particle ids appear more than once, e.g. {dup.iloc[0]!r}", path=path, where="rlnImageName"
+        )
     expected = truth["rlnImageName"].astype(str)
     expected_ids = pd.Series(entry.particle_keys(half), index=expected.index)
     unknown_rows = ~ids.isin(set(expected_ids))
     if unknown_rows.any():
         unknown = sorted(names[unknown_rows])
         if ids[unknown_rows].isin(set(entry.particle_keys(1 - half))).all():
-            raise InputError(f"these are predictions for half {1 - half} (ids such as {unknown[0]!r}), "
-                             f"not half {half}", path=path, where="rlnImageName")
-        raise InputError(f"{len(unknown)} particle ids are not in half {half} of {entry.name}, e.g. {unknown[0]!r}",
-                         path=path, where="rlnImageName")
+            raise InputError(
+                f"these are predictions for half {1 - half} (ids such as {unknown[0]!r}), not half {half}",
+                path=path,
+                where="rlnImageName",
+            )
+        raise InputError(
+            f"{len(unknown)} particle ids are not in half {half} of {entry.name}, e.g. {unknown[0]!r}",
+            path=path,
+            where="rlnImageName",
+        )
     missing = expected[~expected_ids.isin(set(ids))]
     if len(missing):
-        raise InputError(f"{len(missing)} of the {len(expected)} particles of half {half} have no prediction, "
-                         f"e.g. {missing.iloc[0]!r}", path=path, where="rlnImageName")
+        raise InputError(
+            f"{len(missing)} of the {len(expected)} particles of half {half} have no prediction, "
+            f"e.g. {missing.iloc[0]!r}",
+            path=path,
+            where="rlnImageName",
+        )
     for col in EULER:
         if col not in pred.columns:
             raise InputError("missing predicted angle column", path=path, where=col)
@@ -145,8 +175,11 @@ def load_predictions(entry: Entry, half: int, path: str | Path, prediction_type:
     needed = 2 if prediction_type == "S2" else 3
     bad = np.flatnonzero(~np.isfinite(angles[:, :needed]).all(axis=1))
     if len(bad):
-        raise InputError("predicted angle is NaN or infinite", path=path,
-                         where=f"particle {expected.iloc[bad[0]]}, {', '.join(EULER[:needed])}")
+        raise InputError(
+            "predicted angle is NaN or infinite",
+            path=path,
+            where=f"particle {expected.iloc[bad[0]]}, {', '.join(EULER[:needed])}",
+        )
     shifts = None
     if prediction_type == "SO3xR2":
         for col in ORIGIN:
@@ -154,17 +187,24 @@ def load_predictions(entry: Entry, half: int, path: str | Path, prediction_type:
                 raise InputError("SO3xR2 predictions need predicted origins", path=path, where=col)
         bad = np.flatnonzero(~np.isfinite(aligned[ORIGIN].to_numpy(dtype=np.float64)).all(axis=1))
         if len(bad):
-            raise InputError("predicted origin is not finite", path=path,
-                             where=f"particle {expected.iloc[bad[0]]}, rlnOriginXAngst/rlnOriginYAngst")
+            raise InputError(
+                "predicted origin is not finite",
+                path=path,
+                where=f"particle {expected.iloc[bad[0]]}, rlnOriginXAngst/rlnOriginYAngst",
+            )
         shifts = torch.tensor(aligned[ORIGIN].to_numpy(dtype=np.float64))
     confidence = None
     if use_confidence and "rlnParticleFigureOfMerit" in aligned.columns:
         conf = aligned["rlnParticleFigureOfMerit"].to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(conf) | (conf < 0))
         if len(bad):
-            raise InputError(f"confidence {conf[bad[0]]}: expected finite values >= 0, not all 0 (to ignore "
-                             f"the column, evaluate with --no-pred-confidence)", path=path,
-                             where=f"particle {expected.iloc[bad[0]]}, rlnParticleFigureOfMerit")
+            raise InputError(
+                f"confidence {conf[bad[0]]}: expected finite values >= 0, not all 0 (to ignore "
+                f"the column, evaluate with --no-pred-confidence)",
+                path=path,
+                where=f"particle {expected.iloc[bad[0]]}, rlnParticleFigureOfMerit",
+            )
         confidence = torch.tensor(conf)
-    return Predictions(rotmats=euler_to_matrix(torch.tensor(angles)), shifts=shifts, confidence=confidence,
-                       table=aligned)
+    return Predictions(
+        rotmats=euler_to_matrix(torch.tensor(angles)), shifts=shifts, confidence=confidence, table=aligned
+    )

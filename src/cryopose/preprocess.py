@@ -12,10 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-
-__all__ = ["PreprocessConfig", "background_normalise", "center_crop", "fourier_resize", "fourier_resize_map",
-           "preprocess_images",
-           "output_geometry"]
+__all__ = [
+    "PreprocessConfig",
+    "background_normalise",
+    "center_crop",
+    "fourier_resize",
+    "fourier_resize_map",
+    "preprocess_images",
+    "output_geometry",
+]
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     if size > s:
         raise ValueError(f"center_crop: {size} px is larger than the {s} px box")
     start = s // 2 - size // 2
-    return images[..., start:start + size, start:start + size]
+    return images[..., start : start + size, start : start + size]
 
 
 def _resize_rfft(ft: torch.Tensor, s: int, size: int) -> torch.Tensor:
@@ -102,7 +107,7 @@ def _resize_rfft(ft: torch.Tensor, s: int, size: int) -> torch.Tensor:
     out = torch.zeros(*ft.shape[:-2], size, size // 2 + 1, dtype=ft.dtype, device=ft.device)
     out[..., :pos, :cols] = ft[..., :pos, :cols]
     if neg:
-        out[..., size - neg:, :cols] = ft[..., s - neg:, :cols]
+        out[..., size - neg :, :cols] = ft[..., s - neg :, :cols]
     return out
 
 
@@ -149,7 +154,7 @@ def fourier_resize_map(volume: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros(size, size, size, dtype=ft.dtype)
     m = min(d, size)
     a, b = d // 2 - m // 2, size // 2 - m // 2
-    out[b:b + m, b:b + m, b:b + m] = ft[a:a + m, a:a + m, a:a + m]
+    out[b : b + m, b : b + m, b : b + m] = ft[a : a + m, a : a + m, a : a + m]
     res = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out, dim=dims), dim=dims), dim=dims).real
     return (res * (size / d) ** 3).to(volume.dtype)
 
@@ -175,7 +180,7 @@ def preprocess_images(images: torch.Tensor, config: PreprocessConfig, ctf: torch
         if ctf is None:
             raise ValueError("preprocess_images: CTF correction needs the particles' CTFs")
         ctf = ctf.to(device=x.device, dtype=x.dtype)
-        filt = torch.sign(ctf) if config.ctf_correction == "phase_flip" else ctf / (ctf ** 2 + config.wiener_constant)
+        filt = torch.sign(ctf) if config.ctf_correction == "phase_flip" else ctf / (ctf**2 + config.wiener_constant)
         if crop == s and s % 2 == 0 and size % 2 == 0:
             # No crop in between: correction and resizing share one forward and one inverse FFT,
             # and the centring shifts become sign patterns folded into the filter.

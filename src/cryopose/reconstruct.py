@@ -36,8 +36,15 @@ from .errors import InputError
 from .geometry import euler_to_matrix
 from .symmetry import symmetry_matrices
 
-__all__ = ["reconstruct", "reconstruct_torch", "reconstruct_relion", "insert_particles", "RelionNotFound",
-           "relion_command", "write_half_map"]
+__all__ = [
+    "reconstruct",
+    "reconstruct_torch",
+    "reconstruct_relion",
+    "insert_particles",
+    "RelionNotFound",
+    "relion_command",
+    "write_half_map",
+]
 
 
 class RelionNotFound(InputError):
@@ -50,7 +57,7 @@ def _slice_points(p: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     ky = torch.fft.fftfreq(p, device=device) * p
     kx = torch.fft.rfftfreq(p, device=device) * p
     kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
-    mask = (kxx ** 2 + kyy ** 2 <= (p / 2) ** 2) & ~((kxx == 0) & (kyy < 0))
+    mask = (kxx**2 + kyy**2 <= (p / 2) ** 2) & ~((kxx == 0) & (kyy < 0))
     pts = torch.stack([kxx[mask], kyy[mask], torch.zeros_like(kxx[mask])], -1)
     return mask, pts
 
@@ -90,15 +97,23 @@ def _unbrick(accumulator: torch.Tensor, p: int) -> torch.Tensor:
     b = _BRICK
     c = accumulator.shape[-1]
     grid = accumulator.reshape(nz // b, ny // b, nx // b, b, b, b, c).permute(6, 0, 3, 1, 4, 2, 5)
-    return grid.reshape(c, nz, ny, nx)[:, :p, :p, :p // 2 + 1]
+    return grid.reshape(c, nz, ny, nx)[:, :p, :p, : p // 2 + 1]
 
 
 _POINTS_PER_SCATTER = 1 << 17
 _COMPILE_MIN_SAMPLES = 2.5e8
 
 
-def _splat(points: torch.Tensor, rotmats: torch.Tensor, channels: torch.Tensor, accumulator: torch.Tensor,
-           zt: torch.Tensor, yt: torch.Tensor, xt: torch.Tensor, p: int) -> None:
+def _splat(
+    points: torch.Tensor,
+    rotmats: torch.Tensor,
+    channels: torch.Tensor,
+    accumulator: torch.Tensor,
+    zt: torch.Tensor,
+    yt: torch.Tensor,
+    xt: torch.Tensor,
+    p: int,
+) -> None:
     """Trilinear splatting of slice values into the bricked accumulator, in place.
 
     ``points``: ``(M, 3)`` slice coordinates (index units); ``rotmats``: ``(b, 3, 3)`` (``g·R``);
@@ -109,8 +124,9 @@ def _splat(points: torch.Tensor, rotmats: torch.Tensor, channels: torch.Tensor, 
     coords = points @ rotmats.transpose(-1, -2)  # (b, M, 3) x, y, z
     flip = coords[..., 0] < 0  # the other half of the transform: use the Friedel mate (conjugate)
     coords = torch.where(flip[..., None], -coords, coords)
-    channels = torch.stack([channels[..., 0], torch.where(flip, -channels[..., 1], channels[..., 1]),
-                            channels[..., 2]], -1)
+    channels = torch.stack(
+        [channels[..., 0], torch.where(flip, -channels[..., 1], channels[..., 1]), channels[..., 2]], -1
+    )
     base = torch.floor(coords)
     frac = coords - base
     i0 = base.int() + (p // 2 + 1)  # table rows of the lower corner
@@ -125,8 +141,11 @@ def _splat(points: torch.Tensor, rotmats: torch.Tensor, channels: torch.Tensor, 
     ix = xt[torch.stack([i0[..., 0], i0[..., 0] + 1], -1)]
     flat = iz[..., :, None, None] + (iy[..., None, :, None] + ix[..., None, None, :])
     # All 8 corners of a point side by side in one scatter: neighbouring writes share bricks.
-    accumulator.index_add_(0, flat.reshape(-1).long(),
-                           (channels[..., None, :] * corner_weight.reshape(*channels.shape[:-1], 8, 1)).reshape(-1, 3))
+    accumulator.index_add_(
+        0,
+        flat.reshape(-1).long(),
+        (channels[..., None, :] * corner_weight.reshape(*channels.shape[:-1], 8, 1)).reshape(-1, 3),
+    )
 
 
 @functools.cache
@@ -140,9 +159,17 @@ def compile_available() -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
-def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: torch.Tensor, ctf: torch.Tensor,
-                     weights: torch.Tensor, symmetry_ops: torch.Tensor, pad: int,
-                     accumulator: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
+def insert_particles(
+    images: torch.Tensor,
+    rotmats: torch.Tensor,
+    origins_px: torch.Tensor,
+    ctf: torch.Tensor,
+    weights: torch.Tensor,
+    symmetry_ops: torch.Tensor,
+    pad: int,
+    accumulator: torch.Tensor | None = None,
+    compiled: bool = False,
+) -> torch.Tensor:
     """Insert a batch of particles into a padded 3D Fourier accumulator (trilinear splatting).
 
     Args:
@@ -193,7 +220,7 @@ def insert_particles(images: torch.Tensor, rotmats: torch.Tensor, origins_px: to
     for g in symmetry_ops.to(device=dev, dtype=torch.float32):
         rotated = g @ rotmats.float()
         for c0 in range(0, b, chunk):
-            rot_c, ch_c = rotated[c0:c0 + chunk], channels[c0:c0 + chunk]
+            rot_c, ch_c = rotated[c0 : c0 + chunk], channels[c0 : c0 + chunk]
             if compiled and rot_c.shape[0] < chunk:  # one shape for the compiled kernel: pad with zeros
                 missing = chunk - rot_c.shape[0]
                 rot_c = torch.cat([rot_c, rot_c.new_zeros(missing, 3, 3)])
@@ -219,7 +246,7 @@ def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float) -> np.nd
     c = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(p, dtype=torch.float64, device=vol.device))) ** 2
     vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
     start = (p - s) // 2
-    return vol[start:start + s, start:start + s, start:start + s].cpu().numpy().astype(np.float32)
+    return vol[start : start + s, start : start + s, start : start + s].cpu().numpy().astype(np.float32)
 
 
 def _checked_weights(particles, star_path: Path) -> torch.Tensor:
@@ -231,17 +258,31 @@ def _checked_weights(particles, star_path: Path) -> torch.Tensor:
     bad = torch.nonzero(~torch.isfinite(weights) | (weights < 0)).flatten()
     if len(bad):
         row = int(bad[0])
-        raise InputError(f"weight {float(weights[row])} in row {row} (0-based); weights must be finite and >= 0",
-                         path=star_path, where="rlnParticleFigureOfMerit")
+        raise InputError(
+            f"weight {float(weights[row])} in row {row} (0-based); weights must be finite and >= 0",
+            path=star_path,
+            where="rlnParticleFigureOfMerit",
+        )
     if not bool((weights > 0).any()):
-        raise InputError(f"all {len(weights)} weights are 0: nothing would be reconstructed; expected at least one "
-                         f"weight > 0", path=star_path, where="rlnParticleFigureOfMerit")
+        raise InputError(
+            f"all {len(weights)} weights are 0: nothing would be reconstructed; expected at least one weight > 0",
+            path=star_path,
+            where="rlnParticleFigureOfMerit",
+        )
     return weights
 
 
-def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: bool = False, pad: int = 2,
-                      wiener: float = 1e-3, batch_size: int = 128, device: str | None = None,
-                      progress: bool = True, compile: bool | None = None) -> tuple[np.ndarray, float]:
+def reconstruct_torch(
+    star_path: str | Path,
+    symmetry: str = "C1",
+    use_weights: bool = False,
+    pad: int = 2,
+    wiener: float = 1e-3,
+    batch_size: int = 128,
+    device: str | None = None,
+    progress: bool = True,
+    compile: bool | None = None,
+) -> tuple[np.ndarray, float]:
     """Direct Fourier inversion of the particles of a STAR file (module docstring).
 
     Args:
@@ -267,22 +308,28 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
     sizes = table["rlnImageSize"].unique()
     pixel_sizes = table["rlnImagePixelSize"].unique()
     if len(sizes) != 1 or len(pixel_sizes) != 1:
-        raise InputError(f"one box and pixel size needed, found {sizes.tolist()} px and {pixel_sizes.tolist()} Å",
-                         path=star_path, where="data_optics")
+        raise InputError(
+            f"one box and pixel size needed, found {sizes.tolist()} px and {pixel_sizes.tolist()} Å",
+            path=star_path,
+            where="data_optics",
+        )
     s, px = int(sizes[0]), float(pixel_sizes[0])
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         if col not in table.columns:
             raise InputError("missing pose column", path=star_path, where=col)
     if "rlnCtfDataArePhaseFlipped" in table.columns and (table["rlnCtfDataArePhaseFlipped"] == 1).any():
-        raise InputError("phase-flipped stacks are not supported by the torch backend; reconstruct the "
-                         "unflipped entry", path=star_path, where="rlnCtfDataArePhaseFlipped")
+        raise InputError(
+            "phase-flipped stacks are not supported by the torch backend; reconstruct the unflipped entry",
+            path=star_path,
+            where="rlnCtfDataArePhaseFlipped",
+        )
     params = ctf_parameters(table, source=str(star_path))
     rot = euler_to_matrix(torch.tensor(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)))
     origins = torch.zeros(len(table), 2, dtype=torch.float64)
     for j, col in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
         if col in table.columns:
             origins[:, j] = torch.tensor(table[col].to_numpy(np.float64)) / px
-    weights = (_checked_weights(table, star_path) if use_weights else torch.ones(len(table), dtype=torch.float64))
+    weights = _checked_weights(table, star_path) if use_weights else torch.ones(len(table), dtype=torch.float64)
     ops = symmetry_matrices(symmetry)
 
     if compile is None:
@@ -308,17 +355,30 @@ def reconstruct_torch(star_path: str | Path, symmetry: str = "C1", use_weights: 
             if not torch.isfinite(images).all():
                 bad = int(rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])])
                 index, stack = locations[bad]
-                raise InputError(f"image {index + 1} of {stack} has NaN or infinite pixels; finite values expected",
-                                 path=star_path, where=f"row {bad} (0-based), {table['rlnImageName'].iloc[bad]}")
+                raise InputError(
+                    f"image {index + 1} of {stack} has NaN or infinite pixels; finite values expected",
+                    path=star_path,
+                    where=f"row {bad} (0-based), {table['rlnImageName'].iloc[bad]}",
+                )
             ctf = ctf_from_parameters({k: v[rows] for k, v in params.items()}, pad * s, px, dtype=torch.float32)
-            args = (images.to(dev), rot[rows].to(dev), origins[rows].to(dev), ctf.to(dev), weights[rows].to(dev),
-                    ops, pad, acc)
+            args = (
+                images.to(dev),
+                rot[rows].to(dev),
+                origins[rows].to(dev),
+                ctf.to(dev),
+                weights[rows].to(dev),
+                ops,
+                pad,
+                acc,
+            )
             try:
                 acc = insert_particles(*args, compiled=compiled)
             except Exception as err:  # noqa: BLE001 - any failure to build the kernel: run eagerly
                 if not compiled:
                     raise
-                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); reconstructing without it")
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {err}); reconstructing without it", stacklevel=2
+                )
                 compiled = False
                 acc = insert_particles(*args, compiled=False)
             bar.update(len(rows))
@@ -339,14 +399,22 @@ def relion_command(launcher: list[str] | None = None, mpi_processes: int = 1) ->
     else:
         cmd = list(launcher or []) + ["relion_reconstruct"]
     if shutil.which(cmd[0]) is None:
-        raise RelionNotFound(f"{cmd[0]} not found on PATH (Debian/Ubuntu: apt-get install relion; or configure "
-                             f"an Apptainer launcher)", where="relion backend")
+        raise RelionNotFound(
+            f"{cmd[0]} not found on PATH (Debian/Ubuntu: apt-get install relion; or configure an Apptainer launcher)",
+            where="relion backend",
+        )
     return cmd
 
 
-def reconstruct_relion(star_path: str | Path, symmetry: str = "C1", use_weights: bool = False, pad: int = 2,
-                       launcher: list[str] | None = None, mpi_processes: int = 1,
-                       log_path: str | Path | None = None) -> tuple[np.ndarray, float]:
+def reconstruct_relion(
+    star_path: str | Path,
+    symmetry: str = "C1",
+    use_weights: bool = False,
+    pad: int = 2,
+    launcher: list[str] | None = None,
+    mpi_processes: int = 1,
+    log_path: str | Path | None = None,
+) -> tuple[np.ndarray, float]:
     """``relion_reconstruct --ctf --sym SYM --pad PAD [--fom_weighting] [--ctf_phase_flipped]``.
 
     Runs in the STAR file's folder (RELION resolves image names against the working directory).
@@ -359,13 +427,24 @@ def reconstruct_relion(star_path: str | Path, symmetry: str = "C1", use_weights:
     if use_weights:  # relion_reconstruct would make a zero map of all-zero weights without a word
         _checked_weights(star.particles, star_path)
     cmd = relion_command(launcher, mpi_processes)
-    flipped = "rlnCtfDataArePhaseFlipped" in star.optics.columns and bool((star.optics["rlnCtfDataArePhaseFlipped"] == 1).any())
+    flipped = "rlnCtfDataArePhaseFlipped" in star.optics.columns and bool(
+        (star.optics["rlnCtfDataArePhaseFlipped"] == 1).any()
+    )
     # RELION runs in the STAR file's folder, so its output goes there too, in a scratch folder that
     # an interruption removes and the next run cleans up after a SIGKILL.
     with io.temporary_folder(star_path.parent, "reconstruct") as tmp:
         out = Path(tmp) / "map.mrc"
-        cmd = cmd + ["--i", star_path.name, "--o", os.path.relpath(out, star_path.parent), "--ctf",
-                     "--sym", symmetry, "--pad", str(pad)]
+        cmd = cmd + [
+            "--i",
+            star_path.name,
+            "--o",
+            os.path.relpath(out, star_path.parent),
+            "--ctf",
+            "--sym",
+            symmetry,
+            "--pad",
+            str(pad),
+        ]
         if use_weights:
             cmd.append("--fom_weighting")
         if flipped:
@@ -375,14 +454,17 @@ def reconstruct_relion(star_path: str | Path, symmetry: str = "C1", use_weights:
         if log_path is not None:
             Path(log_path).write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}, output "
-                               f"{'present' if out.exists() else 'missing'}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed (exit {proc.returncode}, output "
+                f"{'present' if out.exists() else 'missing'}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            )
         vol, px = io.read_map(out)
     return vol, px
 
 
-def reconstruct(star_path: str | Path, symmetry: str = "C1", backend: str = "torch", use_weights: bool = False,
-                **options) -> tuple[np.ndarray, float]:
+def reconstruct(
+    star_path: str | Path, symmetry: str = "C1", backend: str = "torch", use_weights: bool = False, **options
+) -> tuple[np.ndarray, float]:
     """Reconstruct a map from a particle STAR file with the ``"torch"`` or ``"relion"`` backend."""
     if backend == "torch":
         return reconstruct_torch(star_path, symmetry=symmetry, use_weights=use_weights, **options)

@@ -35,13 +35,22 @@ import pandas as pd
 import torch
 
 from . import io
+from .entry import Entry
 from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
 from .metric_table import columns, format_value, is_worse, metric
-from .entry import Entry
 
-__all__ = ["parse_perturbation", "perturbation_name", "perturb_angles", "write_perturbed_predictions",
-           "sensitivity_table", "monotone_violations", "missing_values", "write_sensitivity", "EXPERIMENTS"]
+__all__ = [
+    "parse_perturbation",
+    "perturbation_name",
+    "perturb_angles",
+    "write_perturbed_predictions",
+    "sensitivity_table",
+    "monotone_violations",
+    "missing_values",
+    "write_sensitivity",
+    "EXPERIMENTS",
+]
 
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 #: experiment → (label, unit of the level)
@@ -58,8 +67,11 @@ def parse_perturbation(name: str) -> tuple[str, float]:
     ``"exact"`` → ``("exact", 0.0)``."""
     m = _NAME.match(str(name))
     if m is None:
-        raise InputError(f"unknown perturbation {name!r}; expected 'exact', 'noise<degrees>' (e.g. noise3) or "
-                         f"'random<percent>' (e.g. random10)", where="perturbation")
+        raise InputError(
+            f"unknown perturbation {name!r}; expected 'exact', 'noise<degrees>' (e.g. noise3) or "
+            f"'random<percent>' (e.g. random10)",
+            where="perturbation",
+        )
     if m.group(1):
         return "exact", 0.0
     kind, value = (m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5))
@@ -80,12 +92,18 @@ def perturbation_name(kind: str, level: float) -> str:
 
 def _generator(seed: int, entry_name: str, half: int, stream: int) -> torch.Generator:
     # Halves and entries get independent draws; the same (seed, entry, half) always the same ones.
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + half * 7919 + stream * 104_729
-                                         + sum(map(ord, entry_name)))
+    return torch.Generator().manual_seed(
+        int(seed) * 1_000_003 + half * 7919 + stream * 104_729 + sum(map(ord, entry_name))
+    )
 
 
-def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_noise: torch.Generator,
-                   generator_random: torch.Generator) -> torch.Tensor:
+def perturb_angles(
+    angles_deg: torch.Tensor,
+    kind: str,
+    level: float,
+    generator_noise: torch.Generator,
+    generator_random: torch.Generator,
+) -> torch.Tensor:
     """Perturbed Euler angles.
 
     Args:
@@ -107,7 +125,7 @@ def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_
     if kind == "noise":
         return angles + level * u
     if kind == "random":
-        chosen = order[:int(round(level * n / 100))]
+        chosen = order[: int(round(level * n / 100))]
         angles[chosen] = matrix_to_euler(replacement[chosen])
         return angles
     if kind == "exact":
@@ -115,8 +133,9 @@ def perturb_angles(angles_deg: torch.Tensor, kind: str, level: float, generator_
     raise InputError(f"unknown perturbation kind {kind!r}", where="perturbation")
 
 
-def write_perturbed_predictions(entry: Entry, half: int, perturbation: str, out_star: str | Path,
-                                seed: int = 0) -> Path:
+def write_perturbed_predictions(
+    entry: Entry, half: int, perturbation: str, out_star: str | Path, seed: int = 0
+) -> Path:
     """The ground-truth predictions STAR of ``half`` with the angles perturbed as ``perturbation``
     names (:func:`parse_perturbation`); true shifts, confidence 1."""
     kind, level = parse_perturbation(perturbation)
@@ -126,8 +145,9 @@ def write_perturbed_predictions(entry: Entry, half: int, perturbation: str, out_
     if missing:
         raise InputError(f"missing ground-truth angle column(s) {missing}", path=star.path)
     angles = torch.tensor(parts[EULER].to_numpy(dtype=np.float64))
-    perturbed = perturb_angles(angles, kind, level, _generator(seed, entry.name, half, 1),
-                               _generator(seed, entry.name, half, 2))
+    perturbed = perturb_angles(
+        angles, kind, level, _generator(seed, entry.name, half, 1), _generator(seed, entry.name, half, 2)
+    )
     parts[EULER] = perturbed.numpy()
     parts["rlnParticleFigureOfMerit"] = 1.0
     io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), parts))
@@ -149,17 +169,26 @@ def sensitivity_table(metrics_files) -> pd.DataFrame:
             raise InputError(f"not a readable metrics file ({err})", path=path) from err
         method = str(m.get("method", ""))
         if not method.startswith("perturbation:"):
-            raise InputError(f"method {method!r} is not a perturbation (expected 'perturbation:<name>')",
-                             path=path, where="method")
+            raise InputError(
+                f"method {method!r} is not a perturbation (expected 'perturbation:<name>')", path=path, where="method"
+            )
         kind, level = parse_perturbation(method.split(":", 1)[1])
         values = {k: (math.nan if m.get(k) is None else float(m[k])) for k in METRICS}
         reasons = m.get("null_reasons") or {}
         # JSON, not "k: reason; ...": a reason may itself hold "; " (several causes of one null).
         why = {k: reasons[k] for k in METRICS if m.get(k) is None and k in reasons}
         why = json.dumps(why) if why else ""
-        for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
-            rows.append({"entry": m["entry"], "experiment": experiment, "level": level,
-                         "unit": EXPERIMENTS[experiment][1], **values, "null_reasons": why})
+        for experiment in EXPERIMENTS if kind == "exact" else [kind]:
+            rows.append(
+                {
+                    "entry": m["entry"],
+                    "experiment": experiment,
+                    "level": level,
+                    "unit": EXPERIMENTS[experiment][1],
+                    **values,
+                    "null_reasons": why,
+                }
+            )
     if not rows:
         raise InputError("no evaluations given", where="metrics")
     table = pd.DataFrame(rows).sort_values(["entry", "experiment", "level"], ignore_index=True)
@@ -170,8 +199,9 @@ def sensitivity_table(metrics_files) -> pd.DataFrame:
     return table
 
 
-def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
-                        resolution_tolerance: float = 0.01) -> list[str]:
+def monotone_violations(
+    table: pd.DataFrame, pcc_tolerance: float = 1e-3, resolution_tolerance: float = 0.01
+) -> list[str]:
     """Where a metric gets better as the level rises, in the direction of its row in
     :mod:`cryopose.metric_table`: a correlation (unitless) by more than ``pcc_tolerance`` (the
     tables' precision), a resolution in Å finer by more than ``resolution_tolerance`` of its
@@ -190,8 +220,10 @@ def monotone_violations(table: pd.DataFrame, pcc_tolerance: float = 1e-3,
             tolerance, relative = _tolerance(key, pcc_tolerance, resolution_tolerance)
             for i in range(len(v) - 1):
                 if is_worse(key, v[i], v[i + 1], tolerance, relative):  # better at the higher level
-                    out.append(f"{entry}, {experiment}: {key} goes from {v[i]:.4g} at {levels[i]:g} "
-                               f"to {v[i + 1]:.4g} at {levels[i + 1]:g}")
+                    out.append(
+                        f"{entry}, {experiment}: {key} goes from {v[i]:.4g} at {levels[i]:g} "
+                        f"to {v[i + 1]:.4g} at {levels[i + 1]:g}"
+                    )
     return out
 
 
@@ -214,8 +246,10 @@ def missing_values(table: pd.DataFrame) -> list[str]:
         reasons = json.loads(raw) if isinstance(raw, str) and raw else {}  # NaN when read back from a CSV
         for key in METRICS:
             if pd.isna(r[key]):
-                out.append(f"{r['entry']}, {r['experiment']}: {key} is missing at {r['level']:g} "
-                           f"({reasons.get(key, 'null in metrics.json')})")
+                out.append(
+                    f"{r['entry']}, {r['experiment']}: {key} is missing at {r['level']:g} "
+                    f"({reasons.get(key, 'null in metrics.json')})"
+                )
     return out
 
 
@@ -231,7 +265,7 @@ def write_sensitivity(table: pd.DataFrame, out_csv: str | Path, fsc_files: dict 
     for (entry, name), path in (fsc_files or {}).items():
         kind, level = parse_perturbation(name)
         fsc = pd.read_csv(path)
-        for experiment in (EXPERIMENTS if kind == "exact" else [kind]):
+        for experiment in EXPERIMENTS if kind == "exact" else [kind]:
             curves[(entry, experiment, level)] = fsc
     written = []
     with io.atomic_write(out_csv) as tmp:

@@ -97,15 +97,17 @@ class SimulationSpec:
             if _is_kind(value, kind):
                 ok.add(f.name)
             else:
-                out.append(f"{f.name} must be {_KIND_NAMES[kind]}{' or null' if nullable else ''}, "
-                           f"got {value!r}")
+                out.append(f"{f.name} must be {_KIND_NAMES[kind]}{' or null' if nullable else ''}, got {value!r}")
 
         def need(key: str, good, expected: str) -> None:
             if key in ok and not good(getattr(self, key)):
                 out.append(f"{key} must be {expected}, got {getattr(self, key)!r}")
 
-        need("name", lambda v: v and "/" not in v and "\0" not in v and not v.startswith("."),
-             "a plain folder name (not empty, no '/', not starting with '.')")
+        need(
+            "name",
+            lambda v: v and "/" not in v and "\0" not in v and not v.startswith("."),
+            "a plain folder name (not empty, no '/', not starting with '.')",
+        )
         if "symmetry" in ok:
             # Only the groups cryopose.symmetry builds: RELION also takes C0 and D0, which name no
             # finite group and so no benchmark entry.
@@ -138,8 +140,11 @@ class SimulationSpec:
         need("contrast_sigma", lambda v: v >= 0, ">= 0")
         if {"molecule_diameter", "box_size", "pixel_size"} <= ok:
             width = self.box_size * self.pixel_size
-            need("molecule_diameter", lambda v: v is None or 0 < v <= width,
-                 f"null or in (0, box_size·pixel_size = {width:g} Å]")
+            need(
+                "molecule_diameter",
+                lambda v: v is None or 0 < v <= width,
+                f"null or in (0, box_size·pixel_size = {width:g} Å]",
+            )
         return out
 
     def validate(self, where: str | None = None, path: str | Path | None = None) -> None:
@@ -163,13 +168,14 @@ class SimulationSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d, path: str | Path | None = None, where: str | None = None) -> "SimulationSpec":
+    def from_dict(cls, d, path: str | Path | None = None, where: str | None = None) -> SimulationSpec:
         """The spec of a JSON/YAML mapping, judged whole (:meth:`validate`): every error names
         ``path`` (the file it came from), ``where`` (its place in that file) and the key."""
         label = where if where is not None else "simulation spec"
         if not isinstance(d, dict):
-            raise InputError(f"expected a JSON object of simulation parameters, got {type(d).__name__} {d!r}",
-                             path=path, where=label)
+            raise InputError(
+                f"expected a JSON object of simulation parameters, got {type(d).__name__} {d!r}", path=path, where=label
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known - {"spec_version"})
         if unknown:
@@ -192,15 +198,33 @@ class SimulationSpec:
 
 # What each field holds, as JSON gives it, and whether null is allowed.
 _FIELD_KINDS = {
-    "name": ("str", False), "symmetry": ("str", False), "box_size": ("int", False), "pixel_size": ("number", False),
-    "n_particles": ("int", False), "snr": ("number", False), "seed": ("int", False), "source": ("str", False),
-    "molecule_diameter": ("number", True), "defocus_range": ("range", False), "astigmatism_max": ("number", False),
-    "voltage": ("number", False), "spherical_aberration": ("number", False), "amplitude_contrast": ("number", False),
-    "bfactor": ("number", False), "shift_sigma": ("number", False), "preferred_fraction": ("number", False),
-    "preferred_sigma": ("number", False), "contrast_sigma": ("number", False), "molecule_seed": ("int", True),
+    "name": ("str", False),
+    "symmetry": ("str", False),
+    "box_size": ("int", False),
+    "pixel_size": ("number", False),
+    "n_particles": ("int", False),
+    "snr": ("number", False),
+    "seed": ("int", False),
+    "source": ("str", False),
+    "molecule_diameter": ("number", True),
+    "defocus_range": ("range", False),
+    "astigmatism_max": ("number", False),
+    "voltage": ("number", False),
+    "spherical_aberration": ("number", False),
+    "amplitude_contrast": ("number", False),
+    "bfactor": ("number", False),
+    "shift_sigma": ("number", False),
+    "preferred_fraction": ("number", False),
+    "preferred_sigma": ("number", False),
+    "contrast_sigma": ("number", False),
+    "molecule_seed": ("int", True),
 }
-_KIND_NAMES = {"str": "a string", "int": "an integer", "number": "a finite number",
-               "range": "a [low, high] pair of numbers"}
+_KIND_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "number": "a finite number",
+    "range": "a [low, high] pair of numbers",
+}
 
 
 def _is_kind(value, kind: str) -> bool:
@@ -210,8 +234,11 @@ def _is_kind(value, kind: str) -> bool:
     if kind == "int":
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if kind == "number":
-        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-                and math.isfinite(value))
+        return (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
     if kind == "range":
         return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_kind(v, "number") for v in value)
     raise AssertionError(kind)
@@ -221,8 +248,16 @@ def _is_kind(value, kind: str) -> bool:
 SUITES: dict[str, tuple[SimulationSpec, ...]] = {
     "default": (
         SimulationSpec("sim_c1", symmetry="C1", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.1, seed=11),
-        SimulationSpec("sim_c4", symmetry="C4", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.1, seed=12,
-                       preferred_fraction=0.3),
+        SimulationSpec(
+            "sim_c4",
+            symmetry="C4",
+            box_size=64,
+            pixel_size=2.13,
+            n_particles=3000,
+            snr=0.1,
+            seed=12,
+            preferred_fraction=0.3,
+        ),
         SimulationSpec("sim_d2", symmetry="D2", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.1, seed=13),
     ),
     "tiny": (
@@ -236,6 +271,7 @@ SUITES: dict[str, tuple[SimulationSpec, ...]] = {
 # ----------------------------------------------------------------------------------------------
 # Densities
 # ----------------------------------------------------------------------------------------------
+
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
@@ -335,19 +371,25 @@ class _ChainBuilder:
     @staticmethod
     def _weighted(ca, backbone, side) -> np.ndarray:
         # Weights ~ electrons: C-alpha+N (13), C+O (14), side chain (~20, a few heavy atoms).
-        return np.concatenate([
-            np.c_[ca, np.full(len(ca), 13.0)],
-            np.c_[backbone, np.full(len(ca), 14.0)],
-            np.c_[side, np.full(len(ca), 20.0)],
-        ])
+        return np.concatenate(
+            [
+                np.c_[ca, np.full(len(ca), 13.0)],
+                np.c_[backbone, np.full(len(ca), 14.0)],
+                np.c_[side, np.full(len(ca), 20.0)],
+            ]
+        )
 
     def grow(self, n_residues: int) -> np.ndarray:
         failures = 0
         while sum(len(r) for r in self.residues) < n_residues and failures < 300:
             kind = self.rng.choice(["helix", "hairpin", "loop"], p=[0.5, 0.25, 0.25])
-            ok = (self.helix(int(self.rng.integers(8, 19))) if kind == "helix"
-                  else self.hairpin(int(self.rng.integers(4, 8))) if kind == "hairpin"
-                  else self.loop(int(self.rng.integers(2, 6))))
+            ok = (
+                self.helix(int(self.rng.integers(8, 19)))
+                if kind == "helix"
+                else self.hairpin(int(self.rng.integers(4, 8)))
+                if kind == "hairpin"
+                else self.loop(int(self.rng.integers(2, 6)))
+            )
             if ok:
                 failures = 0
                 continue
@@ -368,8 +410,8 @@ def _asymmetric_unit_direction(group: np.ndarray) -> np.ndarray:
     """The direction farthest from all its symmetry copies (the centre of a roomy asymmetric unit)."""
     k = np.arange(400) + 0.5
     z = 1 - 2 * k / 400
-    phi = np.pi * (1 + 5 ** 0.5) * k
-    cand = np.c_[np.sqrt(1 - z ** 2) * np.cos(phi), np.sqrt(1 - z ** 2) * np.sin(phi), z]
+    phi = np.pi * (1 + 5**0.5) * k
+    cand = np.c_[np.sqrt(1 - z**2) * np.cos(phi), np.sqrt(1 - z**2) * np.sin(phi), z]
     if len(group) == 1:
         return cand[0]
     copies = np.einsum("gij,nj->ngi", group[1:], cand)
@@ -377,8 +419,14 @@ def _asymmetric_unit_direction(group: np.ndarray) -> np.ndarray:
     return cand[np.argmin(nearest)]
 
 
-def pseudo_molecule(box_size: int, pixel_size: float, symmetry: str = "C1", seed: int = 0,
-                    diameter: float | None = None, bfactor: float = 30.0) -> np.ndarray:
+def pseudo_molecule(
+    box_size: int,
+    pixel_size: float,
+    symmetry: str = "C1",
+    seed: int = 0,
+    diameter: float | None = None,
+    bfactor: float = 30.0,
+) -> np.ndarray:
     """A deterministic protein-like density with point symmetry.
 
     One asymmetric unit is grown as a chain of α-helices (1.5 Å rise, 100° per residue, 2.3 Å
@@ -413,7 +461,7 @@ def pseudo_molecule(box_size: int, pixel_size: float, symmetry: str = "C1", seed
     axes = np.linalg.qr(rng.normal(size=(3, 3)))[0] if len(group) == 1 else np.eye(3)
 
     def inside(points: np.ndarray) -> np.ndarray:
-        in_sphere = ((((points @ axes) / scale) ** 2).sum(-1)) <= radius ** 2
+        in_sphere = ((((points @ axes) / scale) ** 2).sum(-1)) <= radius**2
         if len(group) == 1:
             return in_sphere
         dots = points @ images.T
@@ -423,9 +471,11 @@ def pseudo_molecule(box_size: int, pixel_size: float, symmetry: str = "C1", seed
     box_pts = rng.uniform(-radius, radius, size=(40000, 3))
     pool = box_pts[inside(box_pts)]
     if len(pool) < 10:
-        raise ValueError(f"pseudo_molecule: a {2 * radius:.0f} Å molecule leaves no room for the asymmetric "
-                         f"unit of {symmetry}; use a larger diameter or box")
-    volume_a3 = 4 / 3 * math.pi * radius ** 3 * scale.prod() / len(group)
+        raise ValueError(
+            f"pseudo_molecule: a {2 * radius:.0f} Å molecule leaves no room for the asymmetric "
+            f"unit of {symmetry}; use a larger diameter or box"
+        )
+    volume_a3 = 4 / 3 * math.pi * radius**3 * scale.prod() / len(group)
     # ~135 Å³ per residue in a folded protein; a random fold packs about half as densely.
     n_residues = int(0.5 * volume_a3 / 135.0)
     atoms = _ChainBuilder(rng, inside, pool).grow(max(n_residues, 10))
@@ -434,8 +484,9 @@ def pseudo_molecule(box_size: int, pixel_size: float, symmetry: str = "C1", seed
     return vol / vol.max()
 
 
-def map_from_atoms(coords: np.ndarray, weights: np.ndarray, box_size: int, pixel_size: float,
-                   bfactor: float = 30.0) -> np.ndarray:
+def map_from_atoms(
+    coords: np.ndarray, weights: np.ndarray, box_size: int, pixel_size: float, bfactor: float = 30.0
+) -> np.ndarray:
     """Render atoms as Gaussians on a grid.
 
     Atoms are spread onto the grid with trilinear weights, then blurred with a Gaussian of the
@@ -460,12 +511,16 @@ def map_from_atoms(coords: np.ndarray, weights: np.ndarray, box_size: int, pixel
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
-                w = (weights * np.where(dx, frac[:, 0], 1 - frac[:, 0])
-                     * np.where(dy, frac[:, 1], 1 - frac[:, 1]) * np.where(dz, frac[:, 2], 1 - frac[:, 2]))
+                w = (
+                    weights
+                    * np.where(dx, frac[:, 0], 1 - frac[:, 0])
+                    * np.where(dy, frac[:, 1], 1 - frac[:, 1])
+                    * np.where(dz, frac[:, 2], 1 - frac[:, 2])
+                )
                 ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
                 ok = (ix >= 0) & (ix < d) & (iy >= 0) & (iy < d) & (iz >= 0) & (iz < d)
                 np.add.at(grid, (iz[ok], iy[ok], ix[ok]), w[ok])
-    sigma_px = math.sqrt(bfactor / (8 * math.pi ** 2) / pixel_size ** 2 + 0.25)
+    sigma_px = math.sqrt(bfactor / (8 * math.pi**2) / pixel_size**2 + 0.25)
     return ndimage.gaussian_filter(grid, sigma_px, mode="constant").astype(np.float32)
 
 
@@ -499,11 +554,14 @@ def map_from_model_file(path: str | Path, box_size: int, pixel_size: float) -> n
     xyz = xyz - xyz.mean(0)
     extent = 2 * np.abs(xyz).max()
     if extent > box_size * pixel_size:
-        raise InputError(f"the model spans {extent:.0f} Å but the box is only "
-                         f"{box_size}×{pixel_size} = {box_size * pixel_size:.0f} Å: enlarge box_size or pixel_size",
-                         path=path)
-    vol = map_from_atoms(xyz, np.asarray(weights, float), box_size, pixel_size,
-                         float(np.median(bfactors)) if bfactors else 30.0)
+        raise InputError(
+            f"the model spans {extent:.0f} Å but the box is only "
+            f"{box_size}×{pixel_size} = {box_size * pixel_size:.0f} Å: enlarge box_size or pixel_size",
+            path=path,
+        )
+    vol = map_from_atoms(
+        xyz, np.asarray(weights, float), box_size, pixel_size, float(np.median(bfactors)) if bfactors else 30.0
+    )
     return vol / vol.max()
 
 
@@ -515,8 +573,7 @@ def map_from_mrc(path: str | Path, box_size: int, pixel_size: float) -> np.ndarr
     bad = int(np.count_nonzero(~np.isfinite(vol)))
     if bad:
         # Caught here, not as non-finite particle images many steps later.
-        raise InputError(f"the source map holds {bad} NaN or infinite voxel(s); a source map must be finite",
-                         path=path)
+        raise InputError(f"the source map holds {bad} NaN or infinite voxel(s); a source map must be finite", path=path)
     if src_px <= 0:
         raise InputError("the map header has no pixel size (voxel_size is 0)", path=path)
     n = vol.shape[0]
@@ -526,13 +583,17 @@ def map_from_mrc(path: str | Path, box_size: int, pixel_size: float) -> np.ndarr
         out = np.zeros((target_n,) * 3, dtype=complex)
         m = min(n, target_n)
         s_src, s_dst = n // 2 - m // 2, target_n // 2 - m // 2
-        out[s_dst:s_dst + m, s_dst:s_dst + m, s_dst:s_dst + m] = ft[s_src:s_src + m, s_src:s_src + m, s_src:s_src + m]
+        out[s_dst : s_dst + m, s_dst : s_dst + m, s_dst : s_dst + m] = ft[
+            s_src : s_src + m, s_src : s_src + m, s_src : s_src + m
+        ]
         vol = np.fft.ifftn(np.fft.ifftshift(out)).real * (target_n / n) ** 3
         n = target_n
     out = np.zeros((box_size,) * 3, dtype=np.float32)
     m = min(n, box_size)
     s_src, s_dst = n // 2 - m // 2, box_size // 2 - m // 2
-    out[s_dst:s_dst + m, s_dst:s_dst + m, s_dst:s_dst + m] = vol[s_src:s_src + m, s_src:s_src + m, s_src:s_src + m]
+    out[s_dst : s_dst + m, s_dst : s_dst + m, s_dst : s_dst + m] = vol[
+        s_src : s_src + m, s_src : s_src + m, s_src : s_src + m
+    ]
     peak = np.abs(out).max()
     if not peak > 0:
         raise InputError("the source map is zero everywhere inside the box: nothing to project", path=path)
@@ -556,8 +617,10 @@ def source_density(spec: SimulationSpec) -> np.ndarray:
 # Particles
 # ----------------------------------------------------------------------------------------------
 
-def sample_poses(n: int, generator: torch.Generator, preferred_fraction: float = 0.0,
-                 preferred_sigma: float = 20.0) -> torch.Tensor:
+
+def sample_poses(
+    n: int, generator: torch.Generator, preferred_fraction: float = 0.0, preferred_sigma: float = 20.0
+) -> torch.Tensor:
     """``(n, 3, 3)`` poses: uniform on SO(3), except a share drawn near top views.
 
     The preferred share has tilt ``|N(0, preferred_sigma)|`` (beam along the map's z axis) with
@@ -568,11 +631,14 @@ def sample_poses(n: int, generator: torch.Generator, preferred_fraction: float =
         pick = torch.rand(n, generator=generator, dtype=torch.float64) < preferred_fraction
         k = int(pick.sum())
         if k:
-            angles = torch.stack([
-                torch.rand(k, generator=generator, dtype=torch.float64) * 360 - 180,
-                (torch.randn(k, generator=generator, dtype=torch.float64) * preferred_sigma).abs() % 180,
-                torch.rand(k, generator=generator, dtype=torch.float64) * 360 - 180,
-            ], -1)
+            angles = torch.stack(
+                [
+                    torch.rand(k, generator=generator, dtype=torch.float64) * 360 - 180,
+                    (torch.randn(k, generator=generator, dtype=torch.float64) * preferred_sigma).abs() % 180,
+                    torch.rand(k, generator=generator, dtype=torch.float64) * 360 - 180,
+                ],
+                -1,
+            )
             poses[pick] = euler_to_matrix(angles)
     return poses
 
@@ -581,12 +647,17 @@ def _fourier_shift_phase(shifts_px: torch.Tensor, image_size: int) -> torch.Tens
     """``(B, S, S//2+1)`` phase factors that move an image by ``shifts_px`` ``(B, 2)`` (x, y) pixels."""
     ky = torch.fft.fftfreq(image_size, dtype=torch.float64)
     kx = torch.fft.rfftfreq(image_size, dtype=torch.float64)
-    phase = -2j * math.pi * (shifts_px[:, 0, None, None] * kx[None, None, :] + shifts_px[:, 1, None, None] * ky[None, :, None])
+    phase = (
+        -2j
+        * math.pi
+        * (shifts_px[:, 0, None, None] * kx[None, None, :] + shifts_px[:, 1, None, None] * ky[None, :, None])
+    )
     return torch.exp(phase)
 
 
-def simulate_images(volume: torch.Tensor, poses: torch.Tensor, shifts_px: torch.Tensor, ctf: torch.Tensor,
-                    contrast: torch.Tensor) -> torch.Tensor:
+def simulate_images(
+    volume: torch.Tensor, poses: torch.Tensor, shifts_px: torch.Tensor, ctf: torch.Tensor, contrast: torch.Tensor
+) -> torch.Tensor:
     """Noise-free particle images.
 
     Args:
@@ -611,14 +682,15 @@ def simulate_images(volume: torch.Tensor, poses: torch.Tensor, shifts_px: torch.
 
 def _signal_mask(box: int, diameter_px: float) -> torch.Tensor:
     c = torch.arange(box, dtype=torch.float64) - box // 2
-    return ((c[:, None] ** 2 + c[None, :] ** 2) <= (diameter_px / 2) ** 2)
+    return (c[:, None] ** 2 + c[None, :] ** 2) <= (diameter_px / 2) ** 2
 
 
 def _particle_parameters(spec: SimulationSpec, n: int, g: torch.Generator) -> pd.DataFrame:
     poses = sample_poses(n, g, spec.preferred_fraction, spec.preferred_sigma)
     angles = matrix_to_euler(poses)
     shifts = (torch.randn(n, 2, generator=g, dtype=torch.float64) * spec.shift_sigma).clamp(
-        -3 * spec.shift_sigma, 3 * spec.shift_sigma)
+        -3 * spec.shift_sigma, 3 * spec.shift_sigma
+    )
     lo, hi = spec.defocus_range
     mean_def = (lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)) * 1e4  # Å
     astig = torch.rand(n, generator=g, dtype=torch.float64) * spec.astigmatism_max * 1e4
@@ -627,31 +699,48 @@ def _particle_parameters(spec: SimulationSpec, n: int, g: torch.Generator) -> pd
     # Confidence rises with the particle's contrast, with scatter: RELION's posterior maximum is
     # high for particles whose signal stands clearly above the noise.
     noise = 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
-    confidence = (1 - torch.exp(-1.2 * contrast ** 2) + noise).clamp(0.01, 1.0)
-    return pd.DataFrame({
-        "rlnAngleRot": angles[:, 0].numpy(), "rlnAngleTilt": angles[:, 1].numpy(),
-        "rlnAnglePsi": angles[:, 2].numpy(),
-        "rlnOriginXAngst": (-shifts[:, 0] * spec.pixel_size).numpy(),
-        "rlnOriginYAngst": (-shifts[:, 1] * spec.pixel_size).numpy(),
-        "rlnDefocusU": (mean_def + astig / 2).numpy(), "rlnDefocusV": (mean_def - astig / 2).numpy(),
-        "rlnDefocusAngle": angle.numpy(),
-        "rlnCtfBfactor": np.full(n, spec.bfactor),
-        "rlnMaxValueProbDistribution": confidence.numpy(),
-        "_contrast": contrast.numpy(),
-    })
+    confidence = (1 - torch.exp(-1.2 * contrast**2) + noise).clamp(0.01, 1.0)
+    return pd.DataFrame(
+        {
+            "rlnAngleRot": angles[:, 0].numpy(),
+            "rlnAngleTilt": angles[:, 1].numpy(),
+            "rlnAnglePsi": angles[:, 2].numpy(),
+            "rlnOriginXAngst": (-shifts[:, 0] * spec.pixel_size).numpy(),
+            "rlnOriginYAngst": (-shifts[:, 1] * spec.pixel_size).numpy(),
+            "rlnDefocusU": (mean_def + astig / 2).numpy(),
+            "rlnDefocusV": (mean_def - astig / 2).numpy(),
+            "rlnDefocusAngle": angle.numpy(),
+            "rlnCtfBfactor": np.full(n, spec.bfactor),
+            "rlnMaxValueProbDistribution": confidence.numpy(),
+            "_contrast": contrast.numpy(),
+        }
+    )
 
 
 def _optics_table(spec: SimulationSpec) -> pd.DataFrame:
-    return pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnImagePixelSize": [spec.pixel_size], "rlnImageSize": [spec.box_size], "rlnImageDimensionality": [2],
-        "rlnVoltage": [spec.voltage], "rlnSphericalAberration": [spec.spherical_aberration],
-        "rlnAmplitudeContrast": [spec.amplitude_contrast],
-    })
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [spec.pixel_size],
+            "rlnImageSize": [spec.box_size],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [spec.voltage],
+            "rlnSphericalAberration": [spec.spherical_aberration],
+            "rlnAmplitudeContrast": [spec.amplitude_contrast],
+        }
+    )
 
 
-def _write_half(spec: SimulationSpec, volume: torch.Tensor, half: int, folder: Path, noise_sigma: float | None,
-                batch_size: int, progress: tqdm | None) -> float:
+def _write_half(
+    spec: SimulationSpec,
+    volume: torch.Tensor,
+    half: int,
+    folder: Path,
+    noise_sigma: float | None,
+    batch_size: int,
+    progress: tqdm | None,
+) -> float:
     g = torch.Generator().manual_seed(spec.seed * 1000 + half)
     params = _particle_parameters(spec, spec.n_particles, g)
     d = spec.box_size
@@ -659,13 +748,20 @@ def _write_half(spec: SimulationSpec, volume: torch.Tensor, half: int, folder: P
     optics = _optics_table(spec)
     with io.StackWriter(folder / stack_name, spec.n_particles, d, spec.pixel_size) as writer:
         for start in range(0, spec.n_particles, batch_size):
-            rows = params.iloc[start:start + batch_size]
+            rows = params.iloc[start : start + batch_size]
             poses = euler_to_matrix(torch.tensor(rows[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()))
             shifts = -torch.tensor(rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()) / spec.pixel_size
             ctf = ctf_mod.ctf_2d(
-                torch.tensor(rows["rlnDefocusU"].to_numpy()), torch.tensor(rows["rlnDefocusV"].to_numpy()),
-                torch.tensor(rows["rlnDefocusAngle"].to_numpy()), spec.voltage, spec.spherical_aberration,
-                spec.amplitude_contrast, spec.pixel_size, d, bfactor=spec.bfactor)
+                torch.tensor(rows["rlnDefocusU"].to_numpy()),
+                torch.tensor(rows["rlnDefocusV"].to_numpy()),
+                torch.tensor(rows["rlnDefocusAngle"].to_numpy()),
+                spec.voltage,
+                spec.spherical_aberration,
+                spec.amplitude_contrast,
+                spec.pixel_size,
+                d,
+                bfactor=spec.bfactor,
+            )
             clean = simulate_images(volume, poses, shifts, ctf, torch.tensor(rows["_contrast"].to_numpy()))
             if noise_sigma is None:
                 # One noise level for the entry, from the signal variance of the first batch
@@ -687,8 +783,13 @@ def _write_half(spec: SimulationSpec, volume: torch.Tensor, half: int, folder: P
     return noise_sigma
 
 
-def simulate_entry(spec: SimulationSpec, benchmark_dir: str | Path, overwrite: bool = False,
-                   batch_size: int = 256, progress: bool = True) -> Path:
+def simulate_entry(
+    spec: SimulationSpec,
+    benchmark_dir: str | Path,
+    overwrite: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Path:
     """Write one simulated entry to ``benchmark_dir/spec.name`` and return that folder.
 
     The entry is built in a temporary sibling folder and renamed into place at the end, so an
@@ -705,8 +806,11 @@ def simulate_entry(spec: SimulationSpec, benchmark_dir: str | Path, overwrite: b
         if same and not overwrite:
             return target
         if not overwrite:
-            raise InputError("an entry made from different parameters (or a real entry) is already here; "
-                             "pass overwrite=True (--overwrite) to replace it", path=target)
+            raise InputError(
+                "an entry made from different parameters (or a real entry) is already here; "
+                "pass overwrite=True (--overwrite) to replace it",
+                path=target,
+            )
     with io.staged_folder(target) as work:
         volume = source_density(spec)
         io.write_map(work / f"{spec.name}_source_map.mrc", volume, spec.pixel_size)
@@ -720,8 +824,13 @@ def simulate_entry(spec: SimulationSpec, benchmark_dir: str | Path, overwrite: b
     return target
 
 
-def simulate_suite(suite: str, benchmark_dir: str | Path, entries: list[str] | None = None,
-                   overwrite: bool = False, progress: bool = True) -> list[Path]:
+def simulate_suite(
+    suite: str,
+    benchmark_dir: str | Path,
+    entries: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Simulate every entry of a named suite (``SUITES``), or the named subset of it."""
     if suite not in SUITES:
         raise InputError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}", where="suite")

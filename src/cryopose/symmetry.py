@@ -71,8 +71,9 @@ def parse_symmetry(name: str) -> str:
             naming the valid names. (RELION itself silently accepts C0 and D0.)
     """
     if not isinstance(name, str):
-        raise InputError(f"symmetry must be a string, got {type(name).__name__}; valid names: {VALID_NAMES}",
-                         where="symmetry")
+        raise InputError(
+            f"symmetry must be a string, got {type(name).__name__}; valid names: {VALID_NAMES}", where="symmetry"
+        )
     key = name.strip().upper()
     if _CYCLIC_DIHEDRAL.match(key):
         return key
@@ -126,8 +127,9 @@ def _group_float64(canonical: str) -> torch.Tensor:
     return _closure(generators, _POLYHEDRAL_ORDER[canonical])
 
 
-def symmetry_matrices(name: str, dtype: torch.dtype = torch.float64,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+def symmetry_matrices(
+    name: str, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The rotations of a point group, in RELION's axis conventions.
 
     Args:
@@ -172,8 +174,9 @@ def _chunk_rows(n_rows: int, chunk_size: int):
         yield slice(start, min(start + chunk_size, n_rows))
 
 
-def symmetry_aware_angle(r_true: torch.Tensor, r_pred: torch.Tensor, name: str,
-                         chunk_size: int = 65536) -> torch.Tensor:
+def symmetry_aware_angle(
+    r_true: torch.Tensor, r_pred: torch.Tensor, name: str, chunk_size: int = 65536
+) -> torch.Tensor:
     """Angular error that ignores the map's symmetry: ``min_g geodesic_angle(g @ r_true, r_pred)``.
 
     This is eq. 5 of the CESPED paper. The best g is chosen from ``trace((g R_t)ᵀ R_p)``, which for

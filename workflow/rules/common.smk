@@ -10,7 +10,6 @@ from snakemake.utils import validate
 from cryopose.download import CESPED_RECORDS
 
 
-
 def _refuse_duplicate_keys(paths):
     """Read each config file again with a YAML loader that refuses a key given twice in one
     mapping: Snakemake's loader keeps the last silently, so a method listed twice would run with

@@ -74,12 +74,8 @@ rule generalisation:
     input:
         metrics=transfer_targets(),
     output:
-        table=report(
-            "results/generalisation.csv", caption="../report/generalisation.rst", category="Generalisation"
-        ),
-        plot=report(
-            "results/generalisation.png", caption="../report/generalisation.rst", category="Generalisation"
-        ),
+        table=report("results/generalisation.csv", caption="../report/generalisation.rst", category="Generalisation"),
+        plot=report("results/generalisation.png", caption="../report/generalisation.rst", category="Generalisation"),
     log:
         "logs/generalisation.log",
     benchmark:

@@ -70,8 +70,11 @@ rule evaluate_sensitivity:
 
 rule sensitivity:
     input:
-        metrics=expand("results/sensitivity/{perturbation}/{entry}/metrics.json", perturbation=PERTURBATIONS,
-                       entry=SENSITIVITY_ENTRIES),
+        metrics=expand(
+            "results/sensitivity/{perturbation}/{entry}/metrics.json",
+            perturbation=PERTURBATIONS,
+            entry=SENSITIVITY_ENTRIES,
+        ),
     output:
         table=report("results/sensitivity.csv", caption="../report/sensitivity.rst", category="Sensitivity"),
         markdown="results/sensitivity.md",

@@ -30,12 +30,29 @@ from .star import (
 
 __all__ = [
     # atomic
-    "WriteError", "atomic_write", "atomic_writes", "staged_folder", "temporary_folder", "is_temporary",
+    "WriteError",
+    "atomic_write",
+    "atomic_writes",
+    "staged_folder",
+    "temporary_folder",
+    "is_temporary",
     # star
-    "ParticleStar", "read_particles_star", "write_particles_star", "particles_with_optics", "parse_image_name",
-    "resolve_stack_path", "particle_keys", "check_unique_particles", "OPTICS_COLUMNS", "FINITE_COLUMNS",
+    "ParticleStar",
+    "read_particles_star",
+    "write_particles_star",
+    "particles_with_optics",
+    "parse_image_name",
+    "resolve_stack_path",
+    "particle_keys",
+    "check_unique_particles",
+    "OPTICS_COLUMNS",
+    "FINITE_COLUMNS",
     "INT_COLUMNS",
     # mrc
-    "open_stack", "stack_shape", "read_images", "StackWriter", "read_map", "write_map",
+    "open_stack",
+    "stack_shape",
+    "read_images",
+    "StackWriter",
+    "read_map",
+    "write_map",
 ]
-

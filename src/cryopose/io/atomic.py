@@ -65,8 +65,9 @@ def _process_start(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), from /proc; ``None`` if unknown."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -93,8 +94,9 @@ def _remove_stale_temporaries(folder: Path, base: str, suffix: str = "") -> None
     # atomic_writes) makes "..name.tmp-<pid>-...tmp-<pid>-....mrc".
     pattern = re.compile(rf"^\.+{re.escape(base)}((?:{_TEMPORARY_TAIL})+){re.escape(suffix)}$")
     try:
-        entries = [(e, re.findall(_TEMPORARY_TAIL, m.group(1))) for e in os.scandir(folder)
-                   if (m := pattern.match(e.name))]
+        entries = [
+            (e, re.findall(_TEMPORARY_TAIL, m.group(1))) for e in os.scandir(folder) if (m := pattern.match(e.name))
+        ]
     except OSError:
         return
     for e, owners in sorted(entries, key=lambda item: item[1][0][0]):  # "old" before "tmp"
@@ -152,8 +154,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             yield tmp
         except OSError as err:
             if err.errno in _NO_SPACE and not isinstance(err, WriteError):
-                raise _write_error(err, path, f"the partial file was removed and the previous {path.name} (if any) "
-                                              f"is unchanged") from err
+                raise _write_error(
+                    err, path, f"the partial file was removed and the previous {path.name} (if any) is unchanged"
+                ) from err
             raise
         if not tmp.is_file():
             raise FileNotFoundError(f"atomic_write: the block wrote nothing to {tmp} (destination {path})")
@@ -228,8 +231,9 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     except OSError as err:
         shutil.rmtree(work, ignore_errors=True)
         if err.errno in _NO_SPACE:
-            raise _write_error(err, target, f"the partial copy was removed and the earlier {target.name} (if any) "
-                                            f"is unchanged") from err
+            raise _write_error(
+                err, target, f"the partial copy was removed and the earlier {target.name} (if any) is unchanged"
+            ) from err
         raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

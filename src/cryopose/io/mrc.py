@@ -40,8 +40,12 @@ def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
     # to real when read, dropping the imaginary part with no more than a numpy warning: refused.
     mode = int(header.mode)
     if mode in _COMPLEX_MRC_MODES:
-        raise InputError(f"MRC mode {mode} holds complex values ({_COMPLEX_MRC_MODES[mode]}); real-valued "
-                         f"images or maps expected (mode 0, 1, 2, 6 or 12)", path=path, where="header mode")
+        raise InputError(
+            f"MRC mode {mode} holds complex values ({_COMPLEX_MRC_MODES[mode]}); real-valued "
+            f"images or maps expected (mode 0, 1, 2, 6 or 12)",
+            path=path,
+            where="header mode",
+        )
     try:
         dtype = mrcfile.utils.data_dtype_from_header(header)
     except Exception as err:
@@ -53,8 +57,11 @@ def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
     expected = int(header.nbytes) + int(header.nsymbt) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = path.stat().st_size
     if actual < expected:
-        raise InputError(f"truncated MRC file: the header promises {' x '.join(map(str, dims))} values of "
-                         f"{dtype.name} (expected {expected} bytes) but the file has {actual} bytes", path=path)
+        raise InputError(
+            f"truncated MRC file: the header promises {' x '.join(map(str, dims))} values of "
+            f"{dtype.name} (expected {expected} bytes) but the file has {actual} bytes",
+            path=path,
+        )
     return tuple(int(s) for s in shape), expected
 
 
@@ -120,15 +127,17 @@ def read_images(stack, indices) -> np.ndarray:
     outside = (idx < 0) | (idx >= n)
     if outside.any():
         bad = int(idx[outside][0])
-        raise InputError(f"image index {bad} (0-based) is outside the stack of {n} images (valid: 0 to {n - 1})",
-                         path=_stack_name(stack))
+        raise InputError(
+            f"image index {bad} (0-based) is outside the stack of {n} images (valid: 0 to {n - 1})",
+            path=_stack_name(stack),
+        )
     uniq, inverse = np.unique(idx, return_inverse=True)
     out = np.empty((len(uniq),) + data.shape[1:], dtype=np.float32)
     if len(uniq):
         starts = np.concatenate([[0], np.flatnonzero(np.diff(uniq) != 1) + 1])
         ends = np.concatenate([starts[1:], [len(uniq)]])
         for a, b in zip(starts, ends):
-            out[a:b] = data[uniq[a]:uniq[a] + (b - a)]
+            out[a:b] = data[uniq[a] : uniq[a] + (b - a)]
     return out[inverse.reshape(-1)]
 
 
@@ -195,19 +204,22 @@ class StackWriter:
             images = images[None]
         start = int(start)
         if images.shape[1:] != self.shape[1:] or start < 0 or start + len(images) > self.shape[0]:
-            raise ValueError(f"StackWriter.write: images of shape {images.shape} at index {start} do not fit "
-                             f"the stack {self.shape} ({self.path})")
+            raise ValueError(
+                f"StackWriter.write: images of shape {images.shape} at index {start} do not fit "
+                f"the stack {self.shape} ({self.path})"
+            )
         if len(images) == 0:
             return
         images = images.astype(self.dtype, copy=False)
         lo, hi = images.min(), images.max()
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"StackWriter.write: non-finite values in images {start}..{start + len(images) - 1} "
-                             f"({self.path})")
-        self._mrc.data[start:start + len(images)] = images
-        if self._written[start:start + len(images)].any():
+            raise ValueError(
+                f"StackWriter.write: non-finite values in images {start}..{start + len(images) - 1} ({self.path})"
+            )
+        self._mrc.data[start : start + len(images)] = images
+        if self._written[start : start + len(images)].any():
             self._overlap = True  # statistics are recomputed from the file at the end
-        self._written[start:start + len(images)] = True
+        self._written[start : start + len(images)] = True
         s = self._stats
         wide = images.astype(np.float64)
         s[0], s[1] = min(s[0], float(lo)), max(s[1], float(hi))
@@ -224,7 +236,7 @@ class StackWriter:
         data = self._mrc.data
         s = [np.inf, -np.inf, 0.0, 0.0]
         for a in range(0, self.shape[0], 1024):
-            chunk = np.asarray(data[a:a + 1024], dtype=np.float64)
+            chunk = np.asarray(data[a : a + 1024], dtype=np.float64)
             s = [min(s[0], chunk.min()), max(s[1], chunk.max()), s[2] + chunk.sum(), s[3] + np.square(chunk).sum()]
         self._stats = s
 
@@ -235,8 +247,10 @@ class StackWriter:
         try:
             missing = np.flatnonzero(~self._written)
             if len(missing):
-                raise ValueError(f"StackWriter: {len(missing)} of {self.shape[0]} images were never written "
-                                 f"(first: index {missing[0]}); {self.path} not created")
+                raise ValueError(
+                    f"StackWriter: {len(missing)} of {self.shape[0]} images were never written "
+                    f"(first: index {missing[0]}); {self.path} not created"
+                )
             if self._overlap:
                 self._recompute_stats()
             lo, hi, total, sq = self._stats

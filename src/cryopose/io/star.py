@@ -26,19 +26,37 @@ from .atomic import atomic_write
 from .mrc import stack_shape
 
 __all__ = [
-    "ParticleStar", "read_particles_star", "write_particles_star", "particles_with_optics", "parse_image_name",
-    "resolve_stack_path", "particle_keys", "check_unique_particles", "OPTICS_COLUMNS", "FINITE_COLUMNS",
+    "ParticleStar",
+    "read_particles_star",
+    "write_particles_star",
+    "particles_with_optics",
+    "parse_image_name",
+    "resolve_stack_path",
+    "particle_keys",
+    "check_unique_particles",
+    "OPTICS_COLUMNS",
+    "FINITE_COLUMNS",
     "INT_COLUMNS",
 ]
 
 #: Optics columns every optics group must have (rlnOpticsGroupName and rlnImageDimensionality are
 #: filled in when missing).
-OPTICS_COLUMNS = ("rlnImagePixelSize", "rlnImageSize", "rlnVoltage", "rlnSphericalAberration",
-                  "rlnAmplitudeContrast")
+OPTICS_COLUMNS = ("rlnImagePixelSize", "rlnImageSize", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 #: Particle columns that must hold finite numbers when present; they are stored as float64.
-FINITE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                  "rlnOriginX", "rlnOriginY", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
-                  "rlnMaxValueProbDistribution", "rlnParticleFigureOfMerit")
+FINITE_COLUMNS = (
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnMaxValueProbDistribution",
+    "rlnParticleFigureOfMerit",
+)
 #: Integer-valued particle columns, stored as int64 when present.
 INT_COLUMNS = ("rlnOpticsGroup", "rlnRandomSubset", "rlnClassNumber")
 #: Per-particle optics of RELION 3.0 files, moved into the optics table on reading.
@@ -73,21 +91,36 @@ def _read_blocks(path: Path) -> dict:
     except Exception as err:  # starfile/pandas raise assorted parser errors
         raise InputError(f"not a readable STAR file ({type(err).__name__}: {err})", path=path) from err
     if not blocks:
-        raise InputError("empty or unreadable: no data_ block found (expected RELION 3.1 data_optics + "
-                         "data_particles, or a RELION 3.0 data_ block)", path=path)
+        raise InputError(
+            "empty or unreadable: no data_ block found (expected RELION 3.1 data_optics + "
+            "data_particles, or a RELION 3.0 data_ block)",
+            path=path,
+        )
     # starfile gives a dict for a block without loop_ (one row); make every block a table.
-    tables = {name: (pd.DataFrame([b]) if isinstance(b, dict) else b).reset_index(drop=True)
-              for name, b in blocks.items()}
+    tables = {
+        name: (pd.DataFrame([b]) if isinstance(b, dict) else b).reset_index(drop=True) for name, b in blocks.items()
+    }
     for name, table in tables.items():
         repeated = table.columns[table.columns.duplicated()].unique().tolist()
         if repeated:
-            raise InputError(f"column {repeated[0]} appears more than once; each label may appear once per block",
-                             path=path, where=f"data_{name}")
+            raise InputError(
+                f"column {repeated[0]} appears more than once; each label may appear once per block",
+                path=path,
+                where=f"data_{name}",
+            )
     return tables
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, block: str, *, finite: bool = True,
-             integer: bool = False, positive: bool = False) -> np.ndarray:
+def _numeric(
+    df: pd.DataFrame,
+    col: str,
+    path: Path,
+    block: str,
+    *,
+    finite: bool = True,
+    integer: bool = False,
+    positive: bool = False,
+) -> np.ndarray:
     """Column ``col`` as float64, with an InputError naming the first offending row."""
     raw = df[col]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -107,8 +140,9 @@ def _numeric(df: pd.DataFrame, col: str, path: Path, block: str, *, finite: bool
         more = f"; {len(bad)} such rows" if len(bad) > 1 else ""
         value = raw.iloc[bad[0]]
         shown = repr(value) if isinstance(value, str) else str(value)
-        raise InputError(f"value {shown} is not {expected}{more}", path=path,
-                         where=f"{block} row {bad[0]} (0-based), column {col}")
+        raise InputError(
+            f"value {shown} is not {expected}{more}", path=path, where=f"{block} row {bad[0]} (0-based), column {col}"
+        )
     return values
 
 
@@ -124,24 +158,33 @@ def _normalise_particle_columns(particles: pd.DataFrame, path: Path, block: str)
 
 def _check_image_names(particles: pd.DataFrame, path: Path, block: str) -> None:
     if "rlnImageName" not in particles.columns:
-        raise InputError("missing column: every particle needs rlnImageName (<index from 1>@<stack file>)",
-                         path=path, where=f"{block}, rlnImageName")
+        raise InputError(
+            "missing column: every particle needs rlnImageName (<index from 1>@<stack file>)",
+            path=path,
+            where=f"{block}, rlnImageName",
+        )
     names = particles["rlnImageName"].astype(str)
     ok = names.str.match(_IMAGE_NAME_PATTERN).to_numpy(dtype=bool, na_value=False)
     if ok.all():
         ok = names.str.extract(_IMAGE_NAME_PATTERN)[0].astype(np.int64).to_numpy() >= 1
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
-        raise InputError(f"{names.iloc[row]!r} is not of the form <index from 1>@<stack file>", path=path,
-                         where=f"{block} row {row} (0-based), column rlnImageName")
+        raise InputError(
+            f"{names.iloc[row]!r} is not of the form <index from 1>@<stack file>",
+            path=path,
+            where=f"{block} row {row} (0-based), column rlnImageName",
+        )
 
 
 def _check_optics(optics: pd.DataFrame, path: Path) -> pd.DataFrame:
     block = "data_optics"
     for col in ("rlnOpticsGroup",) + OPTICS_COLUMNS:
         if col not in optics.columns:
-            raise InputError(f"missing column; every optics group needs rlnOpticsGroup, {', '.join(OPTICS_COLUMNS)}",
-                             path=path, where=f"{block}, {col}")
+            raise InputError(
+                f"missing column; every optics group needs rlnOpticsGroup, {', '.join(OPTICS_COLUMNS)}",
+                path=path,
+                where=f"{block}, {col}",
+            )
     if len(optics) == 0:
         raise InputError("no optics groups", path=path, where=block)
     optics = optics.copy()
@@ -149,11 +192,13 @@ def _check_optics(optics: pd.DataFrame, path: Path) -> pd.DataFrame:
     dup = optics["rlnOpticsGroup"].duplicated().to_numpy()
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
-        raise InputError(f"optics group {optics['rlnOpticsGroup'].iloc[row]} is defined twice", path=path,
-                         where=f"{block} row {row} (0-based), column rlnOpticsGroup")
+        raise InputError(
+            f"optics group {optics['rlnOpticsGroup'].iloc[row]} is defined twice",
+            path=path,
+            where=f"{block} row {row} (0-based), column rlnOpticsGroup",
+        )
     optics["rlnImagePixelSize"] = _numeric(optics, "rlnImagePixelSize", path, block, positive=True)
-    optics["rlnImageSize"] = _numeric(optics, "rlnImageSize", path, block, integer=True,
-                                      positive=True).astype(np.int64)
+    optics["rlnImageSize"] = _numeric(optics, "rlnImageSize", path, block, integer=True, positive=True).astype(np.int64)
     for col in _RELION30_OPTICS:
         optics[col] = _numeric(optics, col, path, block)
     if "rlnOpticsGroupName" not in optics.columns:
@@ -169,10 +214,17 @@ def _pixel_size_relion30(df: pd.DataFrame, path: Path, block: str) -> np.ndarray
     if "rlnPixelSize" in df.columns:
         return _numeric(df, "rlnPixelSize", path, block, positive=True)
     if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        return (_numeric(df, "rlnDetectorPixelSize", path, block, positive=True) * 1e4
-                / _numeric(df, "rlnMagnification", path, block, positive=True))
-    raise InputError("RELION 3.0 STAR without a pixel size: expected rlnImagePixelSize, rlnPixelSize, or "
-                     "rlnDetectorPixelSize (µm) and rlnMagnification", path=path, where=f"{block}, pixel size")
+        return (
+            _numeric(df, "rlnDetectorPixelSize", path, block, positive=True)
+            * 1e4
+            / _numeric(df, "rlnMagnification", path, block, positive=True)
+        )
+    raise InputError(
+        "RELION 3.0 STAR without a pixel size: expected rlnImagePixelSize, rlnPixelSize, or "
+        "rlnDetectorPixelSize (µm) and rlnMagnification",
+        path=path,
+        where=f"{block}, pixel size",
+    )
 
 
 def _from_relion30(df: pd.DataFrame, path: Path, block: str) -> ParticleStar:
@@ -183,23 +235,30 @@ def _from_relion30(df: pd.DataFrame, path: Path, block: str) -> ParticleStar:
     px = _pixel_size_relion30(df, path, block)
     for col in _RELION30_OPTICS:
         if col not in df.columns:
-            raise InputError("missing column (a RELION 3.0 STAR file carries the optics per particle)",
-                             path=path, where=f"{block}, {col}")
+            raise InputError(
+                "missing column (a RELION 3.0 STAR file carries the optics per particle)",
+                path=path,
+                where=f"{block}, {col}",
+            )
     if "rlnImageSize" in df.columns:
         sizes = _numeric(df, "rlnImageSize", path, block, integer=True, positive=True).astype(np.int64)
     else:  # not in the file: the first referenced stack's header says it
         _, stack = parse_image_name(str(df["rlnImageName"].iloc[0]), path, 0)
         sizes = np.full(len(df), stack_shape(resolve_stack_path(path, stack))[-1], dtype=np.int64)
-    keys = pd.DataFrame({
-        "rlnImagePixelSize": px, "rlnImageSize": sizes,
-        **{col: _numeric(df, col, path, block) for col in _RELION30_OPTICS},
-    })
+    keys = pd.DataFrame(
+        {
+            "rlnImagePixelSize": px,
+            "rlnImageSize": sizes,
+            **{col: _numeric(df, col, path, block) for col in _RELION30_OPTICS},
+        }
+    )
     optics = keys.drop_duplicates().reset_index(drop=True)
     optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1, dtype=np.int64))
     optics.insert(1, "rlnOpticsGroupName", [f"opticsGroup{i}" for i in optics["rlnOpticsGroup"]])
     optics.insert(4, "rlnImageDimensionality", 2)
-    group = keys.merge(optics[["rlnOpticsGroup", *keys.columns]], how="left",
-                       on=list(keys.columns))["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+    group = keys.merge(optics[["rlnOpticsGroup", *keys.columns]], how="left", on=list(keys.columns))[
+        "rlnOpticsGroup"
+    ].to_numpy(dtype=np.int64)
     for axis in ("X", "Y"):
         col = f"rlnOrigin{axis}"
         if col in df.columns:
@@ -207,8 +266,19 @@ def _from_relion30(df: pd.DataFrame, path: Path, block: str) -> ParticleStar:
             values = df.pop(col).to_numpy(dtype=np.float64) * px
             if f"{col}Angst" not in df.columns:
                 df.insert(position, f"{col}Angst", values)
-    drop = [c for c in (*_RELION30_OPTICS, "rlnImagePixelSize", "rlnPixelSize", "rlnDetectorPixelSize",
-                        "rlnMagnification", "rlnImageSize", "rlnImageDimensionality") if c in df.columns]
+    drop = [
+        c
+        for c in (
+            *_RELION30_OPTICS,
+            "rlnImagePixelSize",
+            "rlnPixelSize",
+            "rlnDetectorPixelSize",
+            "rlnMagnification",
+            "rlnImageSize",
+            "rlnImageDimensionality",
+        )
+        if c in df.columns
+    ]
     df = df.drop(columns=drop)
     if "rlnOpticsGroup" in df.columns:
         df["rlnOpticsGroup"] = group
@@ -223,15 +293,19 @@ def _from_relion31(optics: pd.DataFrame, particles: pd.DataFrame, path: Path) ->
     particles = particles.copy()
     _check_image_names(particles, path, block)
     if "rlnOpticsGroup" not in particles.columns:
-        raise InputError("missing column (RELION 3.1 particles name their optics group)", path=path,
-                         where=f"{block}, rlnOpticsGroup")
+        raise InputError(
+            "missing column (RELION 3.1 particles name their optics group)", path=path, where=f"{block}, rlnOpticsGroup"
+        )
     _normalise_particle_columns(particles, path, block)
     known = particles["rlnOpticsGroup"].isin(optics["rlnOpticsGroup"]).to_numpy()
     if not known.all():
         row = int(np.flatnonzero(~known)[0])
-        raise InputError(f"optics group {particles['rlnOpticsGroup'].iloc[row]} is not in data_optics "
-                         f"(it has {optics['rlnOpticsGroup'].tolist()})", path=path,
-                         where=f"{block} row {row} (0-based), column rlnOpticsGroup")
+        raise InputError(
+            f"optics group {particles['rlnOpticsGroup'].iloc[row]} is not in data_optics "
+            f"(it has {optics['rlnOpticsGroup'].tolist()})",
+            path=path,
+            where=f"{block} row {row} (0-based), column rlnOpticsGroup",
+        )
     star = ParticleStar(optics=optics, particles=particles, path=path)
     for axis in ("X", "Y"):  # a 3.1 file with pixel origins (unusual) is converted too
         col = f"rlnOrigin{axis}"
@@ -264,13 +338,19 @@ def read_particles_star(path: str | Path) -> ParticleStar:
     blocks = _read_blocks(path)
     if "optics" in blocks:
         if "particles" not in blocks:
-            raise InputError(f"RELION 3.1 STAR with data_optics but no data_particles block (found "
-                             f"{', '.join('data_' + b for b in blocks)})", path=path)
+            raise InputError(
+                f"RELION 3.1 STAR with data_optics but no data_particles block (found "
+                f"{', '.join('data_' + b for b in blocks)})",
+                path=path,
+            )
         star = _from_relion31(blocks["optics"], blocks["particles"], path)
     else:
         if len(blocks) != 1:
-            raise InputError(f"expected one particle table (RELION 3.0) or data_optics + data_particles "
-                             f"(RELION 3.1), found {', '.join('data_' + b for b in blocks)}", path=path)
+            raise InputError(
+                f"expected one particle table (RELION 3.0) or data_optics + data_particles "
+                f"(RELION 3.1), found {', '.join('data_' + b for b in blocks)}",
+                path=path,
+            )
         name, table = next(iter(blocks.items()))
         star = _from_relion30(table, path, f"data_{name}")
     if len(star.particles) == 0:
@@ -298,9 +378,12 @@ def particles_with_optics(star: ParticleStar) -> pd.DataFrame:
     rows = optics.index.get_indexer(table["rlnOpticsGroup"])
     if (rows < 0).any():
         row = int(np.flatnonzero(rows < 0)[0])
-        raise InputError(f"optics group {table['rlnOpticsGroup'].iloc[row]} is not in the optics table "
-                         f"(it has {optics.index.tolist()})", path=star.path,
-                         where=f"data_particles row {row} (0-based), column rlnOpticsGroup")
+        raise InputError(
+            f"optics group {table['rlnOpticsGroup'].iloc[row]} is not in the optics table "
+            f"(it has {optics.index.tolist()})",
+            path=star.path,
+            where=f"data_particles row {row} (0-based), column rlnOpticsGroup",
+        )
     for col in optics.columns:
         if col not in table.columns:
             table[col] = optics[col].to_numpy()[rows]
@@ -340,8 +423,12 @@ def resolve_stack_path(star_path: str | Path, stack_rel: str | Path) -> Path:
         return beside
     if p.is_file():
         return p
-    raise InputError(f"stack file {str(stack_rel)!r} not found: tried {beside} (beside the STAR file) and "
-                     f"{Path.cwd() / p} (working directory)", path=star_path, where="rlnImageName")
+    raise InputError(
+        f"stack file {str(stack_rel)!r} not found: tried {beside} (beside the STAR file) and "
+        f"{Path.cwd() / p} (working directory)",
+        path=star_path,
+        where="rlnImageName",
+    )
 
 
 def _stack_identity(star_path: str | Path | None, stack_rel: str) -> str:
@@ -395,7 +482,10 @@ def check_unique_particles(names, star_path: str | Path | None = None, block: st
         earlier = first.setdefault(key, row)
         if earlier != row:
             index, stack = key.split("@", 1)
-            raise InputError(f"duplicate rlnImageName: {names[row]!r} names the same image as row {earlier} "
-                             f"({names[earlier]!r}), image {index} of {stack}; each particle may appear once",
-                             path=star_path, where=f"{block} row {row} (0-based), column rlnImageName")
+            raise InputError(
+                f"duplicate rlnImageName: {names[row]!r} names the same image as row {earlier} "
+                f"({names[earlier]!r}), image {index} of {stack}; each particle may appear once",
+                path=star_path,
+                where=f"{block} row {row} (0-based), column rlnImageName",
+            )
     return keys

@@ -30,18 +30,27 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .. import io
-from .. import parameters
+from .. import io, parameters
+from ..entry import Entry
 from ..errors import InputError
 from ..predictions import PREDICTION_TYPES
-from ..entry import Entry
 
-__all__ = ["Method", "Resources", "METHODS", "REFINE_SUFFIX", "get_method", "check_params", "parse_params",
-           "read_model_record", "write_model_record", "method_table"]
+__all__ = [
+    "Method",
+    "Resources",
+    "METHODS",
+    "REFINE_SUFFIX",
+    "get_method",
+    "check_params",
+    "parse_params",
+    "read_model_record",
+    "write_model_record",
+    "method_table",
+]
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,13 @@ class Resources:
     gpus: int = 0
 
 
-def default_resources(method: "Method", params) -> dict[str, Resources]:
+def default_resources(method: Method, params) -> dict[str, Resources]:
     """A day to train, two hours to predict, 8 GB each; GPUs when the method uses one."""
     gpus = 1 if method.uses_gpu else 0
-    return {"train": Resources(mem_mb=8000, runtime_min=24 * 60, gpus=gpus),
-            "predict": Resources(mem_mb=8000, runtime_min=120, gpus=gpus)}
+    return {
+        "train": Resources(mem_mb=8000, runtime_min=24 * 60, gpus=gpus),
+        "predict": Resources(mem_mb=8000, runtime_min=120, gpus=gpus),
+    }
 
 
 @dataclass(frozen=True)
@@ -81,12 +92,13 @@ class Method:
     #: Runs on a GPU when one is lent (the workflow then asks the cluster for one).
     uses_gpu: bool = False
     #: ``resources(method, params) -> {"train": Resources, "predict": Resources}``.
-    resources: Callable[["Method", object], dict[str, Resources]] = default_resources
+    resources: Callable[[Method, object], dict[str, Resources]] = default_resources
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"method {self.name}: prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {self.prediction_type!r}")
+            raise ValueError(
+                f"method {self.name}: prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
         if not dataclasses.is_dataclass(self.params):
             raise ValueError(f"method {self.name}: params must be a dataclass")
 
@@ -104,8 +116,14 @@ class Method:
     def stage_resources(self, values: dict | None = None) -> dict[str, Resources]:
         return self.resources(self, self.settings(values))
 
-    def run_train(self, entry: Entry, half: int, model_dir: str | Path, values: dict | object | None = None,
-                  work_dir: str | Path | None = None) -> dict:
+    def run_train(
+        self,
+        entry: Entry,
+        half: int,
+        model_dir: str | Path,
+        values: dict | object | None = None,
+        work_dir: str | Path | None = None,
+    ) -> dict:
         """Train on half ``half`` into ``model_dir`` and write its model record; returns the record."""
         settings = self.settings(values)
         model_dir = Path(model_dir)
@@ -113,8 +131,15 @@ class Method:
         extra = self.train(entry, half, model_dir, settings, Path(work_dir) if work_dir else None)
         return write_model_record(model_dir, self.name, entry, half, dataclasses.asdict(settings), extra)
 
-    def run_predict(self, model_dir: str | Path, entry: Entry, half: int, out_star: str | Path,
-                    values: dict | object | None = None, transfer: bool = False) -> Path:
+    def run_predict(
+        self,
+        model_dir: str | Path,
+        entry: Entry,
+        half: int,
+        out_star: str | Path,
+        values: dict | object | None = None,
+        transfer: bool = False,
+    ) -> Path:
         """Predict half ``half`` with the model in ``model_dir``, which must be this method's model of
         the other half of ``entry`` (or, with ``transfer``, of another entry)."""
         settings = self.settings(values)
@@ -123,11 +148,18 @@ class Method:
         return Path(out_star)
 
 
-def write_model_record(model_dir: Path, method: str, entry: Entry, half: int, params: dict,
-                       extra: dict | None = None) -> dict:
+def write_model_record(
+    model_dir: Path, method: str, entry: Entry, half: int, params: dict, extra: dict | None = None
+) -> dict:
     """``model_dir/model.json``: the method, the entry and half it was trained on, its parameters."""
-    record = {"method": method, "entry": entry.name, "trained_on_half": int(half),
-              "n_particles": entry.n_particles(half), "params": params, **(extra or {})}
+    record = {
+        "method": method,
+        "entry": entry.name,
+        "trained_on_half": int(half),
+        "n_particles": entry.n_particles(half),
+        "params": params,
+        **(extra or {}),
+    }
     model_dir.mkdir(parents=True, exist_ok=True)
     with io.atomic_write(model_dir / "model.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -149,15 +181,21 @@ def read_model_record(model_dir: Path, method: str, entry: Entry, half: int, tra
         raise InputError(f"model is for method {record.get('method')!r}, not {method!r}", path=path, where="method")
     if transfer:
         if record.get("entry") == entry.name:
-            raise InputError(f"a transfer predicts another entry than the model's, and this model was trained on "
-                             f"{entry.name!r}", path=path, where="entry")
+            raise InputError(
+                f"a transfer predicts another entry than the model's, and this model was trained on {entry.name!r}",
+                path=path,
+                where="entry",
+            )
         return record
     if record.get("entry") != entry.name:
         raise InputError(f"model is for entry {record.get('entry')!r}, not {entry.name!r}", path=path, where="entry")
     if record.get("trained_on_half") != 1 - half:
-        raise InputError(f"a model trained on half {record.get('trained_on_half')} cannot predict half {half}: "
-                         f"predictions must come from the model of the other half", path=path,
-                         where="trained_on_half")
+        raise InputError(
+            f"a model trained on half {record.get('trained_on_half')} cannot predict half {half}: "
+            f"predictions must come from the model of the other half",
+            path=path,
+            where="trained_on_half",
+        )
     return record
 
 
@@ -170,11 +208,14 @@ def _discover() -> dict[str, Method]:
         module = importlib.import_module(f"{__name__}.{info.name}")
         method = getattr(module, "METHOD", None)
         if not isinstance(method, Method):
-            raise ImportError(f"{Path(module.__file__).parent}: a method folder must export METHOD, a "
-                              f"cryopose.methods.Method (see the README's 'Add your method')")
+            raise ImportError(
+                f"{Path(module.__file__).parent}: a method folder must export METHOD, a "
+                f"cryopose.methods.Method (see the README's 'Add your method')"
+            )
         if method.name != info.name:
-            raise ImportError(f"{Path(module.__file__).parent}: METHOD.name is {method.name!r}; a method's "
-                              f"folder carries its name")
+            raise ImportError(
+                f"{Path(module.__file__).parent}: METHOD.name is {method.name!r}; a method's folder carries its name"
+            )
         found[method.name] = method
     return found
 
@@ -202,15 +243,17 @@ def _refined(base: Method) -> Method:
 
     def split(settings) -> tuple[object, RefineConfig]:
         values = dataclasses.asdict(settings)
-        return (base.params(**{k: values[k] for k in base_names}),
-                RefineConfig(**{k: values[k] for k in refine_names}))
+        return (base.params(**{k: values[k] for k in base_names}), RefineConfig(**{k: values[k] for k in refine_names}))
 
     def post_init(self):
         split(self)  # each part's own rules
 
     params = dataclasses.make_dataclass(
-        f"{base.params.__name__}Refined", [copy(f) for f in dataclasses.fields(base.params)]
-        + [copy(f) for f in dataclasses.fields(RefineConfig)], frozen=True, namespace={"__post_init__": post_init})
+        f"{base.params.__name__}Refined",
+        [copy(f) for f in dataclasses.fields(base.params)] + [copy(f) for f in dataclasses.fields(RefineConfig)],
+        frozen=True,
+        namespace={"__post_init__": post_init},
+    )
     params.__module__ = base.params.__module__  # its annotations are resolved there
 
     def train(entry, half, model_dir, settings, work_dir=None):
@@ -235,19 +278,30 @@ def _refined(base: Method) -> Method:
         refine = Resources(mem_mb=4000, runtime_min=120, gpus=1)
         return {"train": stages["train"], "predict": stages["predict"], "refine": refine}
 
-    return Method(base.name + REFINE_SUFFIX, f"{base.name}, then local refinement of its poses and shifts against "
-                  "the training half's map", "SO3xR2", params, train, predict, needs_preprocessing=False,
-                  uses_gpu=True, resources=resources)
+    return Method(
+        base.name + REFINE_SUFFIX,
+        f"{base.name}, then local refinement of its poses and shifts against the training half's map",
+        "SO3xR2",
+        params,
+        train,
+        predict,
+        needs_preprocessing=False,
+        uses_gpu=True,
+        resources=resources,
+    )
 
 
 def get_method(name: str) -> Method:
     """The registered method ``name``, or ``<method>+refine`` (that method followed by local
     refinement); :class:`InputError` listing the known ones otherwise."""
-    if name.endswith(REFINE_SUFFIX) and name[:-len(REFINE_SUFFIX)] in METHODS:
-        return _refined(METHODS[name[:-len(REFINE_SUFFIX)]])
+    if name.endswith(REFINE_SUFFIX) and name[: -len(REFINE_SUFFIX)] in METHODS:
+        return _refined(METHODS[name[: -len(REFINE_SUFFIX)]])
     if name not in METHODS:
-        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} (and "
-                         f"<method>{REFINE_SUFFIX} for any of them)", where="method")
+        raise InputError(
+            f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} (and "
+            f"<method>{REFINE_SUFFIX} for any of them)",
+            where="method",
+        )
     return METHODS[name]
 
 
@@ -268,15 +322,23 @@ def method_table(markdown: bool = True) -> str:
     """Every method with its parameters (name, type, default, range, help): the docs' table."""
     lines = []
     for name, method in sorted(METHODS.items()):
-        lines += [f"### `{name}`", "", f"{method.description}. Predicts {method.prediction_type}"
-                  + ("; trains on the preprocessed copy" if method.needs_preprocessing else "")
-                  + ("; uses a GPU when lent one" if method.uses_gpu else "") + ".", ""]
+        lines += [
+            f"### `{name}`",
+            "",
+            f"{method.description}. Predicts {method.prediction_type}"
+            + ("; trains on the preprocessed copy" if method.needs_preprocessing else "")
+            + ("; uses a GPU when lent one" if method.uses_gpu else "")
+            + ".",
+            "",
+        ]
         rows = parameters.describe(method.params)
         if not rows:
             lines += ["No parameters.", ""]
             continue
         lines += ["| parameter | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
         for r in rows:
-            lines.append(f"| `{r['name']}` | {r['type']} | `{json.dumps(r['default'])}` | {r['limits']} | {r['help']} |")
+            lines.append(
+                f"| `{r['name']}` | {r['type']} | `{json.dumps(r['default'])}` | {r['limits']} | {r['help']} |"
+            )
         lines.append("")
     return "\n".join(lines)

@@ -24,8 +24,11 @@ def train(entry, half, model_dir, params, work_dir=None):
 
 def predict(model_dir, entry, half, out_star, params):
     truth = entry.read_star(half).particles
-    write_predictions(entry, half, out_star, angles_deg=truth[EULER].to_numpy(), shifts_angstrom=true_origins(entry, half))
+    write_predictions(
+        entry, half, out_star, angles_deg=truth[EULER].to_numpy(), shifts_angstrom=true_origins(entry, half)
+    )
 
 
-METHOD = Method("ground_truth", "oracle: predicts the refined poses (calibrates ΔPCC and ΔFSCR to 0)", "SO3", Params,
-                train, predict)
+METHOD = Method(
+    "ground_truth", "oracle: predicts the refined poses (calibrates ΔPCC and ΔFSCR to 0)", "SO3", Params, train, predict
+)

@@ -26,9 +26,14 @@ class Params:
     (:class:`.training.TrainConfig`) and the prediction's off-grid refinement."""
 
     image_size: int = param(64, "side of the input images in pixels (the preprocessed copy's size)", min=1)
-    resnet: str = param("resnet18", "torchvision ResNet of the encoder",
-                        choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
-    encoder_weights: str | None = param(None, "a local torchvision ResNet state-dict file (e.g. ImageNet); null: random")
+    resnet: str = param(
+        "resnet18",
+        "torchvision ResNet of the encoder",
+        choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    )
+    encoder_weights: str | None = param(
+        None, "a local torchvision ResNet state-dict file (e.g. ImageNet); null: random"
+    )
     drop_maxpool: bool = param(True, "remove the ResNet stem's max-pool (doubles the feature map's side)")
     sphere_channels: int = param(256, "channels after the 1×1 convolution (the paper: 512)", min=1)
     projector_order: int = param(2, "HEALPix order of the hemisphere grid (3 ≈ 7.3°)", min=0)
@@ -52,8 +57,11 @@ class Params:
     val_fraction: float = param(0.1, "fraction of the training half held out for validation", above=0, below=1)
     augment: bool = param(True, "random in-plane rotations, shifts and noise while training")
     seed: int = param(0, "seed of every random draw (splits, shuffling, augmentation)")
-    max_minutes: float | None = param(None, "wall-time budget checked after each epoch (null: none; "
-                                      "a budget makes the run machine-dependent)", above=0)
+    max_minutes: float | None = param(
+        None,
+        "wall-time budget checked after each epoch (null: none; a budget makes the run machine-dependent)",
+        above=0,
+    )
     device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     refine_steps: int = param(0, "rounds of local ascent of the network's signal from the best grid cell", min=0)
 
@@ -91,11 +99,20 @@ def predict(model_dir, entry, half, out_star, params: Params) -> None:
     device = select_device(params.device)
     model, _ = load_model(model_dir / "model.pt", device)
     dataset = ParticlesDataset(entry, half, image_size=model.config.image_size)
-    rotmats, confidence = predict_image2sphere(model, dataset, batch_size=2 * params.batch_size, device=device,
-                                               refine_steps=params.refine_steps)
+    rotmats, confidence = predict_image2sphere(
+        model, dataset, batch_size=2 * params.batch_size, device=device, refine_steps=params.refine_steps
+    )
     write_predictions(dataset.entry, half, out_star, rotmats=rotmats, confidence=confidence)
 
 
-METHOD = Method("image2sphere", "Image2Sphere (Klee et al. 2023; the CESPED paper's baseline): ResNet → hemisphere → "
-                "S² and SO(3) convolutions → SO(3) grid classifier", "SO3", Params, train, predict,
-                needs_preprocessing=True, uses_gpu=True)
+METHOD = Method(
+    "image2sphere",
+    "Image2Sphere (Klee et al. 2023; the CESPED paper's baseline): ResNet → hemisphere → "
+    "S² and SO(3) convolutions → SO(3) grid classifier",
+    "SO3",
+    Params,
+    train,
+    predict,
+    needs_preprocessing=True,
+    uses_gpu=True,
+)

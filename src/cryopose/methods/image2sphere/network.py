@@ -101,8 +101,15 @@ class Image2SphereConfig:
             raise ValueError(f"projector_fraction must be in (0, 1], got {self.projector_fraction}")
         if len(self.gaussian_sigmas) != 2:
             raise ValueError(f"gaussian_sigmas needs two values (channels 2 and 3), got {self.gaussian_sigmas}")
-        for name in ("image_size", "sphere_channels", "lmax", "s2_channels", "activation_resolution",
-                     "so3_kernel_n_alpha", "so3_kernel_n_beta"):
+        for name in (
+            "image_size",
+            "sphere_channels",
+            "lmax",
+            "s2_channels",
+            "activation_resolution",
+            "so3_kernel_n_alpha",
+            "so3_kernel_n_beta",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("projector_order", "s2_kernel_order", "output_order"):
@@ -110,10 +117,20 @@ class Image2SphereConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
-    def paper(cls, **overrides) -> "Image2SphereConfig":
+    def paper(cls, **overrides) -> Image2SphereConfig:
         """The CESPED paper's Appendix B model (ResNet152 at 256 px, lmax 8, output order 4)."""
-        base = dict(image_size=256, resnet="resnet152", drop_maxpool=False, sphere_channels=512, projector_order=3,
-                    lmax=8, s2_channels=16, s2_kernel_order=3, activation_resolution=10, output_order=4)
+        base = dict(
+            image_size=256,
+            resnet="resnet152",
+            drop_maxpool=False,
+            sphere_channels=512,
+            projector_order=3,
+            lmax=8,
+            s2_channels=16,
+            s2_kernel_order=3,
+            activation_resolution=10,
+            output_order=4,
+        )
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -122,7 +139,7 @@ class Image2SphereConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Image2SphereConfig":
+    def from_dict(cls, d: dict) -> Image2SphereConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -169,15 +186,18 @@ def wigner_table(lmax: int, rotmats: torch.Tensor) -> torch.Tensor:
     from e3nn.o3._so3grid import flat_wigner
 
     alpha, beta, gamma = _e3nn_angles(rotmats)
-    out = [flat_wigner(lmax, alpha[i:i + 4096], beta[i:i + 4096], gamma[i:i + 4096]).float()
-           for i in range(0, len(alpha), 4096)]
+    out = [
+        flat_wigner(lmax, alpha[i : i + 4096], beta[i : i + 4096], gamma[i : i + 4096]).float()
+        for i in range(0, len(alpha), 4096)
+    ]
     return torch.cat(out) if out else torch.zeros(0, sum((2 * l + 1) ** 2 for l in range(lmax + 1)))
 
 
 def _output_wigner(lmax: int, order: int) -> torch.Tensor:
     """Wigner rows of every rotation of the output grid."""
-    return _cached(f"output_wigner|lmax={lmax}|order={order}|R",
-                   lambda: wigner_table(lmax, so3_healpix_grid(order, torch.float64)))
+    return _cached(
+        f"output_wigner|lmax={lmax}|order={order}|R", lambda: wigner_table(lmax, so3_healpix_grid(order, torch.float64))
+    )
 
 
 def _sphere_harmonics(lmax: int, xyz: torch.Tensor) -> torch.Tensor:
@@ -189,7 +209,7 @@ def _sphere_harmonics(lmax: int, xyz: torch.Tensor) -> torch.Tensor:
 def _healpix_xyz(order: int) -> torch.Tensor:
     import healpy as hp
 
-    nside = 2 ** order
+    nside = 2**order
     return torch.tensor(np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside)), nest=True), -1))
 
 
@@ -226,11 +246,12 @@ def _separable_activation_tables(lmax: int, resolution: int) -> dict:
     nb, na = 2 * resolution, 4 * resolution
     beta, alpha = s2_grid(nb, na, dtype=torch.float64)
     table = flat_wigner(lmax, alpha[:, None, None], beta[None, :, None], alpha[None, None, :])  # (α, β, γ, i)
-    qw = _quadrature_weights(nb // 2, dtype=torch.float64) * nb ** 2 / na ** 2
+    qw = _quadrature_weights(nb // 2, dtype=torch.float64) * nb**2 / na**2
     n, nk = table.shape[-1], 2 * lmax + 1
     freq = torch.tensor([(k + 1) // 2 for k in range(nk)])
-    basis = torch.stack([torch.ones_like(alpha)] + [f(k * alpha) for k in range(1, lmax + 1)
-                                                    for f in (torch.cos, torch.sin)], -1)  # (na, nk)
+    basis = torch.stack(
+        [torch.ones_like(alpha)] + [f(k * alpha) for k in range(1, lmax + 1) for f in (torch.cos, torch.sin)], -1
+    )  # (na, nk)
     inv = torch.linalg.pinv(basis)
     m = torch.einsum("ka,abci,jc->bkji", inv, table, inv)  # (β, k, k', i)
     recon = torch.einsum("ak,bkji,cj->abci", basis, m, basis)
@@ -249,8 +270,12 @@ def _separable_activation_tables(lmax: int, resolution: int) -> dict:
     m_flat = m.reshape(-1, n)  # (nb·nk·nk, n)
     m_flat = torch.where(out_pair[:, None] == block_of_input[None, :], m_flat, 0.0)  # exact zeros off the blocks
     qw_out = qw.repeat_interleave(nk * nk)[:, None]  # quadrature weight of each (β, k, k') row
-    return {"basis": basis.float(), "to_fourier": (m_flat / n ** 0.5).float(),
-            "from_fourier": (m_flat * qw_out * n ** 0.5).T.float().contiguous(), "shape": (nb, nk)}
+    return {
+        "basis": basis.float(),
+        "to_fourier": (m_flat / n**0.5).float(),
+        "from_fourier": (m_flat * qw_out * n**0.5).T.float().contiguous(),
+        "shape": (nb, nk),
+    }
 
 
 class SeparableSO3Activation(nn.Module):
@@ -264,8 +289,10 @@ class SeparableSO3Activation(nn.Module):
 
     def __init__(self, lmax: int, resolution: int, act: nn.Module):
         super().__init__()
-        t = _cached(f"separable_activation|lmax={lmax}|resolution={resolution}|v3",
-                    lambda: _separable_activation_tables(lmax, resolution))
+        t = _cached(
+            f"separable_activation|lmax={lmax}|resolution={resolution}|v3",
+            lambda: _separable_activation_tables(lmax, resolution),
+        )
         self.act = act
         self.nb, self.nk = t["shape"]
         self.register_buffer("basis", t["basis"], persistent=False)
@@ -284,8 +311,12 @@ class SeparableSO3Activation(nn.Module):
     def _sparse(self, name: str) -> torch.Tensor:
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(getattr(self, f"{name}_rows"), getattr(self, f"{name}_cols"),
-                                           getattr(self, f"{name}_values"), self.shapes[name])
+            return torch.sparse_csr_tensor(
+                getattr(self, f"{name}_rows"),
+                getattr(self, f"{name}_cols"),
+                getattr(self, f"{name}_values"),
+                self.shapes[name],
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, n = x.shape[:-1], x.shape[-1]
@@ -353,11 +384,16 @@ def resnet_encoder(name: str, weights_path: str | None = None, drop_maxpool: boo
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise ValueError(f"{path}: not a torchvision {name} state dict (missing {sorted(missing)[:3]}…, "
-                             f"unexpected {sorted(unexpected)[:3]}…)")
+            raise ValueError(
+                f"{path}: not a torchvision {name} state dict (missing {sorted(missing)[:3]}…, "
+                f"unexpected {sorted(unexpected)[:3]}…)"
+            )
     channels = net.fc.in_features
-    layers = [net.conv1, net.bn1, net.relu] + ([] if drop_maxpool else [net.maxpool]) + \
-             [net.layer1, net.layer2, net.layer3, net.layer4]
+    layers = (
+        [net.conv1, net.bn1, net.relu]
+        + ([] if drop_maxpool else [net.maxpool])
+        + [net.layer1, net.layer2, net.layer3, net.layer4]
+    )
     return nn.Sequential(*layers), channels
 
 
@@ -381,7 +417,7 @@ class HemisphereProjector(nn.Module):
         grid, harmonics = self.grid_xy, self.harmonics
         if self.training and self.fraction < 1:
             n = grid.shape[2]
-            keep = torch.randperm(n, generator=generator, device="cpu")[:max(1, round(n * self.fraction))]
+            keep = torch.randperm(n, generator=generator, device="cpu")[: max(1, round(n * self.fraction))]
             keep = keep.to(grid.device)
             grid, harmonics = grid[:, :, keep], harmonics[keep]
         grid = grid.expand(features.shape[0], -1, -1, -1).to(features.dtype)
@@ -439,8 +475,9 @@ class Image2Sphere(nn.Module):
         self.s2_conv = s2_convolution(c.sphere_channels, c.s2_channels, c.lmax, c.s2_kernel_order)
         # e3nn's SO3Activation, evaluated separably (same function, ~10× fewer operations); e3nn's
         # module supplies the normalised activation (its constant is cached with it).
-        self.activation = SeparableSO3Activation(c.lmax, c.activation_resolution,
-                                                 e3nn_so3_activation(c.lmax, c.activation_resolution).act)
+        self.activation = SeparableSO3Activation(
+            c.lmax, c.activation_resolution, e3nn_so3_activation(c.lmax, c.activation_resolution).act
+        )
         kernel = near_identity_kernel(c.so3_kernel_max_beta, c.so3_kernel_n_alpha, c.so3_kernel_n_beta)
         self.so3_conv = so3_convolution(c.s2_channels, 1, c.lmax, kernel)
         self.register_buffer("output_wigner", _output_wigner(c.lmax, c.output_order), persistent=False)

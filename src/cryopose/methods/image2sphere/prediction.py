@@ -23,8 +23,14 @@ def bf16_autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_image2sphere(model, dataset: ParticlesDataset, batch_size: int = 64, device: torch.device | str = "cpu",
-                         refine_steps: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_image2sphere(
+    model,
+    dataset: ParticlesDataset,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    refine_steps: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Poses and confidences of every particle of ``dataset``.
 
     Args:
@@ -41,7 +47,7 @@ def predict_image2sphere(model, dataset: ParticlesDataset, batch_size: int = 64,
     device = torch.device(device)
     model = model.to(device).eval()
     grid = model.grid.double().cpu()
-    spacing = 360.0 / (6 * 2 ** model.config.output_order)
+    spacing = 360.0 / (6 * 2**model.config.output_order)
     n = len(dataset)
     rotmats = torch.empty(n, 3, 3, dtype=torch.float64)
     confidence = torch.empty(n, dtype=torch.float64)

@@ -33,10 +33,18 @@ from ...grids import grid_quaternions_of, symmetric_grid_cells
 from ...symmetry import symmetry_aware_angle
 from .network import Image2Sphere, Image2SphereConfig
 from .prediction import bf16_autocast
-from ...entry import Entry
 
-__all__ = ["TrainConfig", "train_image2sphere", "load_model", "select_device", "LOG_COLUMNS", "epoch_generator",
-           "train_val_split", "weighted_loss", "validation_pass"]
+__all__ = [
+    "TrainConfig",
+    "train_image2sphere",
+    "load_model",
+    "select_device",
+    "LOG_COLUMNS",
+    "epoch_generator",
+    "train_val_split",
+    "weighted_loss",
+    "validation_pass",
+]
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_median_error_deg", "val_mean_error_deg", "lr", "seconds"]
 
@@ -135,8 +143,14 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 @torch.no_grad()
-def validation_pass(model: Image2Sphere, dataset: ParticlesDataset, indices: np.ndarray, batch_size: int,
-              device: torch.device, cells: dict[int, torch.Tensor]) -> tuple[float, np.ndarray]:
+def validation_pass(
+    model: Image2Sphere,
+    dataset: ParticlesDataset,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    cells: dict[int, torch.Tensor],
+) -> tuple[float, np.ndarray]:
     """Validation loss and errors; ``cells`` keeps each batch's target cells across epochs (the
     validation set is fixed and not augmented, so they are computed once)."""
     model.eval()
@@ -144,7 +158,7 @@ def validation_pass(model: Image2Sphere, dataset: ParticlesDataset, indices: np.
     grid_q = None
     losses, errors = [], []
     for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
+        idx = indices[start : start + batch_size]
         _, images, (rot, _, conf), _ = dataset.get_batch(idx)
         with bf16_autocast(device):
             signal = model.signal(images.to(device))
@@ -156,14 +170,24 @@ def validation_pass(model: Image2Sphere, dataset: ParticlesDataset, indices: np.
         losses.append(float(weighted_loss(logits, cells[start], conf.to(device))) * len(idx))
         pred = grid[logits.argmax(-1)].cpu()
         # The benchmark's error (paper eq. 5), computed here without importing the judge.
-        errors.append(symmetry_aware_angle(torch.as_tensor(rot, dtype=torch.float64),
-                                           torch.as_tensor(pred, dtype=torch.float64), dataset.symmetry).numpy())
+        errors.append(
+            symmetry_aware_angle(
+                torch.as_tensor(rot, dtype=torch.float64), torch.as_tensor(pred, dtype=torch.float64), dataset.symmetry
+            ).numpy()
+        )
     return sum(losses) / len(indices), np.concatenate(errors)
 
 
-def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Image2SphereConfig,
-                       config: TrainConfig = TrainConfig(), work_dir: str | Path | None = None,
-                       progress: bool = True, benchmark_dir=None) -> list[dict]:
+def train_image2sphere(
+    entry,
+    half: int,
+    out_dir: str | Path,
+    model_config: Image2SphereConfig,
+    config: TrainConfig = TrainConfig(),
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    benchmark_dir=None,
+) -> list[dict]:
     """Train on half ``half`` of ``entry``; resume from ``work_dir/checkpoint.pt`` when it exists.
 
     Args:
@@ -192,30 +216,37 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
     val_set = ParticlesDataset(entry, half, **data_kw)
     train_idx, val_idx = train_val_split(len(train_set), config.val_fraction, config.seed)
     if len(train_idx) < config.batch_size:
-        raise ValueError(f"{train_set.star_path}: {len(train_idx)} training particles are fewer than one batch "
-                         f"({config.batch_size})")
+        raise ValueError(
+            f"{train_set.star_path}: {len(train_idx)} training particles are fewer than one batch ({config.batch_size})"
+        )
 
     model = Image2Sphere(model_config).to(device)
     # foreach: one multi-tensor kernel per update term instead of a loop over the 64 parameters (3× faster
     # on a CPU, where torch's default is the loop; the same update to float rounding).
     optimiser = torch.optim.RAdam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="min", factor=0.5,
-                                                           patience=config.lr_patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="min", factor=0.5, patience=config.lr_patience
+    )
     grid_cpu = model.grid.cpu()
     grid_q = grid_quaternions_of(grid_cpu)  # once: the lookup of each batch's target cells reuses it
     rows: list[dict] = []
     best, bad_epochs, start_epoch = math.inf, 0, 0
     # What determines the trajectory; the epoch budget and the device may change between runs.
     trajectory = {k: v for k, v in asdict(config).items() if k not in ("max_epochs", "max_minutes", "device")}
-    fingerprint = {"model_config": model_config.to_dict(), "train_config": trajectory,
-                   "entry": str(getattr(train_set.entry, "name", entry)), "half": int(half)}
+    fingerprint = {
+        "model_config": model_config.to_dict(),
+        "train_config": trajectory,
+        "entry": str(getattr(train_set.entry, "name", entry)),
+        "half": int(half),
+    }
 
     checkpoint_path = work_dir / "checkpoint.pt"
     if checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if ckpt.get("fingerprint") != fingerprint:
-            raise ValueError(f"{checkpoint_path}: a checkpoint of another configuration or entry; delete it to "
-                             f"start afresh")
+            raise ValueError(
+                f"{checkpoint_path}: a checkpoint of another configuration or entry; delete it to start afresh"
+            )
         model.load_state_dict(ckpt["state_dict"])
         optimiser.load_state_dict(ckpt["optimiser"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -235,10 +266,15 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
         train_set.generator = epoch_generator(config.seed, epoch, 2)
         projector_gen = epoch_generator(config.seed, epoch, 3)
         total = 0.0
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.max_epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            range(n_batches),
+            desc=f"epoch {epoch + 1}/{config.max_epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
         for b in bar:
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             _, images, (rot, _, conf), _ = train_set.get_batch(idx)
             cells = symmetric_grid_cells(rot, grid_cpu, train_set.symmetry, grid_quaternions=grid_q).to(device)
             with bf16_autocast(device):
@@ -249,31 +285,58 @@ def train_image2sphere(entry, half: int, out_dir: str | Path, model_config: Imag
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimiser.step()
             total += float(loss.detach())
-            bar.set_postfix(loss=f"{total / (b + 1):.3f}",
-                            val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-")
+            bar.set_postfix(
+                loss=f"{total / (b + 1):.3f}", val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-"
+            )
         bar.close()
         val_loss, val_err = validation_pass(model, val_set, val_idx, config.batch_size, device, val_cells)
         scheduler.step(val_loss)
-        row = {"epoch": epoch + 1, "train_loss": total / n_batches, "val_loss": val_loss,
-               "val_median_error_deg": float(np.median(val_err)), "val_mean_error_deg": float(val_err.mean()),
-               "lr": optimiser.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / n_batches,
+            "val_loss": val_loss,
+            "val_median_error_deg": float(np.median(val_err)),
+            "val_mean_error_deg": float(val_err.mean()),
+            "lr": optimiser.param_groups[0]["lr"],
+            "seconds": time.monotonic() - t0,
+        }
         rows.append(row)
         if val_loss < best:
             best, bad_epochs = val_loss, 0
-            _save(out_dir / "model.pt", {"model_config": model_config.to_dict(), "state_dict":
-                                         _state_without_constants(model), "epoch": epoch + 1,
-                                         "val_loss": val_loss, "val_median_error_deg": row["val_median_error_deg"]})
+            _save(
+                out_dir / "model.pt",
+                {
+                    "model_config": model_config.to_dict(),
+                    "state_dict": _state_without_constants(model),
+                    "epoch": epoch + 1,
+                    "val_loss": val_loss,
+                    "val_median_error_deg": row["val_median_error_deg"],
+                },
+            )
         else:
             bad_epochs += 1
         stopped = bad_epochs >= config.early_stop_patience
         budget = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
-        _save(checkpoint_path, {"fingerprint": fingerprint, "state_dict": _state_without_constants(model),
-                                "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                                "rows": rows, "best": best, "bad_epochs": bad_epochs, "epoch": epoch})
+        _save(
+            checkpoint_path,
+            {
+                "fingerprint": fingerprint,
+                "state_dict": _state_without_constants(model),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rows": rows,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "epoch": epoch,
+            },
+        )
         _write_log(out_dir / "train_log.csv", rows)
-        print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val median error "
-              f"{row['val_median_error_deg']:.1f}°, lr {row['lr']:.2g}, {row['seconds']:.0f} s"
-              + (" (early stop)" if stopped else ""), flush=True)
+        print(
+            f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val median error "
+            f"{row['val_median_error_deg']:.1f}°, lr {row['lr']:.2g}, {row['seconds']:.0f} s"
+            + (" (early stop)" if stopped else ""),
+            flush=True,
+        )
         if budget:
             print(f"time budget of {config.max_minutes} min reached", flush=True)
             break

@@ -33,6 +33,13 @@ def predict(model_dir, entry, half, out_star, params: MatchingConfig, progress: 
     write_predictions(dataset.entry, half, out_star, rotmats=rot, confidence=conf, shifts_angstrom=-shifts * px)
 
 
-METHOD = Method("projection_matching", "classical anchor (paper eq. 1): CTF-modulated projections of the training "
-                "half's map over an SO(3) grid and shifts, coarse to fine", "SO3xR2", Params, train, predict,
-                uses_gpu=True)
+METHOD = Method(
+    "projection_matching",
+    "classical anchor (paper eq. 1): CTF-modulated projections of the training "
+    "half's map over an SO(3) grid and shifts, coarse to fine",
+    "SO3xR2",
+    Params,
+    train,
+    predict,
+    uses_gpu=True,
+)

@@ -27,8 +27,13 @@ def train(entry, half, model_dir, params, work_dir=None):
 
 def predict(model_dir, entry, half, out_star, params):
     gen = torch.Generator().manual_seed(params.seed * 1_000_003 + half * 7919 + sum(map(ord, entry.name)))
-    write_predictions(entry, half, out_star, rotmats=random_rotations(entry.n_particles(half), generator=gen),
-                      shifts_angstrom=true_origins(entry, half))
+    write_predictions(
+        entry,
+        half,
+        out_star,
+        rotmats=random_rotations(entry.n_particles(half), generator=gen),
+        shifts_angstrom=true_origins(entry, half),
+    )
 
 
 METHOD = Method("random", "floor: uniformly random rotations, true shifts", "SO3", Params, train, predict)

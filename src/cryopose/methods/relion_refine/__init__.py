@@ -19,17 +19,27 @@ def train(entry, half, model_dir, params, work_dir=None):
 
 
 def predict(model_dir, entry, half, out_star, params: RelionRefineConfig):
-    seconds = auto_refine_half(entry, half, model_dir / "reference.mrc", out_star, params,
-                               log_path=out_star.with_suffix(".relion_refine.log"))
+    seconds = auto_refine_half(
+        entry, half, model_dir / "reference.mrc", out_star, params, log_path=out_star.with_suffix(".relion_refine.log")
+    )
     print(f"relion_refine: {seconds:.0f} s", flush=True)
 
 
 def resources(method, params: RelionRefineConfig) -> dict[str, Resources]:
     """An auto-refine of a real half runs for hours on ``mpi_processes × threads`` cores."""
-    return {"train": Resources(mem_mb=8000, runtime_min=24 * 60),
-            "predict": Resources(threads=params.mpi_processes * params.threads, mem_mb=8000, runtime_min=24 * 60)}
+    return {
+        "train": Resources(mem_mb=8000, runtime_min=24 * 60),
+        "predict": Resources(threads=params.mpi_processes * params.threads, mem_mb=8000, runtime_min=24 * 60),
+    }
 
 
-METHOD = Method("relion_refine", "classical pipeline (paper section 1.1, Appendix G): RELION 3D auto-refine of the "
-                "blind test half from the training half's map low-passed to 40 Å", "SO3xR2", Params, train, predict,
-                resources=resources)
+METHOD = Method(
+    "relion_refine",
+    "classical pipeline (paper section 1.1, Appendix G): RELION 3D auto-refine of the "
+    "blind test half from the training half's map low-passed to 40 Å",
+    "SO3xR2",
+    Params,
+    train,
+    predict,
+    resources=resources,
+)

@@ -35,26 +35,42 @@ from pathlib import Path
 import numpy as np
 
 from ... import io
-from ...predictions import EULER, ORIGIN, write_predictions
+from ...entry import Entry
 from ...errors import InputError
 from ...parameters import param, validate
+from ...predictions import EULER, ORIGIN, write_predictions
 from ...reconstruct import RelionNotFound
-from ...entry import Entry
 
 __all__ = ["RelionRefineConfig", "auto_refine_command", "blind_particles", "auto_refine_half", "relion_environment"]
 
-POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnOriginX", "rlnOriginY", "rlnMaxValueProbDistribution", "rlnRandomSubset", "rlnClassNumber",
-                "rlnNormCorrection", "rlnLogLikeliContribution", "rlnNrOfSignificantSamples", "rlnGroupNumber",
-                "rlnAnglePsiPrior", "rlnAngleTiltPrior", "rlnAngleRotPrior"]
+POSE_COLUMNS = [
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnMaxValueProbDistribution",
+    "rlnRandomSubset",
+    "rlnClassNumber",
+    "rlnNormCorrection",
+    "rlnLogLikeliContribution",
+    "rlnNrOfSignificantSamples",
+    "rlnGroupNumber",
+    "rlnAnglePsiPrior",
+    "rlnAngleTiltPrior",
+    "rlnAngleRotPrior",
+]
 
 
 @dataclass(frozen=True)
 class RelionRefineConfig:
     """Options of ``relion_refine --auto_refine``; see the module docstring for the choices."""
 
-    ini_high_A: float = param(40.0, "Å: low-pass of the starting reference (the paper starts at 30–40 Å; ~20 on small boxes)",
-                               above=0)
+    ini_high_A: float = param(
+        40.0, "Å: low-pass of the starting reference (the paper starts at 30–40 Å; ~20 on small boxes)", above=0
+    )
     healpix_order: int = param(2, "initial angular sampling (2: 7.5°)", min=0)
     auto_local_healpix_order: int = param(4, "order from which RELION searches locally", min=0)
     offset_range_px: float = param(5.0, "pixels: translational search range", min=0)
@@ -64,31 +80,70 @@ class RelionRefineConfig:
     pad: int = param(2, "padding factor of RELION's Fourier grid", min=1)
     mpi_processes: int = param(3, "mpirun -np N (≥ 3: a leader and one process per half)", min=3)
     threads: int = param(1, "threads per MPI process (relion_refine --j)", min=1)
-    firstiter_cc: bool = param(True, "cross-correlation in the first iteration (our reference is not on RELION's scale)")
+    firstiter_cc: bool = param(
+        True, "cross-correlation in the first iteration (our reference is not on RELION's scale)"
+    )
     launcher: str = param("", "command prefix, e.g. 'apptainer exec relion.sif'")
     extra_args: str = param("", "more relion_refine options, split as a shell would")
 
     def __post_init__(self):
         validate(self)  # the bounds declared above
         if self.healpix_order > self.auto_local_healpix_order:
-            raise ValueError(f"healpix_order ({self.healpix_order}) must be <= auto_local_healpix_order "
-                             f"({self.auto_local_healpix_order})")
+            raise ValueError(
+                f"healpix_order ({self.healpix_order}) must be <= auto_local_healpix_order "
+                f"({self.auto_local_healpix_order})"
+            )
 
 
-def auto_refine_command(config: RelionRefineConfig, particles: Path, reference: Path, out_prefix: Path,
-                        symmetry: str, particle_diameter_A: float) -> list[str]:
+def auto_refine_command(
+    config: RelionRefineConfig,
+    particles: Path,
+    reference: Path,
+    out_prefix: Path,
+    symmetry: str,
+    particle_diameter_A: float,
+) -> list[str]:
     """The command line (program, MPI launcher and options) of one auto-refine run."""
     cmd = shlex.split(config.launcher) + ["mpirun", "-np", str(config.mpi_processes)]
     if config.mpi_processes > (os.cpu_count() or 1):
         cmd.append("--oversubscribe")  # Open MPI refuses more processes than cores otherwise
-    cmd += ["relion_refine_mpi", "--o", str(out_prefix), "--i", str(particles), "--ref", str(reference),
-            "--auto_refine", "--split_random_halves", "--ini_high", f"{config.ini_high_A:g}", "--ctf",
-            "--particle_diameter", f"{particle_diameter_A:.1f}", "--flatten_solvent", "--zero_mask",
-            "--oversampling", "1", "--healpix_order", str(config.healpix_order),
-            "--auto_local_healpix_order", str(config.auto_local_healpix_order),
-            "--offset_range", f"{config.offset_range_px:g}", "--offset_step", f"{config.offset_step_px:g}",
-            "--sym", symmetry, "--low_resol_join_halves", f"{config.low_resol_join_halves_A:g}",
-            "--pad", str(config.pad), "--dont_combine_weights_via_disc", "--j", str(config.threads)]
+    cmd += [
+        "relion_refine_mpi",
+        "--o",
+        str(out_prefix),
+        "--i",
+        str(particles),
+        "--ref",
+        str(reference),
+        "--auto_refine",
+        "--split_random_halves",
+        "--ini_high",
+        f"{config.ini_high_A:g}",
+        "--ctf",
+        "--particle_diameter",
+        f"{particle_diameter_A:.1f}",
+        "--flatten_solvent",
+        "--zero_mask",
+        "--oversampling",
+        "1",
+        "--healpix_order",
+        str(config.healpix_order),
+        "--auto_local_healpix_order",
+        str(config.auto_local_healpix_order),
+        "--offset_range",
+        f"{config.offset_range_px:g}",
+        "--offset_step",
+        f"{config.offset_step_px:g}",
+        "--sym",
+        symmetry,
+        "--low_resol_join_halves",
+        f"{config.low_resol_join_halves_A:g}",
+        "--pad",
+        str(config.pad),
+        "--dont_combine_weights_via_disc",
+        "--j",
+        str(config.threads),
+    ]
     if config.firstiter_cc:
         cmd.append("--firstiter_cc")
     return cmd + shlex.split(config.extra_args)
@@ -124,15 +179,24 @@ def relion_environment() -> dict[str, str]:
     idle processes yielding the CPU (the leader otherwise spins on a core the followers need when
     the run is oversubscribed). Values already set by the user win."""
     env = dict(os.environ)
-    for key, value in (("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
-                       ("OMPI_MCA_mpi_yield_when_idle", "1")):
+    for key, value in (
+        ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+        ("OMPI_MCA_mpi_yield_when_idle", "1"),
+    ):
         env.setdefault(key, value)
     return env
 
 
-def auto_refine_half(entry: Entry, half: int, reference: str | Path, out_star: str | Path,
-                     config: RelionRefineConfig = RelionRefineConfig(), work_dir: str | Path | None = None,
-                     log_path: str | Path | None = None) -> float:
+def auto_refine_half(
+    entry: Entry,
+    half: int,
+    reference: str | Path,
+    out_star: str | Path,
+    config: RelionRefineConfig = RelionRefineConfig(),
+    work_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
+) -> float:
     """Refine half ``half`` of ``entry`` from ``reference`` and write the predictions STAR.
 
     The run lives in ``work_dir`` (default: a temporary folder beside ``out_star``, removed
@@ -147,13 +211,19 @@ def auto_refine_half(entry: Entry, half: int, reference: str | Path, out_star: s
     reference = Path(reference).resolve()
     volume, ref_px = io.read_map(reference)
     if volume.shape[0] != entry.box_size or abs(ref_px - entry.pixel_size) > 1e-3 * entry.pixel_size:
-        raise InputError(f"reference of {volume.shape[0]} px at {ref_px:g} Å/px, the particles are "
-                         f"{entry.box_size} px at {entry.pixel_size:g} Å/px", path=reference)
+        raise InputError(
+            f"reference of {volume.shape[0]} px at {ref_px:g} Å/px, the particles are "
+            f"{entry.box_size} px at {entry.pixel_size:g} Å/px",
+            path=reference,
+        )
     cmd0 = shlex.split(config.launcher)[:1] or ["mpirun"]
     for program in (cmd0[0], "mpirun") if config.launcher else ("mpirun", "relion_refine_mpi"):
         if shutil.which(program) is None:
-            raise RelionNotFound(f"{program} not found on PATH (Debian/Ubuntu: apt-get install relion openmpi-bin; "
-                                 f"or configure an Apptainer launcher)", where="relion_refine")
+            raise RelionNotFound(
+                f"{program} not found on PATH (Debian/Ubuntu: apt-get install relion openmpi-bin; "
+                f"or configure an Apptainer launcher)",
+                where="relion_refine",
+            )
     diameter = config.particle_diameter_A or 0.9 * entry.box_size * entry.pixel_size
     out_star.parent.mkdir(parents=True, exist_ok=True)
     # RELION's run folder: the caller's (kept), or a scratch folder beside the output, removed on
@@ -175,15 +245,22 @@ def auto_refine_half(entry: Entry, half: int, reference: str | Path, out_star: s
         result = work / "run_data.star"
         if proc.returncode != 0 or not result.is_file():
             tail = Path(log_path or work / "relion_refine.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}, run_data.star "
-                               f"{'present' if result.is_file() else 'missing'}):\n{tail}")
+            raise RuntimeError(
+                f"{shlex.join(cmd)} failed (exit {proc.returncode}, run_data.star "
+                f"{'present' if result.is_file() else 'missing'}):\n{tail}"
+            )
         refined = io.read_particles_star(result).particles
         original = [names.get(_normalised_name(n)) for n in refined["rlnImageName"].astype(str)]
         if any(o is None for o in original) or len(set(original)) != len(names):
             raise RuntimeError(f"{result}: its particles are not those of {entry.star_path(half)}")
         star = entry.read_star(half)
         refined = refined.set_axis(original).loc[star.particles["rlnImageName"].astype(str)]
-        write_predictions(entry, half, out_star, angles_deg=refined[EULER].to_numpy(dtype=np.float64),
-                          shifts_angstrom=refined[ORIGIN].to_numpy(dtype=np.float64),
-                          confidence=refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64))
+        write_predictions(
+            entry,
+            half,
+            out_star,
+            angles_deg=refined[EULER].to_numpy(dtype=np.float64),
+            shifts_angstrom=refined[ORIGIN].to_numpy(dtype=np.float64),
+            confidence=refined["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64),
+        )
         return seconds
