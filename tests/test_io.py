@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryopose.entry import resolve_entry
+from cryopose.entry import Entry, resolve_entry
 from cryopose.errors import InputError
 from cryopose.io import (
-    Entry,
     ParticleStar,
     StackWriter,
     atomic_write,

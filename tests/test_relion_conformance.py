@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from cryopose import ctf as ctf_mod
-from cryopose.entry import Entry, ParticleStar, read_map, read_particles_star, write_particles_star
+from cryopose.entry import Entry
 from cryopose.geometry import euler_to_matrix, matrix_to_euler
+from cryopose.io import ParticleStar, read_map, read_particles_star, write_particles_star
 from cryopose.metrics import fsc_curve, pearson_correlation
 from cryopose.simulate import SimulationSpec, simulate_entry, simulate_images
 from cryopose.symmetry import symmetry_matrices

@@ -8,9 +8,10 @@ import torch
 from scipy import ndimage
 
 from cryopose import cli, simulate
-from cryopose.entry import Entry, open_stack, read_images, write_map
+from cryopose.entry import Entry
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix
+from cryopose.io import open_stack, read_images, write_map
 from cryopose.metrics import pearson_correlation
 from cryopose.simulate import (
     SUITES,
