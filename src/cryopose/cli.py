@@ -130,6 +130,16 @@ def _reconstruct_options(args: argparse.Namespace) -> dict:
     return {"device": args.device} if args.device else {}
 
 
+def _registered_prediction_type(method: str | None) -> str:
+    """A registered method's prediction type (an SO3xR2 method's origins are scored without
+    --prediction-type); SO3 for predictions of no registered method."""
+    from .methods import METHODS, REFINE_SUFFIX
+
+    if method and method.removesuffix(REFINE_SUFFIX) in METHODS:
+        return "SO3xR2" if method.endswith(REFINE_SUFFIX) else METHODS[method].prediction_type
+    return "SO3"
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import GROUND_TRUTH_FILES, evaluate, evaluation_files
     from .metric_table import rows
@@ -150,7 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         entry,
         args.half0,
         args.half1,
-        prediction_type=args.prediction_type,
+        prediction_type=args.prediction_type or _registered_prediction_type(args.method),
         backend=args.backend,
         use_pred_confidence=not args.no_pred_confidence,
         outdir=args.out,
@@ -426,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prediction-type",
         choices=["S2", "SO3", "SO3xR2"],
-        default="SO3",
-        help="what was predicted; the ground truth fills in the rest (default: %(default)s)",
+        help="what was predicted; the ground truth fills in the rest (default: the registered --method's "
+        "type, else SO3)",
     )
     _add_reconstruction_args(p)
     p.add_argument(

@@ -28,7 +28,7 @@ import torch
 
 from . import io
 from .errors import InputError
-from .geometry import euler_to_matrix, matrix_to_euler
+from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 
 if TYPE_CHECKING:  # the entry module is only a type here
     from .entry import Entry
@@ -90,7 +90,14 @@ def write_predictions(
     if "rlnImageOriginalName" in parts.columns:
         parts["rlnImageName"] = parts.pop("rlnImageOriginalName")
     if rotmats is not None:
-        angles_deg = matrix_to_euler(torch.as_tensor(rotmats, dtype=torch.float64)).numpy()
+        rotmats = torch.as_tensor(rotmats, dtype=torch.float64)
+        if rotmats.shape != (len(parts), 3, 3) or not is_rotation_matrix(rotmats).all():
+            # A reflection or a non-orthonormal matrix would become some other angles, silently.
+            raise ValueError(
+                f"rotmats must be {len(parts)} rotation matrices (3×3, orthonormal, det +1), one per "
+                f"particle of half {half}; got shape {tuple(rotmats.shape)}"
+            )
+        angles_deg = matrix_to_euler(rotmats).numpy()
     parts[EULER] = np.asarray(angles_deg, dtype=np.float64)
     parts[ORIGIN] = (
         np.zeros((len(parts), 2)) if shifts_angstrom is None else np.asarray(shifts_angstrom, dtype=np.float64)

@@ -210,7 +210,7 @@ def _discover() -> dict[str, Method]:
         if not isinstance(method, Method):
             raise ImportError(
                 f"{Path(module.__file__).parent}: a method folder must export METHOD, a "
-                f"cryopose.methods.Method (see the README's 'Add your method')"
+                f"cryopose.methods.Method (see docs/add-your-method.md)"
             )
         if method.name != info.name:
             raise ImportError(
