@@ -11,7 +11,7 @@ wavelength (Å), B = rlnCtfBfactor (Å²), k in 1/Å.
 
 ``relion_project --ctf`` (3.1.3) multiplies the projection's spectrum by exactly this CTF, evaluated
 at the STAR file's rlnImagePixelSize (``--angpix`` overrides it; the map header's is not used);
-``tests/test_ctf.py`` checks it coefficient by coefficient, phase shift and B-factor included.
+``tests/core/test_ctf.py`` checks it coefficient by coefficient, phase shift and B-factor included.
 
 Layouts: ``rfft=True`` gives ``(..., S, S//2 + 1)`` matching ``torch.fft.rfft2`` of an S×S image
 (DC at ``[0, 0]``, rows = k_y in ``fftfreq`` order, columns = k_x ≥ 0); ``rfft=False`` the full

@@ -9,7 +9,7 @@ entry it would damage, and what to do instead.
 
 A hard link is not refused: every writer renames a new file over the output's name
 (:func:`cryopose.io.atomic_write`), which unlinks that name and never writes through it, so the
-other name keeps its bytes (``tests/test_bad_input_outputs.py`` holds the writers to that).
+other name keeps its bytes (``tests/cli/test_bad_input_outputs.py`` holds the writers to that).
 """
 
 from __future__ import annotations

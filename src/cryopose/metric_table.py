@@ -8,7 +8,7 @@ monotonicity check, the command line and the report captions all read their metr
 :data:`METRICS`, in its order; none of them repeats a metric's name.
 
 Adding a metric: compute it (a function in :mod:`cryopose.metrics` if it is new, its key in
-:func:`cryopose.evaluate.evaluate`), add one row here, add a test. ``tests/test_metric_table.py``
+:func:`cryopose.evaluate.evaluate`), add one row here, add a test. ``tests/judge/test_metric_table.py``
 fails if ``evaluate`` writes a number without a row, or if a caption is out of date
 (``python -m cryopose.metric_table`` rewrites the captions).
 

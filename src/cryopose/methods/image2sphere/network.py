@@ -21,7 +21,7 @@ the multiplicity index and the rotation acts on the other, so in e3nn's flattene
 (``f(g) = Σ c[u, m]·D(g)[u, m]``) the SO(3) signal turns into ``f(g·Rz(φ))``: the logit of pose R
 is ``f(R)``, and the labels and the network's built-in equivariance agree. e3nn's Wigner matrices
 are built from e3nn's own Y-X-Y angles of R (``o3.matrix_to_angles``), never from RELION's Euler
-angles. ``tests/test_image2sphere.py`` checks this end to end (an exact 90° turn of the feature
+angles. ``tests/methods/test_image2sphere.py`` checks this end to end (an exact 90° turn of the feature
 map permutes the logits as the labels say).
 
 Wigner matrices, spherical harmonics and e3nn's activation grids are slow to build on a CPU

@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from test_workflow import _workdir, snakemake
+from snakemake_runs import _workdir, snakemake
 
 
 def _jobs(output: str) -> list[dict]:

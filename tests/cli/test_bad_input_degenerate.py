@@ -23,6 +23,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+from test_bad_input import NAME, Workspace, _edit_particles, _evaluate, _fails, _preprocess, golden, ws  # noqa: F401
 
 from cryopose import io, sensitivity
 from cryopose.cli import main
@@ -32,7 +33,6 @@ from cryopose.leaderboard import leaderboard_table, summary_table, to_markdown
 from cryopose.metrics import compare_maps, fsc_curve, fsc_resolution, pearson_correlation
 from cryopose.reconstruct import reconstruct
 from cryopose.sensitivity import METRICS, _markdown, monotone_violations, sensitivity_table, write_sensitivity
-from test_bad_input import NAME, Workspace, _edit_particles, _evaluate, _fails, _preprocess, golden, ws  # noqa: F401
 
 BOX_ANGSTROM = 32 * 4.1  # the golden entry's box: the value a degenerate FSC used to report
 FSC_KEYS = [

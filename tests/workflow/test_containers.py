@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from test_workflow import ROOT, _workdir, snakemake
+from snakemake_runs import ROOT, _workdir, snakemake
 
 DEFS = sorted((ROOT / "containers").glob("*.def"))
 SECTIONS = {"labels", "help", "post", "environment", "test", "runscript", "files", "setup", "startscript", "arguments"}

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_input import NAME, N, _edit_particles, _evaluate, golden, ws  # noqa: F401 (fixtures)
 
 from cryopose import io
 from cryopose.cli import main
 from cryopose.entry import Entry
-from test_bad_input import NAME, N, _edit_particles, _evaluate, golden, ws  # noqa: F401 (fixtures)
 
 # The child: cryopose's own main() with os.replace wrapped to pause at one publication.
 CHILD = r"""

@@ -15,11 +15,11 @@ import shutil
 
 import numpy as np
 import pytest
+from test_bad_input import NAME, N, _edit_particles, _evaluate, _fails, golden, ws  # noqa: F401 (fixtures)
 
 from cryopose import io
 from cryopose.cli import main
 from cryopose.simulate import SimulationSpec, simulate_entry
-from test_bad_input import NAME, N, _edit_particles, _evaluate, _fails, golden, ws  # noqa: F401 (fixtures)
 
 
 def _spellings(ws) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_workflow import ROOT, _workdir, job_counts, snakemake, use_tiny_subset
+from snakemake_runs import ROOT, _workdir, job_counts, snakemake, use_tiny_subset
 
 JOBCOMP = Path("/var/spool/cryopose-slurm/jobcomp.log")
 

@@ -19,7 +19,7 @@ from cryopose.reconstruct import write_half_map
 from cryopose.refine import RefineConfig, refine_predictions
 from cryopose.simulate import SimulationSpec, simulate_entry
 
-RECORDED = Path(__file__).parent / "data" / "recorded_predictions"
+RECORDED = Path(__file__).parents[1] / "data" / "recorded_predictions"
 PARAMS = json.loads((RECORDED / "params.json").read_text())
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_workflow import _workdir, snakemake
+from snakemake_runs import _workdir, snakemake
 
 # One small simulated entry and the two oracles: dry runs parse quickly, the real run takes seconds.
 BASE = """\

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CI = ROOT / ".github" / "workflows" / "ci.yml"
 RUN_TESTS = ROOT / "scripts" / "run-tests"
 JOBS = {"lint", "tests", "dry-runs"}
@@ -112,7 +112,7 @@ def _command_problem(words: list[str], lint: list[list[str]], test_extra: list[s
         if key is None:
             return f"`{command}` is not a dry run (-n)"
         if key not in DRY_RUN_TESTS:
-            return f"`{command}` is a dry run no test makes: add one and list it in tests/test_ci_config.py"
+            return f"`{command}` is a dry run no test makes: add one and list it in tests/workflow/test_ci_config.py"
         return None
     return f"`{command}` is run by no test and not by scripts/run-tests"
 

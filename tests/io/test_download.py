@@ -247,7 +247,7 @@ def test_offline_is_a_clear_error(tmp_path):
 
 def test_the_workflow_downloads_a_real_entry(source, server, tmp_path):
     """The download_entry rule, pointed at the local server by the config's download.base_url."""
-    from test_workflow import _workdir, snakemake
+    from snakemake_runs import _workdir, snakemake
 
     work = _workdir(tmp_path / "w")
     server.cut_once["particles_1.mrcs.chunk_3"] = 1000

@@ -4,7 +4,7 @@ compared after resolving symlinks, ``.``, ``..`` and trailing ``/`` (and hard li
 
 Each case asserts a non-zero exit with one error line naming the output and what it would damage,
 that the entry folder (files *and* folders) and the earlier outputs in ``ws.out`` are unchanged,
-and that no temporary file is left. The workspace is ``tests/test_bad_input.py``'s: a 40-particle
+and that no temporary file is left. The workspace is ``tests/cli/test_bad_input.py``'s: a 40-particle
 entry ``bench/bad_c2`` and a good run's outputs in ``out/`` (preprocessed copy, models,
 predictions, evaluation) and ``gt/`` (ground-truth maps).
 """
@@ -18,12 +18,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_bad_input import NAME, Workspace, _fails, golden, ws  # noqa: F401  (fixtures)
 
 from cryopose.cli import main
 from cryopose.data import ParticlesDataset
 from cryopose.entry import Entry
 from cryopose.errors import InputError
-from test_bad_input import NAME, Workspace, _fails, golden, ws  # noqa: F401  (fixtures)
 
 
 def _tree(folder: Path) -> dict[str, str]:

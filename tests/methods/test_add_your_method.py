@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from snakemake_runs import _workdir
 from test_architecture import JUDGE
-from test_workflow import _workdir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "add-your-method.md"
 METHOD = "tiny_regressor"
 FENCE = re.compile(r'^```(\w+)(?:[ \t]+title="([^"]*)")?[ \t]*\n(.*?)^```[ \t]*$', re.M | re.S)
