@@ -25,13 +25,11 @@ from .ctf import ctf_from_parameters, ctf_parameters
 from .entry import DEFAULT_BENCHMARK_DIR, Entry, resolve_entry
 from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
+from .predictions import EULER, ORIGIN
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
 from .symmetry import symmetry_mates
 
 __all__ = ["ParticlesDataset", "DEFAULT_BENCHMARK_DIR"]
-
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
 
 
 class ParticlesDataset(Dataset):

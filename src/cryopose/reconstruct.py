@@ -34,6 +34,7 @@ from . import io
 from .ctf import ctf_from_parameters, ctf_parameters
 from .errors import InputError
 from .geometry import euler_to_matrix
+from .predictions import EULER, ORIGIN
 from .symmetry import symmetry_matrices
 
 __all__ = [
@@ -314,7 +315,7 @@ def reconstruct_torch(
             where="data_optics",
         )
     s, px = int(sizes[0]), float(pixel_sizes[0])
-    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+    for col in EULER:
         if col not in table.columns:
             raise InputError("missing pose column", path=star_path, where=col)
     if "rlnCtfDataArePhaseFlipped" in table.columns and (table["rlnCtfDataArePhaseFlipped"] == 1).any():
@@ -324,9 +325,9 @@ def reconstruct_torch(
             where="rlnCtfDataArePhaseFlipped",
         )
     params = ctf_parameters(table, source=str(star_path))
-    rot = euler_to_matrix(torch.tensor(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)))
+    rot = euler_to_matrix(torch.tensor(table[EULER].to_numpy(np.float64)))
     origins = torch.zeros(len(table), 2, dtype=torch.float64)
-    for j, col in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
+    for j, col in enumerate(ORIGIN):
         if col in table.columns:
             origins[:, j] = torch.tensor(table[col].to_numpy(np.float64)) / px
     weights = _checked_weights(table, star_path) if use_weights else torch.ones(len(table), dtype=torch.float64)

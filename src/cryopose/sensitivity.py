@@ -39,6 +39,7 @@ from .entry import Entry
 from .errors import InputError
 from .geometry import matrix_to_euler, random_rotations
 from .metric_table import columns, format_value, is_worse, metric
+from .predictions import EULER, true_origins, write_predictions
 
 __all__ = [
     "parse_perturbation",
@@ -52,7 +53,6 @@ __all__ = [
     "EXPERIMENTS",
 ]
 
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 #: experiment → (label, unit of the level)
 EXPERIMENTS = {"noise": ("uniform angular noise", "±°"), "random": ("particles with random poses", "%")}
 _NAME = re.compile(r"^(?:(exact)|(noise)(\d+(?:\.\d+)?)|(random)(\d+(?:\.\d+)?))$")
@@ -148,10 +148,9 @@ def write_perturbed_predictions(
     perturbed = perturb_angles(
         angles, kind, level, _generator(seed, entry.name, half, 1), _generator(seed, entry.name, half, 2)
     )
-    parts[EULER] = perturbed.numpy()
-    parts["rlnParticleFigureOfMerit"] = 1.0
-    io.write_particles_star(out_star, io.ParticleStar(star.optics.copy(), parts))
-    return Path(out_star)
+    return write_predictions(
+        entry, half, out_star, angles_deg=perturbed.numpy(), shifts_angstrom=true_origins(entry, half)
+    )
 
 
 def sensitivity_table(metrics_files) -> pd.DataFrame:
