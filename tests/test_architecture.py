@@ -138,3 +138,51 @@ def test_the_entry_and_the_io_do_not_import_torch():
     code = "import sys, cryopose.entry, cryopose.io; assert 'torch' not in sys.modules, 'torch imported'"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+#: The layers, from the bottom (README "Layout"); a module may import its own layer and those below.
+LAYERS = [
+    {
+        "errors",
+        "interrupt",
+        "guard",
+        "parameters",
+        "geometry",
+        "symmetry",
+        "grids",
+        "ctf",
+        "masks",
+        "preprocess",
+        "augment",
+        "io",
+        "io.star",
+        "io.mrc",
+        "io.atomic",
+        "entry",
+    },
+    {"predictions", "data", "simulate", "download", "reconstruct", "matching"},
+    {"methods", "refine"},
+    {"metrics", "metric_table", "evaluate", "leaderboard", "sensitivity", "plots"},
+    {"cli"},
+    {"", "__main__"},  # the package's public API re-exports from every layer; `python -m cryopose`
+]
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("cryopose").removeprefix(".")
+    if name.startswith("methods."):
+        name = "methods"
+    for i, layer in enumerate(LAYERS):
+        if name in layer:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to the README's list)")
+
+
+def test_each_layer_imports_only_itself_and_below(graph):
+    upward = sorted(
+        f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+        for m, deps in graph.items()
+        for d in deps
+        if _layer(d) > _layer(m)
+    )
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)

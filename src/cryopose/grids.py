@@ -103,7 +103,7 @@ def symmetric_grid_cells(
 ) -> torch.Tensor:
     """``(N, |G|)`` int64: the grid cell of each symmetry mate ``g·R`` (the sparse form of
     :func:`symmetric_grid_target`, small enough to keep for a whole validation set; the training
-    loss reads the target through these cells, see :func:`cryopose.train.weighted_loss`).
+    loss reads the target through these cells, see :func:`cryopose.methods.image2sphere.training.weighted_loss`).
     ``grid_quaternions``: optional :func:`grid_quaternions_of` ``grid``, computed once by the caller."""
     rotmats = torch.as_tensor(rotmats).double()
     ops = symmetry_matrices(symmetry)

@@ -394,7 +394,7 @@ def refine_poses(
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry level: particles streamed from an entry's stack, predictions written as STAR
+# Entry level: particles streamed from an entry's stack (the methods and the refinement write the predictions)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""Figures of an evaluation (FSC curves, angular-error histogram, orientation coverage) of a
-training run (loss and validation error per epoch), and of the generalisation experiment.
+"""Figures of an evaluation (FSC curves, angular-error histogram, orientation coverage), of the
+generalisation experiment and of the sensitivity experiment (a method's own figures, such as
+Image2Sphere's training curves, live in its folder).
 
 Each function takes the tables :func:`cryopose.evaluate.evaluate` produces and writes one PNG
 atomically. matplotlib runs headless (Agg); healpy draws the Mollweide maps. Axis labels come from
@@ -28,7 +29,6 @@ __all__ = [
     "plot_angular_errors",
     "plot_orientations",
     "viewing_directions",
-    "plot_training",
     "plot_generalisation",
     "plot_sensitivity",
     "plot_sensitivity_fsc",
@@ -131,25 +131,6 @@ def plot_orientations(particles: pd.DataFrame, path: str | Path, nside: int = 8)
             hold=False,
         )
         hp.graticule(dpar=30, dmer=60, alpha=0.3)
-    _save(fig, Path(path))
-
-
-def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
-    """Training and validation loss (left axis) and validation median angular error (right axis)
-    per epoch, from the rows of ``train_log.csv``."""
-    epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
-    ax.plot(epochs, [r["val_loss"] for r in rows], "s-", color="C1", label="validation loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("weighted cross-entropy (eq. 11)")
-    right = ax.twinx()
-    right.plot(epochs, [r["val_median_error_deg"] for r in rows], "^--", color="C2", label="validation median error")
-    right.set_ylabel("validation median angular error (°)")
-    right.set_ylim(0, 180)
-    lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
-    ax.set_title(title or "training")
     _save(fig, Path(path))
 
 

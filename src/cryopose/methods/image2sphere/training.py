@@ -343,7 +343,31 @@ def train_image2sphere(
     if not (out_dir / "model.pt").is_file():
         raise RuntimeError("training ended without a model (no epoch finished)")
     _write_log(out_dir / "train_log.csv", rows)
-    from ...plots import plot_training
-
     plot_training(rows, out_dir / "training.png", f"{fingerprint['entry']} half {half}: Image2Sphere training")
     return rows
+
+
+def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Training and validation loss (left axis) and validation median angular error (right axis)
+    per epoch, from the rows of ``train_log.csv``."""
+    epochs = [r["epoch"] for r in rows]
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: a cluster node has no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    ax.plot(epochs, [r["val_loss"] for r in rows], "s-", color="C1", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted cross-entropy (eq. 11)")
+    right = ax.twinx()
+    right.plot(epochs, [r["val_median_error_deg"] for r in rows], "^--", color="C2", label="validation median error")
+    right.set_ylabel("validation median angular error (°)")
+    right.set_ylim(0, 180)
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    ax.set_title(title or "training")
+    with io.atomic_write(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
