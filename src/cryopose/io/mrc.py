@@ -5,6 +5,11 @@ whole. Every file goes through one header check (:func:`_mrc_layout`) that refus
 file, a bad header and complex-valued data (mode 3 or 4, which reading would silently cast to
 real), so these errors surface as :class:`~cryopose.errors.InputError` naming the file, not as a
 crash deep inside a reconstruction. Writers go through :func:`cryopose.io.atomic.atomic_write`.
+
+Headers RELION reads are read too: an older header without the ``MAP `` string, or with a zero
+or unknown machine stamp (RELION then assumes little-endian, as mrcfile's permissive mode does),
+is read leniently with one warning per file naming what was irregular. Everything the data depend
+on (mode, dimensions, file size) is still checked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import mrcfile
@@ -22,20 +28,56 @@ import numpy as np
 from ..errors import InputError
 from .atomic import atomic_write
 
-__all__ = ["open_stack", "stack_shape", "read_images", "StackWriter", "read_map", "write_map"]
+__all__ = ["open_stack", "stack_shape", "read_images", "StackWriter", "read_map", "write_map", "IrregularMRCHeader"]
 
 _COMPLEX_MRC_MODES = {3: "complex int16", 4: "complex float32"}
+
+#: What mrcfile's strict mode refuses and RELION reads: the "MAP " string of newer headers is
+#: missing, or the machine stamp is zero or unknown (taken as little-endian).
+_TOLERATED = ("Map ID string not found", "machine stamp")
+
+#: Files read leniently in this process (resolved paths): opened in mrcfile's permissive mode,
+#: warned about once.
+_LENIENT: set[str] = set()
+
+
+class IrregularMRCHeader(UserWarning):
+    """An MRC header RELION reads that the MRC2014 standard does not allow (read leniently)."""
+
+
+def _header(path: Path):
+    """``(header, irregular)``: the header of ``path`` read strictly (``irregular`` None), or
+    leniently for what RELION tolerates (``irregular``: what mrcfile found wrong)."""
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
+            return mrc.header.copy(), None
+    except Exception as err:  # mrcfile raises ValueError/OSError/EOFError for bad headers
+        strict_error = err
+    if not any(t in str(strict_error) for t in _TOLERATED):
+        raise InputError(f"not a valid MRC file ({type(strict_error).__name__}: {strict_error})", path=path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header.copy()
+        except Exception as err:
+            raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
+    messages = list(dict.fromkeys(str(w.message) for w in caught)) or [str(strict_error)]
+    tolerated = [m for m in messages if any(t in m for t in _TOLERATED)]
+    if len(tolerated) < len(messages):  # more wrong than RELION tolerates (an extended header that is not there...)
+        raise InputError(f"not a valid MRC file ({'; '.join(messages)})", path=path)
+    return header, "; ".join(messages)
+
+
+def _permissive(path: Path) -> bool:
+    return str(path.resolve()) in _LENIENT
 
 
 def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
     """Data shape and the byte count the header promises; checks the header and the file size."""
     if not path.is_file():
         raise InputError("MRC file not found", path=path)
-    try:
-        with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
-            header = mrc.header.copy()
-    except Exception as err:  # mrcfile raises ValueError/OSError/EOFError for bad headers
-        raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
+    header, irregular = _header(path)
     # Every stack and map is opened through here. Complex data (Fourier transforms) would be cast
     # to real when read, dropping the imaginary part with no more than a numpy warning: refused.
     mode = int(header.mode)
@@ -52,7 +94,7 @@ def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
         raise InputError(f"not a valid MRC file ({type(err).__name__}: {err})", path=path) from err
     dims = (int(header.nz), int(header.ny), int(header.nx))
     if min(dims) < 1:
-        raise InputError(f"invalid MRC header: dimensions nz, ny, nx = {dims}", path=path)
+        raise InputError(f"not a valid MRC file: header dimensions nz, ny, nx = {dims}", path=path)
     shape = mrcfile.utils.data_shape_from_header(header)
     expected = int(header.nbytes) + int(header.nsymbt) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = path.stat().st_size
@@ -61,6 +103,16 @@ def _mrc_layout(path: Path) -> tuple[tuple[int, ...], int]:
             f"truncated MRC file: the header promises {' x '.join(map(str, dims))} values of "
             f"{dtype.name} (expected {expected} bytes) but the file has {actual} bytes",
             path=path,
+        )
+    if irregular and str(path.resolve()) not in _LENIENT:
+        # Only now, when everything the data depend on has been checked: a refused file gets an
+        # error, not a warning first.
+        _LENIENT.add(str(path.resolve()))
+        warnings.warn(
+            f"{path}: irregular MRC header ({irregular}); read as RELION reads it (little-endian unless the "
+            "stamp says otherwise)",
+            IrregularMRCHeader,
+            stacklevel=3,
         )
     return tuple(int(s) for s in shape), expected
 
@@ -77,7 +129,9 @@ def open_stack(path: str | Path):
     path = Path(path)
     _mrc_layout(path)
     try:
-        return mrcfile.mmap(path, mode="r", permissive=False)
+        with warnings.catch_warnings():  # a lenient file was warned about once, by _mrc_layout
+            warnings.simplefilter("ignore")
+            return mrcfile.mmap(path, mode="r", permissive=_permissive(path))
     except Exception as err:
         raise InputError(f"cannot memory-map the MRC file ({type(err).__name__}: {err})", path=path) from err
 
@@ -279,8 +333,10 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     if len(shape) != 3 or len(set(shape)) != 1:
         raise InputError(f"expected a cubic 3D map, got data of shape {shape}", path=path)
     try:
-        with mrcfile.open(path, mode="r", permissive=False) as mrc:
-            return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
+        with warnings.catch_warnings():  # a lenient file was warned about once, by _mrc_layout
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", permissive=_permissive(path)) as mrc:
+                return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
     except Exception as err:
         raise InputError(f"not a readable MRC map ({type(err).__name__}: {err})", path=path) from err
 
