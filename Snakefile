@@ -10,14 +10,17 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# A --configfile is merged over it key by key, unless it names its own `base` (config/README.md).
 configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
 
 
 # With --sdm apptainer every job runs in this image (containers/cryopose.def: cryopose + RELION).
 container: config.get("container", "containers/cryopose.sif")
 
 
-include: "workflow/rules/common.smk"
 include: "workflow/rules/entries.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"

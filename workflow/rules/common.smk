@@ -1,17 +1,22 @@
 # Configuration checks and helpers shared by every stage.
 
+import copy
 import json
 import os
 import re
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from cryopose.download import CESPED_RECORDS
 
+# The Snakefile's `configfile:`: a config file given with --configfile is merged over it key by key,
+# unless that file names its own `base` (a file to merge over instead, or null: none).
+DEFAULT_CONFIGFILE = "config/config.yaml"
 
-def _refuse_duplicate_keys(paths):
-    """Read each config file again with a YAML loader that refuses a key given twice in one
+
+def _load_config_file(path):
+    """A config file's content, read with a YAML loader that refuses a key given twice in one
     mapping: Snakemake's loader keeps the last silently, so a method listed twice would run with
     only its second parameters."""
     import yaml
@@ -35,16 +40,69 @@ def _refuse_duplicate_keys(paths):
         return loader.construct_mapping(node, deep=deep)
 
     _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as err:  # rare in a file Snakemake has read already
+        raise WorkflowError(f"{path}: not valid YAML: {err}")
+
+
+def _refuse_duplicate_keys(paths):
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                yaml.load(f, Loader=_Loader)
-        except yaml.YAMLError as err:  # Snakemake has read it already, so this is rare
-            raise WorkflowError(f"{path}: not valid YAML: {err}")
+        _load_config_file(path)
+
+
+def _base_layers(base):
+    """The config files that `base` names, the deepest base first: each file is merged over its
+    own `base`, and a file without one over DEFAULT_CONFIGFILE (as if given with --configfile),
+    which itself has none. Paths are relative to the working directory, like every path of a config."""
+    chain, seen, where = [], {}, "config: base"
+    while base is not None and str(base).lower() not in ("none", "null"):  # `--config base=none` gives a string
+        if not isinstance(base, str) or not base.strip():
+            raise WorkflowError(
+                f"{where} must be the path of a config file to merge this one over, or null (none) for a "
+                f"config that stands alone; got {base!r}"
+            )
+        real = os.path.realpath(base)
+        if real in seen:
+            raise WorkflowError(
+                f"{where}: the chain {' -> '.join([*seen.values(), base])} comes back to {base}; "
+                "a config cannot be its own base"
+            )
+        if not os.path.isfile(base):
+            raise WorkflowError(
+                f"{where}: {base!r} not found (relative to {os.getcwd()}); expected the path of a config file "
+                "to merge this one over (e.g. config/config.yaml), or null (none) for a config that stands alone"
+            )
+        seen[real] = base
+        content = _load_config_file(base) or {}
+        if not isinstance(content, dict):
+            raise WorkflowError(f"{where}: {base} holds no mapping of config keys")
+        chain.append(content)
+        default = None if real == os.path.realpath(DEFAULT_CONFIGFILE) else DEFAULT_CONFIGFILE
+        base, where = content.get("base", default), f"{base}: base"
+    return chain[::-1]
+
+
+def _apply_base():
+    """Rebuild `config` when a --configfile (or --config) names its `base`: that file's content
+    (after its own base's), then every --configfile in order, then --config; null starts from
+    nothing. Keys still unset take the schema's defaults (validate below). Without `base` the
+    config stays as Snakemake merged it: the command line's files over DEFAULT_CONFIGFILE."""
+    given = workflow.config_settings.overwrite_config  # --configfile files merged in order, then --config
+    if "base" not in given:
+        return
+    rebuilt = {}
+    for layer in _base_layers(given["base"]):
+        update_config(rebuilt, copy.deepcopy(layer))
+    update_config(rebuilt, copy.deepcopy(given))
+    config.clear()  # in place: `config` is the workflow's own dict
+    config.update(rebuilt)
 
 
 # The files of the `configfile:` directive and of --configfile (workflow.configfiles holds both).
 _refuse_duplicate_keys(workflow.configfiles)
+_apply_base()
 validate(config, schema="../schemas/config.schema.yaml")
 
 ENTRIES = {e["name"]: e for e in config["entries"]}
