@@ -7,7 +7,8 @@ import torch
 from cryopose import io
 from cryopose.errors import InputError
 from cryopose.geometry import euler_to_matrix, matrix_to_euler
-from cryopose.metrics import fsc_curve, pearson_correlation
+from cryopose.masks import mask_from_ground_truth
+from cryopose.metrics import compare_maps, fsc_curve, pearson_correlation
 from cryopose.reconstruct import RelionNotFound, compile_available, reconstruct, reconstruct_relion
 from cryopose.simulate import SimulationSpec, simulate_entry
 
@@ -117,6 +118,49 @@ def test_torch_and_relion_backends_agree(c1, d2):
         freqs, fsc = fsc_curve(vt, vr, px)
         assert fsc[freqs <= 1 / 10.0].min() > 0.9
     assert not list(c1.glob(".reconstruct-*"))  # RELION's scratch folder is cleaned up
+
+
+# Noisy enough that the reconstruction scheme shows in the metrics: with the "wiener" scheme the
+# masked PCC(GT0, GT1) of such entries is 0.03-0.07 above relion_reconstruct's.
+NOISY = dict(FAST, snr=0.1, bfactor=40.0, contrast_sigma=0.2, n_particles=1000)
+
+
+@pytest.mark.relion
+@pytest.mark.parametrize("sym", ["C1", "C4"])
+def test_torch_backend_gives_relions_metrics(tmp_path_factory, sym):
+    """Issue 19 item 4: on the same noisy entry and true poses, the torch backend's default scheme
+    gives relion_reconstruct's half-maps, so PCC(GT0, GT1) (masked and not) agrees within 0.01 and
+    the FSC resolutions within one Fourier shell."""
+    entry = simulate_entry(
+        SimulationSpec(name=f"rn{sym.lower()}", symmetry=sym, seed=7, **NOISY),
+        tmp_path_factory.mktemp("b"),
+        progress=False,
+    )
+    maps = {}
+    for backend in ("torch", "relion"):
+        maps[backend] = [
+            reconstruct(entry / f"particles_{h}.star", symmetry=sym, backend=backend, progress=False)[0] for h in (0, 1)
+        ]
+    px = 4.1
+    for h in (0, 1):  # the maps themselves, at the same scale
+        vt, vr = maps["torch"][h], maps["relion"][h]
+        # Measured 0.988-0.999; relion_reconstruct against itself, after adding 1e-5° of noise to
+        # rlnAngleRot, gives 0.992 on such a half (it divides by near-empty voxels' weights).
+        assert pearson_correlation(vt, vr) > 0.98
+        assert float(vt.std() / vr.std()) == pytest.approx(1.0, abs=0.02)
+    mask = mask_from_ground_truth((maps["relion"][0] + maps["relion"][1]) / 2, px)
+    got = {b: compare_maps(*maps[b], px, mask=mask).as_dict() for b in maps}
+    shell = 1 / (32 * px)  # one Fourier shell, in 1/Å
+    for key, value in got["relion"].items():
+        if "PCC" in key:
+            assert got["torch"][key] == pytest.approx(value, abs=0.01), (key, got)
+        else:
+            assert abs(1 / got["torch"][key] - 1 / value) <= shell, (key, got)
+    # The "wiener" scheme does not: its half-maps are less noisy than RELION's.
+    wiener = [
+        reconstruct(entry / f"particles_{h}.star", symmetry=sym, progress=False, scheme="wiener")[0] for h in (0, 1)
+    ]
+    assert compare_maps(*wiener, px, mask=mask).masked_pcc > got["relion"]["masked_PCC"] + 0.01, got
 
 
 @pytest.mark.slow

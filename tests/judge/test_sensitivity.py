@@ -108,7 +108,11 @@ def test_predictions_keep_everything_but_the_angles(entry, tmp_path):
 def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
     """The paper's Tables 4–5 on a small simulated entry: every metric, of the perturbed half-maps
     (V0, V1) and of the perturbed map against the ground truth (GT, V), gets worse with each level
-    of either experiment, and the CLI writes the table, Markdown and figures."""
+    of either experiment, and the CLI writes the table, Markdown and figures.
+
+    The maps use the torch backend's "wiener" scheme: with 200 particles a half, the half-maps of
+    relion_reconstruct's scheme (the default) are noisy enough that PCC(V0,V1) at ±1° can come out
+    above the exact poses' (measured 0.6717 vs 0.6672), which says nothing about the metrics."""
     metrics = []
     for name in ("exact", "noise1", "noise3", "noise5", "random10", "random20", "random30"):
         preds = [write_perturbed_predictions(entry, h, name, tmp_path / name / f"half{h}.star") for h in (0, 1)]
@@ -123,6 +127,7 @@ def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
             plots=False,
             progress=False,
             method=f"perturbation:{name}",
+            scheme="wiener",
         )
         metrics.append(tmp_path / name / "metrics.json")
     table = sensitivity_table(metrics)
