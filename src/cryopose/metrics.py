@@ -30,6 +30,7 @@ __all__ = [
     "MapComparison",
     "compare_maps",
     "map_degeneracy",
+    "cesped_fsc_resolution",
     "FSC_THRESHOLDS",
     "ACCURACY_THRESHOLDS_DEG",
 ]
@@ -218,9 +219,14 @@ def map_degeneracy(volume) -> str | None:
     return None
 
 
-def _shell_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _shell_sums(a: torch.Tensor, b: torch.Tensor, binning: str = "round") -> torch.Tensor:
     """``(3, D//2 + 2)`` float64 sums of Re(A·B*), |A|², |B|² per Fourier shell of two ``(D, D, D)``
-    maps, over the full Fourier space; the last column gathers the corners beyond Nyquist."""
+    maps, over the full Fourier space; the last column gathers the corners beyond Nyquist.
+
+    ``binning``: ``"round"`` (cryopose, RELION: shell k holds the radii in [k − ½, k + ½)) or
+    ``"floor"`` (the CESPED package's ``getMaskCorrectedFSC``: radii in [k, k + 1))."""
+    if binning not in ("round", "floor"):
+        raise ValueError(f"_shell_sums: binning must be 'round' or 'floor', got {binning!r}")
     d = a.shape[0]
     nyquist = d // 2
     fa = torch.fft.rfftn(a)
@@ -238,8 +244,11 @@ def _shell_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(3, nyquist + 2, dtype=torch.float64)
     for z0 in range(0, d, _SLAB):
         sa, sb = fa[z0 : z0 + _SLAB], fb[z0 : z0 + _SLAB]
-        radius = torch.sqrt(kz[z0 : z0 + _SLAB, None, None] ** 2 + ky2 + kx2)
-        shell = torch.round(radius).to(torch.int64).clamp_(max=nyquist + 1).reshape(-1)
+        radius2 = kz[z0 : z0 + _SLAB, None, None] ** 2 + ky2 + kx2  # integers, exact
+        if binning == "round":
+            shell = torch.round(torch.sqrt(radius2)).to(torch.int64).clamp_(max=nyquist + 1).reshape(-1)
+        else:  # the floor of the root of an integer is exact in float64
+            shell = torch.floor(torch.sqrt(radius2.double())).to(torch.int64).clamp_(max=nyquist + 1).reshape(-1)
         w = weight.expand(sa.shape).reshape(-1)
         for i, value in enumerate(((sa * sb.conj()).real, sa.real**2 + sa.imag**2, sb.real**2 + sb.imag**2)):
             sums[i] += torch.bincount(shell, weights=value.reshape(-1).double() * w, minlength=nyquist + 2)
@@ -369,6 +378,46 @@ def fsc_resolution(frequencies, fsc, threshold: float, low_resolution_angstrom: 
     return float(1.0 / (f[k - 1] + fraction * (f[k] - f[k - 1])))
 
 
+def cesped_fsc_resolution(frequencies, fsc, threshold: float) -> float:
+    """The resolution (Å) at which an FSC curve first falls below ``threshold``: the CESPED
+    package's rule (``cesped.utils.fsc.determine_fsc_resolution``, version 25.12.0), reproduced
+    as it is for cryopose's CESPED-compatible mode.
+
+    CESPED takes the *first* shell ``k`` (shell 0, the maps' means, included) with
+    ``FSC_k < threshold`` (NaN shells never count as below), interpolates linearly in frequency
+    between ``f_{k-1}`` and ``f_k``, and reports ``1/f``; with no such shell, Nyquist ``1/f_{-1}``.
+    When shell 0 is the first below (maps whose means have opposite signs), its ``k − 1`` is the
+    last shell, as numpy indexing makes it in CESPED's code.
+
+    cryopose's own :func:`fsc_resolution` differs on purpose: it skips a dip below the threshold
+    in the low-frequency region when the curve comes back above it there (masking, solvent and ice
+    effects), so a curve dipping at 40 Å and crossing for good at 8 Å reads 8 Å, not ~40 Å; and
+    it returns NaN rather than a number when an undefined (0/0) shell comes before the crossing.
+
+    Args:
+        frequencies: ``(K,)`` shell frequencies in 1/Å (``frequencies[0] == 0``).
+        fsc: ``(K,)`` FSC values.
+        threshold: e.g. 0.143 or 0.5.
+
+    Returns:
+        The resolution in Å (a Python float; NaN only where CESPED's arithmetic gives NaN).
+    """
+    f = np.asarray(frequencies, dtype=np.float64)
+    c = np.asarray(fsc, dtype=np.float64)
+    if f.ndim != 1 or f.shape != c.shape or f.size < 2:
+        raise ValueError(
+            f"cesped_fsc_resolution: need matching 1-D frequency and FSC arrays of >= 2 shells, got {f.shape} "
+            f"and {c.shape}"
+        )
+    below = np.flatnonzero(c < threshold)
+    if below.size == 0:
+        return float(1.0 / f[-1])
+    k = int(below[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = f[k - 1] + (f[k] - f[k - 1]) * (threshold - c[k - 1]) / (c[k] - c[k - 1])
+        return float(1.0 / inv)
+
+
 @dataclass
 class MapComparison:
     """Two maps compared: PCC, FSC curve and FSC resolutions, unmasked and (when a mask is given)
@@ -410,10 +459,11 @@ def _compare_variant(
     problems: list[str],
     prefix: str,
     reasons: dict[str, str],
+    cesped_compatible: bool = False,
 ) -> tuple[float, np.ndarray, dict[float, float]]:
     """PCC, FSC and resolutions of one variant (unmasked or masked), recording in ``reasons``
     (under ``prefix + name``) why any of them is NaN; ``problems``: the maps' degeneracies."""
-    sums = _shell_sums(a, b)
+    sums = _shell_sums(a, b, "floor" if cesped_compatible else "round")
     fsc = _fsc_from_sums(sums)
     if problems:
         # Nothing to compare: every value is undefined for the same reason. The FFT of a constant
@@ -428,7 +478,10 @@ def _compare_variant(
         reasons[f"{prefix}PCC"] = "a map has no variance"
     resolution = {}
     for t in thresholds:
-        resolution[t] = fsc_resolution(freqs, fsc, t, low_resolution_angstrom)
+        if cesped_compatible:
+            resolution[t] = cesped_fsc_resolution(freqs, fsc, t)
+        else:
+            resolution[t] = fsc_resolution(freqs, fsc, t, low_resolution_angstrom)
         if math.isnan(resolution[t]):
             shells = np.flatnonzero(np.isnan(fsc[1:])) + 1
             reasons[f"{prefix}FSCR{t:g}"] = (
@@ -445,9 +498,15 @@ def compare_maps(
     thresholds: tuple[float, ...] = FSC_THRESHOLDS,
     low_resolution_angstrom: float = 30.0,
     names: tuple[str, str] = ("map1", "map2"),
+    cesped_compatible: bool = False,
 ) -> MapComparison:
     """PCC, FSC and FSC resolutions of two cubic maps, over the whole box and, if ``mask`` is given,
     of the maps multiplied by the mask.
+
+    ``cesped_compatible``: the CESPED package's FSC instead of cryopose's: shells binned by the
+    floor of the radius (``_shell_sums``), resolutions by its first-crossing rule
+    (:func:`cesped_fsc_resolution`; ``low_resolution_angstrom`` is then unused). The PCCs are the
+    same in both modes.
 
     One Fourier pass per variant: the PCC comes from the same shell sums as the FSC (Parseval), so
     two 232³ maps cost two real FFTs each, unmasked or masked.
@@ -460,7 +519,9 @@ def compare_maps(
     freqs = _shell_frequencies(a.shape[0], pixel_size)
     problems = [f"{n} {p}" for n, x in zip(names, (a, b)) if (p := map_degeneracy(x))]
     reasons: dict[str, str] = {}
-    pcc, fsc, resolution = _compare_variant(a, b, freqs, thresholds, low_resolution_angstrom, problems, "", reasons)
+    pcc, fsc, resolution = _compare_variant(
+        a, b, freqs, thresholds, low_resolution_angstrom, problems, "", reasons, cesped_compatible
+    )
     result = MapComparison(pcc=pcc, frequencies=freqs, fsc=fsc, resolution=resolution, reasons=reasons)
     if mask is not None:
         ma, mb = _prepare_pair(a, b, pixel_size, mask, "compare_maps")
@@ -470,6 +531,6 @@ def compare_maps(
             f"{n} {p} inside the mask" for n, x in zip(names, (ma, mb)) if (p := map_degeneracy(x))
         ]
         result.masked_pcc, result.masked_fsc, result.masked_resolution = _compare_variant(
-            ma, mb, freqs, thresholds, low_resolution_angstrom, masked_problems, "masked_", reasons
+            ma, mb, freqs, thresholds, low_resolution_angstrom, masked_problems, "masked_", reasons, cesped_compatible
         )
     return result

@@ -46,6 +46,8 @@ __all__ = [
     "symmetry_mates",
     "symmetry_aware_angle",
     "canonical_mate",
+    "cesped_symmetry_matrices",
+    "cesped_canonical_mate",
 ]
 
 VALID_NAMES = "C<n> or D<n> with n >= 1 (e.g. C1, C4, D2), T, O, I, I1, I2, I3, I4 (case-insensitive)"
@@ -175,7 +177,11 @@ def _chunk_rows(n_rows: int, chunk_size: int):
 
 
 def symmetry_aware_angle(
-    r_true: torch.Tensor, r_pred: torch.Tensor, name: str, chunk_size: int = 65536
+    r_true: torch.Tensor,
+    r_pred: torch.Tensor,
+    name: str,
+    chunk_size: int = 65536,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Angular error that ignores the map's symmetry: ``min_g geodesic_angle(g @ r_true, r_pred)``.
 
@@ -189,6 +195,8 @@ def symmetry_aware_angle(
         r_pred: ``(..., 3, 3)`` predicted poses; broadcast against ``r_true``.
         name: point group.
         chunk_size: particles processed per chunk.
+        group: ``(G, 3, 3)`` rotations to use instead of ``name``'s (e.g.
+            :func:`cesped_symmetry_matrices`).
 
     Returns:
         ``(...)`` angles in degrees, in [0, 180].
@@ -201,7 +209,10 @@ def symmetry_aware_angle(
     batch = torch.broadcast_shapes(r_true.shape[:-2], r_pred.shape[:-2])
     rt = r_true.to(dtype).expand(*batch, 3, 3).reshape(-1, 3, 3)
     rp = r_pred.to(dtype).expand(*batch, 3, 3).reshape(-1, 3, 3)
-    g = symmetry_matrices(name, dtype=dtype, device=rt.device)
+    if group is None:
+        g = symmetry_matrices(name, dtype=dtype, device=rt.device)
+    else:
+        g = torch.as_tensor(group).to(dtype=dtype, device=rt.device)
     g_flat = g.reshape(-1, 9).T  # (9, G)
     out = []
     for rows in _chunk_rows(rt.shape[0], chunk_size):
@@ -249,3 +260,74 @@ def canonical_mate(rotmats: torch.Tensor, name: str, chunk_size: int = 65536) ->
     if not out:
         return r.clone()
     return torch.cat(out).reshape(*batch, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CESPED package's groups and label reduction (cryopose's CESPED-compatible mode)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cesped_group_name(name: str) -> str:
+    canonical = parse_symmetry(name)
+    if _CYCLIC_DIHEDRAL.match(canonical) or canonical in ("T", "O"):
+        return canonical
+    if str(name).strip().upper() == "I":
+        return "I"
+    raise InputError(
+        f"the CESPED package has no group {name!r} (it passes the entry's name to scipy's "
+        "Rotation.create_group, which knows Cn, Dn, T, O and I only)",
+        where="symmetry",
+    )
+
+
+def cesped_symmetry_matrices(name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The rotations the CESPED package (25.12.0) uses for the group ``name``: scipy's
+    ``Rotation.create_group(name)``, in its angular errors and its training-label reduction.
+
+    For Cn, Dn and O they are RELION's rotations (:func:`symmetry_matrices`, possibly in another
+    order). For T and I they are not: scipy orients T with 2-folds along x, y, z (RELION: a 3-fold
+    along z) and I as RELION's I1 (CESPED's ``"I"``; RELION's ``I`` is I2), so CESPED's errors and
+    labels for T and I entries use a group that is not the map's. I1-I4 are errors (scipy has no
+    such names).
+
+    Returns:
+        ``(G, 3, 3)`` in scipy's order (identity first).
+    """
+    from scipy.spatial.transform import Rotation
+
+    return torch.as_tensor(Rotation.create_group(_cesped_group_name(name)).as_matrix(), dtype=dtype)
+
+
+def cesped_canonical_mate(rotmats: torch.Tensor, name: str) -> torch.Tensor:
+    """Training labels reduced to one symmetry mate, as the CESPED package's ``ParticlesDataset``
+    does (``Rotation.reduce(Rotation.create_group(symmetry))``, skipped for C1).
+
+    scipy's ``reduce`` with the group on the left returns the mate ``g @ R`` of smallest rotation
+    angle (the largest trace), ties going to the first in scipy's group order. That is the
+    criterion of :func:`canonical_mate` but with scipy's group (:func:`cesped_symmetry_matrices`:
+    the same as RELION's for Cn, Dn and O, not for T and I). cryopose's own ``ParticlesDataset``
+    returns the raw pose instead: the label is what RELION refined, and a loss can minimise over
+    :func:`symmetry_mates` itself; a fixed representative makes the label jump between mates near
+    the boundary of the representative region.
+
+    Args:
+        rotmats: ``(..., 3, 3)`` poses R; rows that are not finite (missing angles) are kept as
+            they are.
+        name: point group.
+
+    Returns:
+        ``(..., 3, 3)`` reduced poses, same dtype as the input.
+    """
+    r = torch.as_tensor(rotmats)
+    if parse_symmetry(name) == "C1":
+        return r.clone()
+    from scipy.spatial.transform import Rotation
+
+    group = Rotation.create_group(_cesped_group_name(name))
+    flat = r.reshape(-1, 3, 3).detach().cpu().double()
+    out = flat.clone()
+    finite = torch.isfinite(flat).flatten(1).all(1)
+    if bool(finite.any()):
+        reduced = Rotation.from_matrix(flat[finite].numpy()).reduce(group).as_matrix()
+        out[finite] = torch.from_numpy(reduced)
+    return out.to(dtype=r.dtype, device=r.device).reshape(r.shape)

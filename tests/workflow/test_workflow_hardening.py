@@ -90,6 +90,13 @@ def _dry_run_fails(tmp_path: Path, config: str, *args: str) -> str:
             "  ground_truth: {}\n  image2sphere: {augment: 1}\n",
             ["image2sphere", "augment", "1", "true or false"],
         ),
+        # CESPED's definitions are scored on relion_reconstruct's maps (the default backend is torch).
+        (
+            "threads: {",
+            "evaluation: {cesped_compatible: true}\nthreads: {",
+            ["evaluation.cesped_compatible", "reconstruction.backend", "relion", "'torch'"],
+        ),
+        ("threads: {", "evaluation: {cesped_compatible: yes please}\nthreads: {", ["cesped_compatible", "boolean"]),
     ],
 )
 def test_an_impossible_value_fails_the_dry_run(tmp_path, old, new, words):

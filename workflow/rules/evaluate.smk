@@ -1,5 +1,14 @@
 # Stage 4b: predicted half-maps V0, V1 and the metrics of one (method, entry).
 
+# evaluation.cesped_compatible: score by the CESPED package's definitions (README, "cryopose and
+# CESPED"), here and in the generalisation and sensitivity evaluations; they need relion_reconstruct.
+CESPED_COMPATIBLE = ["--cesped-compatible"] if config["evaluation"].get("cesped_compatible") else []
+if CESPED_COMPATIBLE and RECON["backend"] != "relion":
+    raise WorkflowError(
+        "evaluation.cesped_compatible reconstructs as CESPED does, with relion_reconstruct: "
+        f"set reconstruction.backend to relion (it is {RECON['backend']!r})"
+    )
+
 
 rule evaluate:
     input:
@@ -39,6 +48,7 @@ rule evaluate:
         gtdir=lambda wc, input: os.path.dirname(input.record),
         prediction_type=prediction_type,
         confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
+        cesped=CESPED_COMPATIBLE,
     log:
         "logs/evaluate/{method}/{entry}.log",
     benchmark:
@@ -52,5 +62,5 @@ rule evaluate:
     shell:
         "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
         "--method {wildcards.method:q} --prediction-type {params.prediction_type:q} --backend {params.backend:q} "
-        "{params.confidence:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
+        "{params.confidence:q} {params.cesped:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
         "--out {params.outdir:q} --quiet > {log:q} 2>&1"

@@ -53,6 +53,7 @@ rule evaluate_transfer:
         gtdir=lambda wc, input: os.path.dirname(input.record),
         prediction_type=prediction_type,
         confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
+        cesped=CESPED_COMPATIBLE,
     log:
         "logs/generalisation/evaluate/{method}/{source}/{entry}.log",
     benchmark:
@@ -66,7 +67,7 @@ rule evaluate_transfer:
     shell:
         "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
         "--method {wildcards.method:q} --trained-on {wildcards.source:q} --prediction-type {params.prediction_type:q} "
-        "--backend {params.backend:q} {params.confidence:q} {params.relion:q} --jobs {params.jobs:q} "
+        "--backend {params.backend:q} {params.confidence:q} {params.cesped:q} {params.relion:q} --jobs {params.jobs:q} "
         "--ground-truth-dir {params.gtdir:q} --out {params.outdir:q} --quiet > {log:q} 2>&1"
 
 

@@ -51,6 +51,7 @@ rule evaluate_sensitivity:
         jobs=RECON["jobs"],
         outdir=lambda wc, output: os.path.dirname(output.metrics),
         gtdir=lambda wc, input: os.path.dirname(input.record),
+        cesped=CESPED_COMPATIBLE,
     log:
         "logs/sensitivity/evaluate/{perturbation}/{entry}.log",
     benchmark:
@@ -64,8 +65,8 @@ rule evaluate_sensitivity:
     shell:
         "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
         "--method perturbation:{wildcards.perturbation:q} --prediction-type SO3 --no-pred-confidence "
-        "--backend {params.backend:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
-        "--out {params.outdir:q} --no-plots --quiet > {log:q} 2>&1"
+        "--backend {params.backend:q} {params.cesped:q} {params.relion:q} --jobs {params.jobs:q} "
+        "--ground-truth-dir {params.gtdir:q} --out {params.outdir:q} --no-plots --quiet > {log:q} 2>&1"
 
 
 rule sensitivity:
