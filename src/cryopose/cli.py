@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import InputError
@@ -75,9 +76,7 @@ def _refuse_simulating_over_inputs(args: argparse.Namespace, specs) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .entry import Entry
-
-    entry = Entry(Path(args.entry))
+    entry = _entry(args)
     entry.validate()
     summary = {
         "name": entry.name,
@@ -85,19 +84,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "pixel_size_A": entry.pixel_size,
         "box_size": entry.box_size,
         "particles": {str(h): entry.n_particles(h) for h in entry.halves},
-        "mask": str(entry.mask_path) if entry.mask_path.exists() else None,
+        "mask": str(entry.mask_path) if entry.mask_path is not None and entry.mask_path.exists() else None,
+        **(entry.describe() if hasattr(entry, "describe") else {}),
     }
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def _cmd_import_star(args: argparse.Namespace) -> int:
+    from .entry import StarEntry, import_star
+
+    entry = _entry(args)
+    if not isinstance(entry, StarEntry):
+        raise InputError("expected a particle STAR file (an entry folder is used as it is)", path=args.entry)
+    name = args.name or entry.name
+    refuse_overwriting_inputs({"--out": Path(args.out) / name}, {"star": entry.input_paths()}, builds_entries=True)
+    print(import_star(entry, args.out, name))
+    return 0
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data import resolve_entry, write_preprocessed_entry
+    from .data import write_preprocessed_entry
 
     ctf = None if args.ctf_correction == "none" else args.ctf_correction
-    entry = resolve_entry(args.entry, args.benchmark_dir)
+    entry = _entry(args)
     # The copy replaces OUT/<name> whole: an earlier copy, never the entry itself or a folder holding it.
-    refuse_overwriting_inputs({"--out": Path(args.out) / entry.name}, {"entry": entry.root}, builds_entries=True)
+    refuse_overwriting_inputs(
+        {"--out": Path(args.out) / entry.name}, {"entry": entry.input_paths()}, builds_entries=True
+    )
     out = write_preprocessed_entry(
         entry,
         args.out,
@@ -114,9 +128,22 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _entry(args: argparse.Namespace):
-    from .data import resolve_entry
+    from .entry import resolve_entry
 
-    return resolve_entry(args.entry, args.benchmark_dir)
+    return resolve_entry(
+        args.entry,
+        getattr(args, "benchmark_dir", None),
+        symmetry=getattr(args, "symmetry", None),
+        mask=getattr(args, "mask", None),
+    )
+
+
+def _add_entry_source_args(p: argparse.ArgumentParser) -> None:
+    """Options for an entry given as a plain particle STAR file (cryopose.entry.StarEntry)."""
+    p.add_argument(
+        "--symmetry", help="point group of a particle STAR file's particles (default: the RELION job's job.star)"
+    )
+    p.add_argument("--mask", help="mask (MRC) for a particle STAR file (default: the RELION job's fn_mask, else none)")
 
 
 def _reconstruct_options(args: argparse.Namespace) -> dict:
@@ -128,6 +155,10 @@ def _reconstruct_options(args: argparse.Namespace) -> dict:
             options["launcher"] = shlex.split(args.relion_launcher)
         return options
     return {"device": args.device} if args.device else {}
+
+
+#: What every command reading an entry accepts as one.
+ENTRY_HELP = "entry folder, particle STAR file (RELION 3.0/3.1; see --symmetry) or entry name in --benchmark-dir"
 
 
 def _registered_prediction_type(method: str | None) -> str:
@@ -153,8 +184,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "--out": [Path(args.out) / n for n in evaluation_files(not args.no_plots)] if args.out else None,
             "--ground-truth-dir": [Path(gt_dir) / n for n in GROUND_TRUTH_FILES] if gt_dir else None,
         },
-        {"entry": entry.root, "--half0": args.half0, "--half1": args.half1},
+        {"entry": entry.input_paths(), "--half0": args.half0, "--half1": args.half1},
     )
+    if args.backend is None:  # relion in the CESPED-compatible mode; evaluate() refuses torch there
+        args.backend = "relion" if args.cesped_compatible else "torch"
     options = _reconstruct_options(args)
     result = evaluate(
         entry,
@@ -170,6 +203,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         method=args.method,
         trained_on=args.trained_on,
+        cesped_compatible=args.cesped_compatible,
         **options,
     )
     m = result.metrics
@@ -184,6 +218,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         unit = f" {row.unit}" if row.unit and value is not None else ""
         shown = f"n/a ({reasons.get(row.key, 'undefined')})" if value is None else f"{value:.4g}"
         print(f"  {row.label:<30} {shown}{unit}")
+    if m.get("cesped"):
+        print("CESPED's metrics (its names and definitions):")
+        for name, value in m["cesped"].items():
+            print(f"  {name:<30} {'n/a' if value is None else f'{value:.4g}'}")
     if args.out:
         print(f"written to {args.out}")
     return 0
@@ -194,7 +232,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     entry = _entry(args)
-    refuse_overwriting_inputs({"--out": args.out, "--work-dir": args.work_dir}, {"--entry": entry.root})
+    refuse_overwriting_inputs({"--out": args.out, "--work-dir": args.work_dir}, {"--entry": entry.input_paths()})
     entry.validate()
     method.run_train(
         entry,
@@ -212,7 +250,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     entry = _entry(args)
-    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root, "--model": args.model})
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.input_paths(), "--model": args.model})
     entry.validate()
     method.run_predict(
         Path(args.model), entry, args.half, Path(args.out), parse_params(method, args.param), transfer=args.transfer
@@ -223,17 +261,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_refine(args: argparse.Namespace) -> int:
     from . import parameters
+    from .reconstruct import write_half_map
     from .refine import RefineConfig, refine_predictions
 
     entry = _entry(args)
     refuse_overwriting_inputs(
-        {"--out": args.out}, {"--entry": entry.root, "--predictions": args.predictions, "--reference": args.reference}
+        {"--out": args.out},
+        {"--entry": entry.input_paths(), "--predictions": args.predictions, "--reference": args.reference},
     )
     entry.validate()
     config = parameters.build(RefineConfig, parameters.parse_pairs(RefineConfig, args.param))
-    refine_predictions(
-        entry, args.half, Path(args.predictions), Path(args.reference), Path(args.out), config, progress=not args.quiet
-    )
+    with tempfile.TemporaryDirectory(prefix="cryopose-refine-") as tmp:
+        # By default the reference the library's <method>+refine is given: the training half's map.
+        reference = args.reference or write_half_map(entry, 1 - args.half, Path(tmp) / "reference.mrc")
+        refine_predictions(
+            entry, args.half, Path(args.predictions), Path(reference), Path(args.out), config, progress=not args.quiet
+        )
     print(args.out)
     return 0
 
@@ -250,7 +293,7 @@ def _cmd_ground_truth(args: argparse.Namespace) -> int:
 
     entry = _entry(args)
     # The cache is published by replacing the whole folder: the folder is the output.
-    refuse_overwriting_inputs({"--out": Path(args.out)}, {"entry": entry.root})
+    refuse_overwriting_inputs({"--out": Path(args.out)}, {"entry": entry.input_paths()})
     entry.validate()
     ground_truth_maps(
         entry,
@@ -323,7 +366,7 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
     from .sensitivity import write_perturbed_predictions
 
     entry = _entry(args)
-    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.root})
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.input_paths()})
     entry.validate()
     print(write_perturbed_predictions(entry, args.half, args.perturbation, Path(args.out), seed=args.seed))
     return 0
@@ -378,14 +421,16 @@ def _add_reconstruction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpi-processes", type=int, default=1, help="relion: mpirun -np N relion_reconstruct_mpi")
     p.add_argument("--device", help="torch backend: cpu or cuda (default: a GPU when there is one)")
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    _add_entry_source_args(p)
 
 
 def _add_method_args(p: argparse.ArgumentParser, half_help: str) -> None:
     p.add_argument("--method", required=True, help="a registered method (ground_truth, random, ...)")
-    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--entry", required=True, help=ENTRY_HELP)
     p.add_argument("--half", type=int, choices=[0, 1], required=True, help=half_help)
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    _add_entry_source_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,12 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser(
+        "import-star",
+        help="make an entry folder of a RELION particle STAR file (e.g. Refine3D/jobNNN/run_data.star): "
+        "halves from rlnRandomSubset, stacks left where they are",
+    )
+    p.add_argument("entry", help="particle STAR file (RELION 3.0/3.1), image names as RELION resolves them")
+    p.add_argument("--out", default="resources/benchmark", help="benchmark directory (default: %(default)s)")
+    p.add_argument("--name", help="entry name (default: the STAR file's, e.g. job020_run_data)")
+    _add_entry_source_args(p)
+    p.set_defaults(func=_cmd_import_star)
+
     p = sub.add_parser("preprocess", help="write a preprocessed copy of an entry (stacks + STAR) in the same layout")
-    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("entry", help=ENTRY_HELP)
     p.add_argument("--out", required=True, help="folder to write <entry>/ into")
     p.add_argument(
         "--benchmark-dir", default=None, help="where entry names are looked up (default resources/benchmark)"
     )
+    _add_entry_source_args(p)
     p.add_argument("--image-size", type=int, default=None, help="final image size in pixels (default: the cropped box)")
     p.add_argument("--crop-fraction", type=float, default=1.0, help="central fraction of the box to keep")
     p.add_argument("--ctf-correction", choices=["phase_flip", "wiener", "none"], default="phase_flip")
@@ -430,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="reconstruct half-maps from predicted poses and score them (metrics.json, particles.csv, fsc.csv, plots)",
     )
-    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("entry", help=ENTRY_HELP)
     p.add_argument("--half0", required=True, help="predictions STAR for half 0 (by the model trained on half 1)")
     p.add_argument("--half1", required=True, help="predictions STAR for half 1 (by the model trained on half 0)")
     p.add_argument(
@@ -455,9 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="reconstructions at once (2 runs the two halves side by side; useful with relion)",
     )
+    p.add_argument(
+        "--cesped-compatible",
+        action="store_true",
+        help="score by the CESPED package's definitions (first FSC crossing, its shell binning and "
+        "masking choices, relion backend; CESPED's metrics under its names in metrics.json) instead of "
+        "cryopose's; see README, 'cryopose and CESPED'",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_cmd_evaluate, backend=None)
 
     p = sub.add_parser("train", help="train a method on one half of an entry")
     _add_method_args(p, "the half to train on")
@@ -481,10 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refine predicted poses and shifts of one half locally against a reference "
         "map (the other half's reconstruction)",
     )
-    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir (raw particles)")
+    p.add_argument("--entry", required=True, help=ENTRY_HELP + " (raw particles)")
     p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half the predictions are for")
     p.add_argument("--predictions", required=True, help="predictions STAR to refine")
-    p.add_argument("--reference", required=True, help="reference map on the particles' pixel grid (MRC)")
+    p.add_argument(
+        "--reference",
+        help="reference map on the particles' pixel grid (MRC; default: the other half reconstructed from its "
+        "true poses, the reference of the library's <method>+refine)",
+    )
     p.add_argument("--out", required=True, help="refined predictions STAR (with rlnOriginX/YAngst)")
     p.add_argument(
         "--param",
@@ -494,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local_max_shift, local_batch_size, local_device",
     )
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    _add_entry_source_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_refine)
 
@@ -502,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reconstruct an entry's ground-truth half-maps once (the cache "
         "'cryopose evaluate --ground-truth-dir' reuses)",
     )
-    p.add_argument("entry", help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("entry", help=ENTRY_HELP)
     p.add_argument("--out", required=True, help="folder for GT_half0.mrc, GT_half1.mrc, ground_truth.json")
     _add_reconstruction_args(p)
     p.add_argument("--jobs", type=int, default=1, help="reconstructions at once")
@@ -548,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perturb",
         help="ground-truth predictions with perturbed angles (misalignment sensitivity, the paper's Appendix H)",
     )
-    p.add_argument("--entry", required=True, help="entry folder, or an entry name in --benchmark-dir")
+    p.add_argument("--entry", required=True, help=ENTRY_HELP)
     p.add_argument("--half", type=int, choices=[0, 1], required=True)
     p.add_argument(
         "--perturbation",
@@ -559,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="predictions STAR")
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    _add_entry_source_args(p)
     p.set_defaults(func=_cmd_perturb)
 
     p = sub.add_parser(
@@ -574,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("info", help="validate an entry folder and print its summary as JSON")
-    p.add_argument("entry", help="entry folder (holding particles_0.star, ...)")
+    p.add_argument("entry", help=ENTRY_HELP)
+    _add_entry_source_args(p)
     p.set_defaults(func=_cmd_info)
     return parser
 

@@ -27,7 +27,7 @@ from .errors import InputError
 from .geometry import euler_to_matrix, is_rotation_matrix, matrix_to_euler
 from .predictions import EULER, ORIGIN
 from .preprocess import PreprocessConfig, output_geometry, preprocess_images
-from .symmetry import symmetry_mates
+from .symmetry import cesped_canonical_mate, symmetry_mates
 
 __all__ = ["ParticlesDataset", "DEFAULT_BENCHMARK_DIR"]
 
@@ -36,7 +36,8 @@ class ParticlesDataset(Dataset):
     """One half of an entry.
 
     Args:
-        entry: entry name in ``benchmark_dir``, an entry folder, or an :class:`~cryopose.entry.Entry`.
+        entry: entry name in ``benchmark_dir``, an entry folder, a plain particle STAR file, or an
+            :class:`~cryopose.entry.Entry`.
         halfset: 0 or 1.
         benchmark_dir: folder holding entries (default ``resources/benchmark`` or
             ``$CRYOPOSE_BENCHMARK_DIR``).
@@ -49,6 +50,11 @@ class ParticlesDataset(Dataset):
         augment: an :class:`~cryopose.augment.AugmentConfig` (or ``True`` for the paper's) to
             augment every image, with labels updated; ``None``/``False`` for none.
         generator: torch generator for reproducible augmentation.
+        cesped_compatible: return each rotation label reduced to one symmetry mate, as the CESPED
+            package's dataset does (:func:`~cryopose.symmetry.cesped_canonical_mate`, after any
+            augmentation); by default the label is the raw pose (mates: :meth:`symmetry_mates`).
+        symmetry: the point group when ``entry`` is a plain particle STAR file
+            (:class:`~cryopose.entry.StarEntry`: its halves are rlnRandomSubset 1 and 2).
 
     Items: ``(particle_id: str, image: float32[1, S, S], (rotmat: float32[3, 3],
     shift_angstrom: float32[2], confidence: float32[1]), metadata: dict)``. ``particle_id`` is
@@ -70,8 +76,10 @@ class ParticlesDataset(Dataset):
         wiener_constant: float = 0.1,
         augment: AugmentConfig | bool | None = None,
         generator: torch.Generator | None = None,
+        cesped_compatible: bool = False,
         targetName=None,
         benchmarkDir=None,
+        symmetry: str | None = None,
     ):
         # CESPED's keyword names, so ParticlesDataset(targetName=..., halfset=..., benchmarkDir=...) ports as is.
         entry = entry if entry is not None else targetName
@@ -80,7 +88,7 @@ class ParticlesDataset(Dataset):
             raise TypeError("ParticlesDataset needs an entry (name, folder or Entry) and a halfset (0 or 1)")
         if isinstance(ctf_correction, str) and ctf_correction.lower() == "none":
             ctf_correction = None
-        self.entry = resolve_entry(entry, benchmark_dir)
+        self.entry = resolve_entry(entry, benchmark_dir, symmetry=symmetry)
         self.halfset = halfset
         self.star_path = self.entry.star_path(halfset)
         star = self.entry.read_star(halfset)
@@ -110,6 +118,7 @@ class ParticlesDataset(Dataset):
         )
         self.augment = AugmentConfig() if augment is True else (augment or None)
         self.generator = generator
+        self.cesped_compatible = bool(cesped_compatible)
         flipped = merged.get("rlnCtfDataArePhaseFlipped", pd.Series(0, index=merged.index)).to_numpy()
         self._already_flipped = flipped.astype(bool)
 
@@ -247,6 +256,8 @@ class ParticlesDataset(Dataset):
         if self.augment is not None:
             # Shifts are in Å, so the preprocessed pixel size converts them.
             images, rot, shifts = augment_batch(images, rot, shifts, self.sampling_rate, self.augment, self.generator)
+        if self.cesped_compatible:  # CESPED reduces the label after augmenting
+            rot = cesped_canonical_mate(rot, self.symmetry)
         records = self._table.iloc[idx].to_dict("records")
         for r in records:
             r["sampling_rate"] = self.sampling_rate
@@ -468,13 +479,13 @@ def _write_preprocessed(
             table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
             io.write_particles_star(dest / f"particles_{h}.star", io.ParticleStar(optics=optics, particles=table))
             with io.atomic_write(dest / f"info_{h}.json") as tmp:
-                tmp.write_bytes(src.info_path(h).read_bytes())
+                tmp.write_bytes(src.info_bytes(h))
     crop, _, _ = output_geometry(ds.original_box_size, ds.original_sampling_rate, ds.config)
     for path, out in (
         (src.mask_path, dest / f"{src.name}_mask.mrc"),
         (src.ground_truth_map_path, dest / f"{src.name}_source_map.mrc"),
     ):
-        if path.exists():
+        if path is not None and path.exists():
             vol, _ = io.read_map(path)
             vol = torch.from_numpy(vol)
             start = vol.shape[0] // 2 - crop // 2

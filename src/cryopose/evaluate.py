@@ -21,15 +21,16 @@ import pandas as pd
 import torch
 
 from . import io
-from .entry import Entry
+from .entry import Entry, resolve_entry
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .masks import mask_from_ground_truth
 from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
 from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
-from .reconstruct import reconstruct, relion_command
+from .reconstruct import DEFAULT_SCHEME, reconstruct, relion_command
+from .symmetry import cesped_symmetry_matrices, symmetry_aware_angle
 
-__all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult"]
+__all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult", "cesped_metrics", "CESPED_METRICS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +39,12 @@ __all__ = ["evaluate", "ground_truth_maps", "prediction_star", "EvaluationResult
 
 
 def prediction_star(
-    entry: Entry, half: int, predictions: Predictions, prediction_type: str, use_pred_confidence: bool
+    entry: Entry,
+    half: int,
+    predictions: Predictions,
+    prediction_type: str,
+    use_pred_confidence: bool,
+    cesped_compatible: bool = False,
 ) -> io.ParticleStar:
     """The entry's STAR for ``half`` with the predicted pose parameters transplanted into it.
 
@@ -62,22 +68,41 @@ def prediction_star(
         parts[CONFIDENCE] = 1.0 if conf is None else conf.numpy()
     elif CONFIDENCE in parts.columns:
         parts = parts.drop(columns=CONFIDENCE)
-    star_path = entry.star_path(half)
-    located = [io.parse_image_name(n, star_path, r) for r, n in enumerate(parts["rlnImageName"].astype(str))]
-    resolved = {stack: io.resolve_stack_path(star_path, stack).resolve() for stack in {s for _, s in located}}
-    parts["rlnImageName"] = [f"{i + 1:06d}@{resolved[s]}" for i, s in located]
-    return io.ParticleStar(star.optics.copy(), parts)
+    optics = star.optics.copy()
+    if cesped_compatible:
+        optics, parts = _as_cesped_writes(optics, parts)
+    return io.with_absolute_image_names(io.ParticleStar(optics, parts), star.path)
 
 
-def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int) -> dict:
+def _as_cesped_writes(optics: pd.DataFrame, parts: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables as the CESPED package hands them to relion_reconstruct: particles sorted by
+    rlnImageName and every float written by ``starfile.write`` as ``%.6f``. It matters: on small
+    entries relion_reconstruct's map moves by a few % of its PCC when an input changes by 1e-7
+    (Fourier voxels of near-zero weight are divided by it), so the same maps need the same numbers."""
+
+    def six_decimals(table: pd.DataFrame) -> pd.DataFrame:
+        table = table.copy()
+        for col in table.columns:
+            if pd.api.types.is_float_dtype(table[col]):
+                table[col] = [float(f"{v:.6f}") for v in table[col].to_numpy()]
+        return table
+
+    parts = parts.sort_values("rlnImageName", kind="stable").reset_index(drop=True)
+    return six_decimals(optics), six_decimals(parts)
+
+
+def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int, scheme: str | None = None) -> dict:
     digest = hashlib.sha256()
     for h in entry.halves:
         digest.update(entry.star_path(h).read_bytes())
-        st = entry.stack_path(h).stat()
-        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        for stack in entry.stack_files(h):
+            st = stack.stat()
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    # The torch backend's two schemes make different maps: a cache of one is not the other's.
+    backend_id = f"torch:{scheme or DEFAULT_SCHEME}" if backend == "torch" else backend
     return {
         "entry": entry.name,
-        "backend": backend,
+        "backend": backend_id,
         "symmetry": symmetry,
         "pad": pad,
         "inputs": digest.hexdigest(),
@@ -86,7 +111,7 @@ def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int) -> d
     }
 
 
-def _reconstruct_each(star_paths: list[Path], jobs: int, **options) -> list[tuple[np.ndarray, float]]:
+def _reconstruct_each(star_paths: list, jobs: int, **options) -> list[tuple[np.ndarray, float]]:
     """:func:`reconstruct` of several STAR files, ``jobs`` at a time (threads: each relion_reconstruct
     is its own single-threaded process, so two halves on two cores take the time of one)."""
     if jobs <= 1 or len(star_paths) == 1:
@@ -207,14 +232,16 @@ def ground_truth_maps(
         ``(GT0, GT1, pixel_size)``.
     """
     cache_dir = Path(cache_dir)
-    fingerprint = _entry_fingerprint(entry, backend, entry.symmetry, pad)
+    fingerprint = _entry_fingerprint(entry, backend, entry.symmetry, pad, reconstruct_options.get("scheme"))
     cached = _cached_ground_truth(entry, cache_dir, fingerprint)
     if cached is not None:
         (m0, m1), px = cached
         return m0, m1, px
     _check_cache_folder(cache_dir)
+    # Each half's particles as read (an entry may be one STAR file holding both halves); errors
+    # name the entry's STAR file, and both backends resolve its image names the same way.
     results = _reconstruct_each(
-        [entry.star_path(h) for h in entry.halves],
+        [entry.read_star(h) for h in entry.halves],
         jobs,
         symmetry=entry.symmetry,
         backend=backend,
@@ -236,7 +263,7 @@ def ground_truth_maps(
 
 def _read_entry_mask(entry: Entry) -> np.ndarray | None:
     """The entry's own mask, checked against its box and pixel size, or ``None`` when it has none."""
-    if not entry.mask_path.is_file():
+    if entry.mask_path is None or not entry.mask_path.is_file():
         return None
     mask, mask_px = io.read_map(entry.mask_path)
     box = (entry.box_size,) * 3
@@ -274,7 +301,7 @@ def evaluate(
     half0_predictions: str | Path,
     half1_predictions: str | Path,
     prediction_type: str = "SO3",
-    backend: str = "torch",
+    backend: str | None = None,
     use_pred_confidence: bool = True,
     outdir: str | Path | None = None,
     ground_truth_dir: str | Path | None = None,
@@ -285,6 +312,7 @@ def evaluate(
     jobs: int = 1,
     method: str | None = None,
     trained_on: str | None = None,
+    cesped_compatible: bool = False,
     **reconstruct_options,
 ) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
@@ -312,6 +340,14 @@ def evaluate(
     ``method`` names the predictions' method in ``metrics.json`` (the leaderboard's key);
     ``trained_on`` the entry its models learnt from (default this entry; another one in the
     generalisation experiment).
+    ``backend``: ``"torch"`` (the default) or ``"relion"``. ``cesped_compatible`` scores by the
+    CESPED package's definitions instead of cryopose's (README, "cryopose and CESPED"): relion
+    backend at pad 2 (the default then; asking for torch is an error), FSC shells binned by the
+    floor of the radius and resolutions at the first threshold crossing
+    (:func:`cryopose.metrics.cesped_fsc_resolution`), angular errors over scipy's group
+    (:func:`cryopose.symmetry.cesped_symmetry_matrices`), MAnE the mean of the halves' means;
+    ``metrics.json`` then also holds ``"cesped_compatible": true`` and ``"cesped"``: CESPED's
+    metrics under its names, with its masking choices (:data:`CESPED_METRICS`).
     ``jobs`` reconstructions run at once (the two halves; worth 2 with the relion backend on two or
     more cores, as each relion_reconstruct is single-threaded; memory grows accordingly). With
     ``outdir`` it writes, each file atomically and only once everything is computed:
@@ -325,14 +361,21 @@ def evaluate(
     :class:`InputError` before any file is written.
     """
     t_start = time.perf_counter()
-    if not isinstance(entry, Entry):
-        entry = Entry(Path(entry))
+    entry = resolve_entry(entry)  # an Entry, an entry folder or a plain particle STAR file
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(
             f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}", where="prediction_type"
         )
+    if backend is None:
+        backend = "relion" if cesped_compatible else "torch"
     if backend not in ("torch", "relion"):
         raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
+    if cesped_compatible and (backend != "relion" or pad != 2):
+        raise InputError(
+            f"the CESPED-compatible mode reconstructs as CESPED does (relion_reconstruct, --pad 2); "
+            f"got backend {backend!r}, pad {pad}: leave them out or use backend 'relion', pad 2",
+            where="backend",
+        )
     entry.validate()
     predictions = [
         load_predictions(entry, h, p, prediction_type, use_confidence=use_pred_confidence)
@@ -377,7 +420,7 @@ def evaluate(
         for h, pred in zip(entry.halves, predictions):
             star_paths.append(Path(tmp) / f"predicted_half{h}.star")
             io.write_particles_star(
-                star_paths[-1], prediction_star(entry, h, pred, prediction_type, use_pred_confidence)
+                star_paths[-1], prediction_star(entry, h, pred, prediction_type, use_pred_confidence, cesped_compatible)
             )
         v = [
             vol
@@ -417,6 +460,7 @@ def evaluate(
             mask=mask,
             low_resolution_angstrom=low_resolution_angstrom,
             names=tuple(name.strip("()").split(",")),
+            cesped_compatible=cesped_compatible,
         )
         for name, (a, b) in pairs.items()
     }
@@ -430,11 +474,12 @@ def evaluate(
             mask=mask,
             low_resolution_angstrom=low_resolution_angstrom,
             names=(f"V{h}", f"GT{1 - h}"),
+            cesped_compatible=cesped_compatible,
         )
         for h in (0, 1)
     ]
 
-    particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry)
+    particles, pose_metrics = _pose_metrics(entry, predictions, prediction_type, symmetry, cesped_compatible)
     metrics: dict = {
         "method": method,
         "entry": entry.name,
@@ -480,6 +525,9 @@ def evaluate(
             causes = [null_reasons[k] for k in (minuend, subtrahend) if k in null_reasons]
             if causes:
                 null_reasons[delta] = _join_reasons(causes)
+    if cesped_compatible:
+        metrics["cesped_compatible"] = True
+        metrics["cesped"] = cesped_metrics(metrics)
     metrics["null_reasons"] = null_reasons
     metrics["seconds_ground_truth_reconstruction"] = t_gt
     metrics["seconds_predicted_reconstruction"] = t_pred
@@ -540,10 +588,13 @@ def _plain(value):
 
 
 def _pose_metrics(
-    entry: Entry, predictions: list[Predictions], prediction_type: str, symmetry: str
+    entry: Entry, predictions: list[Predictions], prediction_type: str, symmetry: str, cesped_compatible: bool = False
 ) -> tuple[pd.DataFrame, dict]:
     rows, errors, confidences, metrics = [], [], [], {}
     all_shift_errors = []
+    # CESPED's errors use scipy's group, which is not RELION's for T and I (cesped_symmetry_matrices).
+    group = cesped_symmetry_matrices(symmetry) if cesped_compatible else None
+    half_rmse: list[float] = []
     for h, pred in zip(entry.halves, predictions):
         truth = entry.read_star(h).particles
         true_angles = truth[EULER].to_numpy(dtype=np.float64)
@@ -551,7 +602,11 @@ def _pose_metrics(
         if prediction_type == "S2":  # the pose scored is the one reconstructed: predicted cone, true psi
             pred_angles = np.column_stack([pred_angles[:, :2], true_angles[:, 2]])
         pred_rot = euler_to_matrix(torch.tensor(pred_angles)) if prediction_type == "S2" else pred.rotmats
-        err = angular_errors(euler_to_matrix(torch.tensor(true_angles)), pred_rot, symmetry)
+        true_rot = euler_to_matrix(torch.tensor(true_angles))
+        if cesped_compatible:
+            err = symmetry_aware_angle(true_rot, torch.as_tensor(pred_rot, dtype=torch.float64), symmetry, group=group)
+        else:
+            err = angular_errors(true_rot, pred_rot, symmetry)
         conf = (
             truth["rlnMaxValueProbDistribution"].to_numpy(dtype=np.float64)
             if "rlnMaxValueProbDistribution" in truth.columns
@@ -578,6 +633,7 @@ def _pose_metrics(
             )
             table["shift_error_A"] = shift_errors(true_shifts, pred.shifts).numpy()
             all_shift_errors.append(table["shift_error_A"].to_numpy())
+            half_rmse.append(float(np.sqrt(np.mean(table["shift_error_A"].to_numpy() ** 2))))
         summary = pose_error_summary(err, conf)
         metrics[f"MAnE_half{h}"] = summary["MAnE"]
         metrics[f"wMAnE_half{h}"] = summary["wMAnE"]
@@ -591,7 +647,54 @@ def _pose_metrics(
         metrics["shift_error_mean_A"] = float(s.mean())
         metrics["shift_error_median_A"] = float(np.median(s))
         metrics["shift_RMSE_A"] = float(np.sqrt(np.mean(s**2)))
+    if cesped_compatible:
+        # CESPED's mean error is the mean of the two halves' means (cryopose's: of all particles;
+        # they differ when the halves differ in size); its RMSE likewise. wMAnE is pooled in both.
+        metrics["MAnE"] = 0.5 * (metrics[f"MAnE_half{entry.halves[0]}"] + metrics[f"MAnE_half{entry.halves[1]}"])
+        if half_rmse:
+            metrics["shift_RMSE_A"] = 0.5 * sum(half_rmse)
     return pd.concat(rows, ignore_index=True), metrics
+
+
+#: The metrics of the CESPED package's ``evaluate`` (25.12.0, ``use_gt_mask=True``), by its names
+#: (spelling included), as cryopose metrics: a key, or ``(minuend, subtrahend)`` for a difference.
+#: Its masking choices: the half-map pairs (GT0,GT1) and (V0,V1) are masked; (GT,V) has a masked
+#: and an unmasked PCC but unmasked resolutions; its ``mapVsGT_correlaton_diff`` subtracts the
+#: unmasked PCC(GT,V) from the masked PCC(GT0,GT1).
+CESPED_METRICS: dict[str, str | tuple[str, str]] = {
+    "meanAngularError": "MAnE",
+    "wMeanAngularError": "wMAnE",
+    "shiftsRMSE": "shift_RMSE_A",
+    "GT_correlation": "masked_PCC(GT0,GT1)",
+    "GT_resolution0143": "masked_FSCR0.143(GT0,GT1)",
+    "GT_resolution05": "masked_FSCR0.5(GT0,GT1)",
+    "half2half_resolution": "masked_FSCR0.143(V0,V1)",
+    "half2half_resolution05": "masked_FSCR0.5(V0,V1)",
+    "half2half_correlation": "masked_PCC(V0,V1)",
+    "mapVsGT_correlaton_masked": "masked_PCC(GT,V)",
+    "mapVsGT_correlaton_unmasked": "PCC(GT,V)",
+    "mapVsGT_resolution": "FSCR0.143(GT,V)",
+    "mapVsGT_resolution05": "FSCR0.5(GT,V)",
+    "mapVsGT_correlaton_diff_masked": ("masked_PCC(GT0,GT1)", "masked_PCC(GT,V)"),
+    "mapVsGT_correlaton_diff": ("masked_PCC(GT0,GT1)", "PCC(GT,V)"),
+}
+
+
+def cesped_metrics(metrics: dict) -> dict[str, float | None]:
+    """CESPED's metrics by its names (:data:`CESPED_METRICS`) from cryopose's ``metrics``; meant for
+    the metrics of a CESPED-compatible evaluation (its resolutions and mean error follow CESPED's
+    rules). ``shiftsRMSE`` only for SO3xR2 predictions (CESPED computes it from whatever shifts a
+    prediction file holds); undefined values are ``None``."""
+    out: dict[str, float | None] = {}
+    for name, definition in CESPED_METRICS.items():
+        keys = definition if isinstance(definition, tuple) else (definition,)
+        values = [metrics.get(k) for k in keys]
+        if any(v is None for v in values):
+            if name != "shiftsRMSE":
+                out[name] = None
+            continue
+        out[name] = _plain(values[0] - values[1] if len(values) == 2 else values[0])
+    return out
 
 
 def _write_outputs(outdir: Path, result: EvaluationResult, pixel_size: float, vmean: np.ndarray, plots: bool) -> None:

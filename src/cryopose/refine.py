@@ -4,10 +4,9 @@
 pattern search of :func:`cryopose.matching.refine_poses` — against the training half's map: half
 ``1 − h`` reconstructed from its true poses, the reference a practitioner would have (paper
 Appendix F). The library (:func:`cryopose.methods.get_method`) and the workflow (rule
-``refine_predictions`` → ``cryopose refine``) both run :func:`refine_predictions`; the workflow's
-reference is the evaluation's ground-truth map ``GT_half{1-h}.mrc``, the library's
-:func:`cryopose.reconstruct.write_half_map` of the training half, which is the same map with the
-torch backend (the default; a test holds them equal).
+``refine_predictions`` → ``cryopose refine``) both run :func:`refine_predictions` against the
+same reference, :func:`cryopose.reconstruct.write_half_map` of the training half (a regularised
+map, not the evaluation's RELION-scheme ground truth; a test holds the two paths' poses equal).
 """
 
 from __future__ import annotations

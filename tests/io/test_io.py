@@ -1,5 +1,6 @@
 import io as stdio
 import json
+import warnings
 
 import mrcfile
 import numpy as np
@@ -10,6 +11,8 @@ from cryopose.entry import Entry, resolve_entry
 from cryopose.errors import InputError
 from cryopose.io import (
     ParticleStar,
+    StackNotFound,
+    StackPathWarning,
     StackWriter,
     atomic_write,
     open_stack,
@@ -319,19 +322,36 @@ def test_parse_image_name():
 
 
 def test_resolve_stack_path_policy(tmp_path, monkeypatch):
+    """Any STAR file: RELION's rule first (the working directory), its own folder second with a
+    warning. An entry's STAR file (CESPED's layout): its own folder first."""
     (tmp_path / "e").mkdir()
     (tmp_path / "cwd").mkdir()
     _stack(tmp_path / "e" / "s.mrcs")
+    _stack(tmp_path / "e" / "only_beside.mrcs")
     _stack(tmp_path / "cwd" / "s.mrcs")
     _stack(tmp_path / "cwd" / "only_cwd.mrcs")
     monkeypatch.chdir(tmp_path / "cwd")
     star = tmp_path / "e" / "p.star"
-    assert resolve_stack_path(star, "s.mrcs") == tmp_path / "e" / "s.mrcs"  # the STAR folder wins
-    assert resolve_stack_path(star, "only_cwd.mrcs").resolve() == (tmp_path / "cwd" / "only_cwd.mrcs")
-    with pytest.raises(InputError) as err:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the working directory: RELION's own rule, nothing to warn about
+        assert resolve_stack_path(star, "s.mrcs") == tmp_path / "cwd" / "s.mrcs"
+        assert resolve_stack_path(star, "only_cwd.mrcs") == tmp_path / "cwd" / "only_cwd.mrcs"
+    with pytest.warns(StackPathWarning, match="not in the working directory"):
+        assert resolve_stack_path(star, "only_beside.mrcs") == tmp_path / "e" / "only_beside.mrcs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per STAR file
+        assert resolve_stack_path(star, "only_beside.mrcs") == tmp_path / "e" / "only_beside.mrcs"
+    with pytest.raises(StackNotFound) as err:
         resolve_stack_path(star, "nope.mrcs")
     msg = str(err.value)
     assert str(tmp_path / "e" / "nope.mrcs") in msg and str(tmp_path / "cwd" / "nope.mrcs") in msg
+    # An entry's STAR file names stacks relative to the entry: its own folder wins, silently.
+    entry_star = tmp_path / "e" / "particles_0.star"
+    (tmp_path / "e" / "info_0.json").write_text('{"symmetry": "C1"}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_stack_path(entry_star, "s.mrcs") == tmp_path / "e" / "s.mrcs"
+        assert resolve_stack_path(entry_star, "only_cwd.mrcs") == tmp_path / "cwd" / "only_cwd.mrcs"
 
 
 # ----------------------------------------------------------------------------------------------

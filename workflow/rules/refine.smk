@@ -1,5 +1,6 @@
 # Stage 3b: "<method>+refine": the method's cross-predictions refined locally (poses and shifts)
-# against the training half's ground-truth map, which is the reference a practitioner would have.
+# against the training half's map, the reference a practitioner would have: `cryopose refine`
+# reconstructs it as the library's <method>+refine does (cryopose.reconstruct.write_half_map).
 
 
 rule refine_predictions:
@@ -8,7 +9,6 @@ rule refine_predictions:
     input:
         entry=entry_dir,
         predictions=lambda wc: f"results/predictions/{REFINED[wc.method]}/{wc.entry}/half{wc.half}.star",
-        reference=lambda wc: f"results/ground_truth/{wc.entry}/GT_half{1 - int(wc.half)}.mrc",
     output:
         star="results/predictions/{method}/{entry}/half{half}.star",
     params:
@@ -26,4 +26,4 @@ rule refine_predictions:
         "../../envs/cryopose.yaml"
     shell:
         "cryopose refine --entry {input.entry:q} --half {wildcards.half:q} --predictions {input.predictions:q} "
-        "--reference {input.reference:q} --out {output.star:q} {params.options:q} --quiet > {log:q} 2>&1"
+        "--out {output.star:q} {params.options:q} --quiet > {log:q} 2>&1"

@@ -12,47 +12,10 @@ files) is :class:`cryopose.entry.Entry`.
 
 from __future__ import annotations
 
-from .atomic import WriteError, atomic_write, atomic_writes, is_temporary, staged_folder, temporary_folder
-from .mrc import StackWriter, open_stack, read_images, read_map, stack_shape, write_map
-from .star import (
-    FINITE_COLUMNS,
-    INT_COLUMNS,
-    OPTICS_COLUMNS,
-    ParticleStar,
-    check_unique_particles,
-    parse_image_name,
-    particle_keys,
-    particles_with_optics,
-    read_particles_star,
-    resolve_stack_path,
-    write_particles_star,
-)
+from . import atomic, mrc, star
+from .atomic import *  # noqa: F403 - each module's __all__ is its public API, re-exported whole
+from .mrc import *  # noqa: F403
+from .star import *  # noqa: F403
 
-__all__ = [
-    # atomic
-    "WriteError",
-    "atomic_write",
-    "atomic_writes",
-    "staged_folder",
-    "temporary_folder",
-    "is_temporary",
-    # star
-    "ParticleStar",
-    "read_particles_star",
-    "write_particles_star",
-    "particles_with_optics",
-    "parse_image_name",
-    "resolve_stack_path",
-    "particle_keys",
-    "check_unique_particles",
-    "OPTICS_COLUMNS",
-    "FINITE_COLUMNS",
-    "INT_COLUMNS",
-    # mrc
-    "open_stack",
-    "stack_shape",
-    "read_images",
-    "StackWriter",
-    "read_map",
-    "write_map",
-]
+# One list to keep: the three modules' own __all__, in their order.
+__all__ = [*atomic.__all__, *star.__all__, *mrc.__all__]

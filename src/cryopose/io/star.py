@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,9 @@ __all__ = [
     "particles_with_optics",
     "parse_image_name",
     "resolve_stack_path",
+    "with_absolute_image_names",
+    "StackPathWarning",
+    "StackNotFound",
     "particle_keys",
     "check_unique_particles",
     "OPTICS_COLUMNS",
@@ -403,45 +407,99 @@ def parse_image_name(name: str, path: str | Path | None = None, row: int | None 
     return int(match.group(1)) - 1, match.group(2)
 
 
-def resolve_stack_path(star_path: str | Path, stack_rel: str | Path) -> Path:
-    """Where a stack named in a STAR file lives.
+class StackPathWarning(UserWarning):
+    """A stack name was found relative to the STAR file's folder, not the working directory as
+    RELION would look for it (so ``relion_*`` programs run from here would not find it)."""
 
-    RELION resolves relative names against the working directory; CESPED entries name stacks
-    relative to the STAR file's folder. The STAR file's folder is tried first, then the working
-    directory; an absolute name is used as is.
+
+class StackNotFound(InputError):
+    """A stack named in a STAR file exists neither where RELION looks nor beside the STAR file."""
+
+
+#: STAR files warned about in this process (one StackPathWarning per file).
+_WARNED: set[str] = set()
+
+
+def _is_entry_star(star_path: Path) -> bool:
+    """An entry's STAR file (``particles_{h}.star`` with ``info_{h}.json`` beside it): its stack
+    names are relative to the entry folder by the layout's definition (CESPED's), not RELION's."""
+    match = re.fullmatch(r"particles_([01])\.star", star_path.name)
+    return match is not None and (star_path.parent / f"info_{match.group(1)}.json").is_file()
+
+
+def resolve_stack_path(star_path: str | Path, stack_rel: str | Path) -> Path:
+    """The stack file that an image name of the STAR file ``star_path`` denotes, as an absolute path.
+
+    The one rule of cryopose, used by every reader and both reconstruction backends (which pass
+    RELION absolute names, so it runs anywhere). An absolute name is used as is. A relative one:
+
+    * in **any particle STAR file**, as RELION resolves it: in the **working directory** (a
+      refinement's ``run_data.star`` names ``Extract/job012/...`` relative to the project's
+      root); only when it is not there, beside the STAR file, a fallback RELION would not make,
+      announced once per file with a :class:`StackPathWarning`;
+    * in **an entry's STAR file** (``particles_{h}.star`` with ``info_{h}.json`` beside it): beside
+      it first, as CESPED's layout defines (so an entry reads the same from any folder, even from
+      inside another entry holding stacks of the same names), then in the working directory.
 
     Raises:
-        InputError: naming both paths tried when neither exists.
+        StackNotFound: naming both paths tried when neither exists.
     """
+    star_path = Path(star_path)
     p = Path(stack_rel)
     if p.is_absolute():
         if p.is_file():
             return p
-        raise InputError(f"stack file {str(p)!r} not found", path=star_path, where="rlnImageName")
-    beside = Path(star_path).parent / p
-    if beside.is_file():
-        return beside
-    if p.is_file():
-        return p
-    raise InputError(
-        f"stack file {str(stack_rel)!r} not found: tried {beside} (beside the STAR file) and "
-        f"{Path.cwd() / p} (working directory)",
-        path=star_path,
-        where="rlnImageName",
-    )
+        raise StackNotFound(f"stack file {str(p)!r} not found", path=star_path, where="rlnImageName")
+    in_cwd = Path.cwd() / p
+    beside = star_path.parent.absolute() / p
+    entry = _is_entry_star(star_path)
+    for candidate in (beside, in_cwd) if entry else (in_cwd, beside):
+        if candidate.is_file():
+            break
+    else:
+        raise StackNotFound(
+            f"stack file {str(stack_rel)!r} not found: tried {in_cwd} (working directory, as RELION) and "
+            f"{beside} (beside the STAR file)",
+            path=star_path,
+            where="rlnImageName",
+        )
+    key = str(star_path.absolute())
+    if candidate is beside and not entry and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"{star_path}: stack {str(stack_rel)!r} is not in the working directory {Path.cwd()} "
+            f"(where RELION looks); found beside the STAR file instead ({beside}), and its other "
+            "relative names are looked up the same way",
+            StackPathWarning,
+            stacklevel=2,
+        )
+    return candidate
 
 
 def _stack_identity(star_path: str | Path | None, stack_rel: str) -> str:
     """The file a stack name in a STAR file denotes, as an absolute path with ``.``, ``..`` and
-    symbolic links resolved. Looked up as :func:`resolve_stack_path` does (beside the STAR file,
-    then the working directory); a stack that exists nowhere is taken beside the STAR file."""
+    symbolic links resolved. Looked up as :func:`resolve_stack_path` does; a stack that exists
+    nowhere is taken beside the STAR file."""
     if star_path is None:
         return os.path.realpath(stack_rel)
     try:
         found = resolve_stack_path(star_path, stack_rel)
-    except InputError:  # missing: its identity is where the STAR file says it is
+    except StackNotFound:  # missing: its identity is where the STAR file says it is
         found = Path(star_path).parent / stack_rel
     return os.path.realpath(found)
+
+
+def with_absolute_image_names(star: ParticleStar, star_path: str | Path | None = None) -> ParticleStar:
+    """A copy of ``star`` whose rlnImageName values name their stacks by absolute paths
+    (resolved by :func:`resolve_stack_path` against ``star_path``, default ``star.path``), so the
+    file can be read, by cryopose or by RELION, from any folder. Indices are written as RELION
+    writes them (six digits)."""
+    star_path = Path(star_path if star_path is not None else star.path or "particles.star")
+    parts = star.particles.copy()
+    located = [parse_image_name(n, star_path, r) for r, n in enumerate(parts["rlnImageName"].astype(str))]
+    resolved = {stack: resolve_stack_path(star_path, stack) for stack in {s for _, s in located}}
+    parts["rlnImageName"] = [f"{i + 1:06d}@{resolved[s]}" for i, s in located]
+    return ParticleStar(star.optics.copy(), parts, star.path)
 
 
 def particle_keys(names, star_path: str | Path | None = None) -> list[str]:
@@ -451,7 +509,7 @@ def particle_keys(names, star_path: str | Path | None = None) -> list[str]:
     This is the one definition of "the same particle" in cryopose, and it is RELION's: the index
     is a number (``000007@`` is ``7@``) and the stack is a file, however its path is spelt
     (``./stack.mrcs``, ``dir/../stack.mrcs``, an absolute path, a symbolic link). Relative names
-    are resolved against the STAR file's folder (see :func:`resolve_stack_path`).
+    are resolved by :func:`resolve_stack_path` (working directory, then the STAR file's folder).
 
     Raises:
         InputError: for a name not of the form ``<index from 1>@<stack file>``, naming the row.
