@@ -62,6 +62,70 @@ def test_a_refinement_star_is_an_entry_with_relions_halves_names_and_job_options
     assert {p.name for p in entry.stack_files(0)} == {f"mic_{m + 1:03d}.mrcs" for m in range(N_MICROGRAPHS)}
 
 
+def test_a_relion_30_star_without_subsets_is_an_entry_too(project, source, monkeypatch):
+    """RELION 3.0's one table (optics per particle, pixel size from detector pixel and
+    magnification, origins in pixels), in a job folder of its own with no job.star: halves by
+    even/odd rows, the symmetry given."""
+    monkeypatch.chdir(project)
+    table = starfile.read("Refine3D/job020/run_data.star")["particles"]
+    px = 3.0
+    columns = (
+        "rlnImageName",
+        "rlnMicrographName",
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+        "rlnMagnification",
+        "rlnDetectorPixelSize",
+        "rlnCtfBfactor",
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginX",
+        "rlnOriginY",
+    )
+    rows = [
+        (
+            r.rlnImageName,
+            r.rlnMicrographName,
+            r.rlnDefocusU,
+            r.rlnDefocusV,
+            r.rlnDefocusAngle,
+            300.0,
+            2.7,
+            0.1,
+            10000.0,
+            px,
+            r.rlnCtfBfactor,
+            r.rlnAngleRot,
+            r.rlnAngleTilt,
+            r.rlnAnglePsi,
+            r.rlnOriginXAngst / px,
+            r.rlnOriginYAngst / px,
+        )
+        for r in table.itertuples()
+    ]
+    text = "".join(f"_{c} #{i + 1} \n" for i, c in enumerate(columns))
+    text += "".join(" ".join(v if isinstance(v, str) else f"{v:.6f}" for v in r) + " \n" for r in rows)
+    (project / "Select/job030").mkdir(parents=True)
+    (project / "Select/job030/particles.star").write_text("\ndata_\n\nloop_ \n" + text)
+    with pytest.raises(InputError, match="needs a symmetry"):
+        _ = resolve_entry("Select/job030/particles.star").symmetry
+    entry = resolve_entry("Select/job030/particles.star", symmetry="C4")
+    original = Entry(source)
+    for h in (0, 1):
+        mine, theirs = ParticlesDataset(entry, h), ParticlesDataset(original, h)
+        idx = np.arange(len(theirs))
+        assert len(mine) == len(theirs)
+        torch.testing.assert_close(mine.read_raw(idx), theirs.read_raw(idx), rtol=0, atol=0)
+        (rot_a, shift_a, _), (rot_b, shift_b, _) = mine.get_batch(idx)[2], theirs.get_batch(idx)[2]
+        torch.testing.assert_close(rot_a, rot_b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(shift_a, shift_b, atol=1e-5, rtol=0)  # pixels back to Å
+
+
 def test_halves_without_random_subsets_are_even_and_odd_rows_and_bad_subsets_are_named(project, tmp_path, monkeypatch):
     monkeypatch.chdir(project)
     table = starfile.read(project / "Refine3D/job020/run_data.star")
@@ -167,8 +231,12 @@ def test_the_command_line_takes_the_refinement_star(project, tmp_path, monkeypat
     assert cli.main(["import-star", star, "--out", str(tmp_path / "imported")]) == 0
     folder = tmp_path / "imported" / "job020_run_data"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "info_0.json", "info_1.json", "job020_run_data_mask.mrc", "particles_0.star", "particles_1.star"
-    ]  # fmt: skip
+        "info_0.json",
+        "info_1.json",
+        "job020_run_data_mask.mrc",
+        "particles_0.star",
+        "particles_1.star",
+    ]
     keys = [entry.particle_keys(h) for h in (0, 1)]
     monkeypatch.chdir(tmp_path)  # absolute image names: read from anywhere
     imported = Entry(folder)
