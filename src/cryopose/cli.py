@@ -282,9 +282,11 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import method_table
+    from .methods import PLUGIN_ERRORS, method_table
 
     print(method_table())
+    for problem in PLUGIN_ERRORS.values():  # also warned about when the registry loaded
+        print(f"cryopose methods: {problem}", file=sys.stderr)
     return 0
 
 

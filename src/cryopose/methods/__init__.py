@@ -22,14 +22,23 @@ shifts against the training half's map (:mod:`cryopose.refine`, the one refineme
 rule runs the same code against the same map).
 
 A folder without ``METHOD`` is refused when the registry loads, naming the folder.
+
+Methods from other packages join the registry through an entry point in the group
+``cryopose.methods`` (``name = "package.module:METHOD"`` in the package's pyproject.toml; an
+example package is ``examples/cryopose-svd-regressor``). A plugin that cannot be loaded, is not a
+:class:`Method`, has another name than its entry point or takes a built-in's name is left out and
+reported by name with its error (:data:`PLUGIN_ERRORS`, a :class:`PluginWarning`; asking for it
+raises that error), and every other method still runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import pkgutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +52,9 @@ __all__ = [
     "Method",
     "Resources",
     "METHODS",
+    "PLUGIN_ERRORS",
+    "PluginWarning",
+    "method_origin",
     "REFINE_SUFFIX",
     "get_method",
     "check_params",
@@ -220,11 +232,55 @@ def _discover() -> dict[str, Method]:
     return found
 
 
-#: The registered methods by name.
-METHODS: dict[str, Method] = _discover()
+class PluginWarning(UserWarning):
+    """A method plugin (entry point of the group ``cryopose.methods``) was left out."""
+
+
+#: The entry-point group through which other packages add methods.
+PLUGIN_GROUP = "cryopose.methods"
+
+
+def _discover_plugins(builtin: dict[str, Method]) -> tuple[dict[str, Method], dict[str, str], dict[str, str]]:
+    """The methods of installed packages' ``cryopose.methods`` entry points: ``(methods, origins,
+    errors)``, where ``origins`` names each one's distribution and version and ``errors`` says why
+    a plugin was left out (one warning each)."""
+    found, origins, errors = {}, {}, {}
+    for ep in sorted(importlib.metadata.entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed distribution"
+        try:
+            method = ep.load()
+            if not isinstance(method, Method):
+                raise TypeError(f"{ep.value} is a {type(method).__name__}, not a cryopose.methods.Method")
+            if method.name != ep.name:
+                raise ValueError(f"{ep.value} is named {method.name!r}, not {ep.name!r} as its entry point")
+            if ep.name in builtin or ep.name in found or ep.name.endswith(REFINE_SUFFIX):
+                raise ValueError(f"the name {ep.name!r} is taken (a built-in method, another plugin or a +refine)")
+        except Exception as err:  # noqa: BLE001 - any failure of someone else's package leaves it out, named
+            errors[ep.name] = f"plugin {ep.name!r} ({ep.value}, from {dist}) left out: {type(err).__name__}: {err}"
+            warnings.warn(errors[ep.name], PluginWarning, stacklevel=2)
+            continue
+        found[ep.name], origins[ep.name] = method, dist
+    return found, origins, errors
+
 
 #: ``<method>+refine``: the method's predictions refined locally (:mod:`cryopose.refine`).
 REFINE_SUFFIX = "+refine"
+
+_BUILTIN = _discover()
+_PLUGINS, _ORIGINS, PLUGIN_ERRORS = _discover_plugins(_BUILTIN)
+#: The registered methods by name: the built-in folders, then the plugins.
+METHODS: dict[str, Method] = {**_BUILTIN, **_PLUGINS}
+
+
+def method_origin(name: str) -> str:
+    """Where a registered method comes from: ``"cryopose <version>"`` for a built-in, the
+    distribution and version of a plugin (for the leaderboard's provenance)."""
+    base = name.removesuffix(REFINE_SUFFIX)
+    if base in _ORIGINS:
+        return _ORIGINS[base]
+    from .. import __version__
+
+    return f"cryopose {__version__}"
 
 
 def _refined(base: Method) -> Method:
@@ -296,6 +352,8 @@ def get_method(name: str) -> Method:
     refinement); :class:`InputError` listing the known ones otherwise."""
     if name.endswith(REFINE_SUFFIX) and name[: -len(REFINE_SUFFIX)] in METHODS:
         return _refined(METHODS[name[: -len(REFINE_SUFFIX)]])
+    if name.removesuffix(REFINE_SUFFIX) in PLUGIN_ERRORS:
+        raise InputError(PLUGIN_ERRORS[name.removesuffix(REFINE_SUFFIX)], where="method")
     if name not in METHODS:
         raise InputError(
             f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} (and "
@@ -328,7 +386,8 @@ def method_table(markdown: bool = True) -> str:
             f"{method.description}. Predicts {method.prediction_type}"
             + ("; trains on the preprocessed copy" if method.needs_preprocessing else "")
             + ("; uses a GPU when lent one" if method.uses_gpu else "")
-            + ".",
+            + "."
+            + (f" From the package {_ORIGINS[name]} (a plugin)." if name in _ORIGINS else ""),
             "",
         ]
         rows = parameters.describe(method.params)
