@@ -160,7 +160,7 @@ LAYERS = [
         "io.atomic",
         "entry",
     },
-    {"predictions", "data", "simulate", "download", "reconstruct", "matching"},
+    {"predictions", "pose_import", "data", "simulate", "download", "reconstruct", "matching"},
     {"methods", "refine"},
     {"metrics", "metric_table", "evaluate", "leaderboard", "sensitivity", "plots"},
     {"cli"},

@@ -103,6 +103,19 @@ def _cmd_import_star(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_poses(args: argparse.Namespace) -> int:
+    from .pose_import import import_relion_poses
+
+    entry = _entry(args)
+    source = Path(args.source)
+    if source.suffix != ".star":
+        raise InputError("expected a RELION particle STAR file (.star)", path=source)
+    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.input_paths(), "--from": source})
+    entry.validate()
+    print(import_relion_poses(entry, args.half, source, Path(args.out)))
+    return 0
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from .data import write_preprocessed_entry
 
@@ -469,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="entry name (default: the STAR file's, e.g. job020_run_data)")
     _add_entry_source_args(p)
     p.set_defaults(func=_cmd_import_star)
+
+    p = sub.add_parser(
+        "import-poses",
+        help="the predictions file of one half of an entry, from the poses of a RELION particle STAR file "
+        "(e.g. a refinement's run_data.star), matched by image",
+    )
+    p.add_argument("--entry", required=True, help=ENTRY_HELP)
+    p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half whose poses are taken")
+    p.add_argument("--from", dest="source", required=True, help="RELION particle STAR file (3.0/3.1) holding the poses")
+    p.add_argument("--out", required=True, help="predictions STAR (angles, origins in Å, confidence)")
+    p.add_argument("--benchmark-dir", help="where entry names are looked up")
+    _add_entry_source_args(p)
+    p.set_defaults(func=_cmd_import_poses)
 
     p = sub.add_parser("preprocess", help="write a preprocessed copy of an entry (stacks + STAR) in the same layout")
     p.add_argument("entry", help=ENTRY_HELP)
