@@ -26,6 +26,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/refine.smk"
+include: "workflow/rules/submissions.smk"
 include: "workflow/rules/ground_truth.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/leaderboard.smk"
@@ -39,7 +40,7 @@ rule all:
     # evaluation and the leaderboard only because they are listed here.
     input:
         "results/leaderboard.csv",
-        expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
+        expand("results/evaluation/{method}/{entry}/metrics.json", method=SCORED, entry=ENTRIES),
         ["results/generalisation.csv"] if TRANSFERS else [],
         ["results/sensitivity.csv"] if PERTURBATIONS else [],
     default_target: True

@@ -216,6 +216,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         method=args.method,
         trained_on=args.trained_on,
+        submitted_from=args.submitted_from,
         cesped_compatible=args.cesped_compatible,
         **options,
     )
@@ -534,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth-dir", help="cache of the ground-truth half-maps (default OUT/ground_truth)")
     p.add_argument("--method", help="name of the method that made the predictions (recorded in metrics.json)")
     p.add_argument("--trained-on", help="entry the models were trained on, when not this one (generalisation)")
+    p.add_argument(
+        "--submitted-from",
+        help="the predictions are finished poses from these files (a submission: nothing was trained; "
+        "recorded in metrics.json and the leaderboard)",
+    )
     p.add_argument(
         "--jobs",
         type=int,

@@ -313,6 +313,7 @@ def evaluate(
     method: str | None = None,
     trained_on: str | None = None,
     cesped_compatible: bool = False,
+    submitted_from: str | None = None,
     **reconstruct_options,
 ) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
@@ -338,7 +339,9 @@ def evaluate(
        1 when absent), median, accuracies, per half and for both; shift errors for SO3xR2.
 
     ``method`` names the predictions' method in ``metrics.json`` (the leaderboard's key);
-    ``trained_on`` the entry its models learnt from (default this entry; another one in the
+    ``submitted_from`` says where finished poses came from (a submission: nothing was trained;
+    recorded in ``metrics.json`` and the leaderboard), ``trained_on`` the entry its models learnt
+    from (default this entry; another one in the
     generalisation experiment).
     ``backend``: ``"torch"`` (the default) or ``"relion"``. ``cesped_compatible`` scores by the
     CESPED package's definitions instead of cryopose's (README, "cryopose and CESPED"): relion
@@ -484,6 +487,7 @@ def evaluate(
         "method": method,
         "entry": entry.name,
         "trained_on": trained_on or entry.name,
+        **({"submitted_from": submitted_from} if submitted_from else {}),
         "symmetry": symmetry,
         "prediction_type": prediction_type,
         "backend": backend,

@@ -126,6 +126,8 @@ def leaderboard_table(
             "symmetry": m.get("symmetry"),
             "backend": m.get("backend"),
             "n_particles": m.get("n_particles"),
+            # Finished poses scored as they are (config `submissions`): where they came from.
+            "submitted_from": m.get("submitted_from"),
         }
         row.update({c: m.get(c) for c in COLUMNS})
         row["null_reasons"] = _null_reasons(m, COLUMNS)

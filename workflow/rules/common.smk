@@ -113,6 +113,10 @@ ALL_ENTRIES = {**ENTRIES, **TRANSFERS}
 DOWNLOADED = [n for n, e in ALL_ENTRIES.items() if "simulate" not in e and n in CESPED_RECORDS]
 DOWNLOAD = config.get("download", {})
 METHODS = config["methods"]
+# Finished poses (submissions.smk): scored beside the methods, nothing trained.
+SUBMISSIONS = config.get("submissions", {})
+# Every row of the leaderboard: the methods, then the submissions.
+SCORED = [*METHODS, *SUBMISSIONS]
 # Misalignment sensitivity (rules in sensitivity.smk): "exact" plus one perturbation per level.
 SENSITIVITY = config.get("sensitivity", {})
 from cryopose.sensitivity import perturbation_name
@@ -220,6 +224,14 @@ def _check_config():
                 f"config: methods: {name}: unknown parameter(s) {', '.join(extra)}; "
                 f"{name} takes: {', '.join(sorted(accepted)) or 'none'}"
             )
+    clash = sorted(set(SUBMISSIONS) & (set(METHODS) | set(REGISTERED)))
+    if clash:
+        raise WorkflowError(
+            f"config: submissions: {', '.join(clash)} is also a method's name; give each submission its own"
+        )
+    for name in SUBMISSIONS:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise WorkflowError(f"config: submissions: {name!r}: expected letters, digits, '_', '.' or '-'")
     for name, t in TRANSFERS.items():
         if name in ENTRIES:
             raise WorkflowError(f"config: generalisation: {name} is also a ranked entry; give it its own name")
@@ -251,7 +263,7 @@ _check_values()
 
 wildcard_constraints:
     entry=name_pattern(ALL_ENTRIES),
-    method="|".join(map(re.escape, METHODS)) if METHODS else "[^/]+",
+    method="|".join(map(re.escape, SCORED)) if SCORED else "[^/]+",
     half="[01]",
 
 
@@ -278,7 +290,21 @@ def method_params(wildcards):
 def prediction_type(wildcards):
     from cryopose.methods import get_method
 
+    if wildcards.method in SUBMISSIONS:
+        return SUBMISSIONS[wildcards.method].get("prediction_type", "SO3xR2")
     return get_method(wildcards.method).prediction_type
+
+
+def submission_file(wildcards):
+    """The STAR file holding a submission's poses of one half of an entry."""
+    return SUBMISSIONS[wildcards.method]["files"].format(entry=wildcards.entry, half=wildcards.half)
+
+
+def submitted_from(wildcards):
+    """`--submitted-from FILES` of a submission's evaluation (its leaderboard provenance), else nothing."""
+    if wildcards.method in SUBMISSIONS:
+        return ["--submitted-from", SUBMISSIONS[wildcards.method]["files"]]
+    return []
 
 
 def relion_options():

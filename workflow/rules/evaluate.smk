@@ -49,6 +49,7 @@ rule evaluate:
         prediction_type=prediction_type,
         confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
         cesped=CESPED_COMPATIBLE,
+        submitted=submitted_from,
     log:
         "logs/evaluate/{method}/{entry}.log",
     benchmark:
@@ -62,5 +63,6 @@ rule evaluate:
     shell:
         "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
         "--method {wildcards.method:q} --prediction-type {params.prediction_type:q} --backend {params.backend:q} "
-        "{params.confidence:q} {params.cesped:q} {params.relion:q} --jobs {params.jobs:q} --ground-truth-dir {params.gtdir:q} "
+        "{params.confidence:q} {params.cesped:q} {params.submitted:q} {params.relion:q} --jobs {params.jobs:q} "
+        "--ground-truth-dir {params.gtdir:q} "
         "--out {params.outdir:q} --quiet > {log:q} 2>&1"

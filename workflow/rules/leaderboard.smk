@@ -3,7 +3,7 @@
 
 rule leaderboard:
     input:
-        metrics=expand("results/evaluation/{method}/{entry}/metrics.json", method=METHODS, entry=ENTRIES),
+        metrics=expand("results/evaluation/{method}/{entry}/metrics.json", method=SCORED, entry=ENTRIES),
         train=expand(
             "results/benchmarks/train/{method}/{entry}/half{half}.tsv", method=TRAINED, entry=ENTRIES, half=[0, 1]
         ),
