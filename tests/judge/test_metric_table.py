@@ -141,7 +141,10 @@ def test_the_leaderboard_csv_keeps_its_columns(tmp_path):
     table = leaderboard.leaderboard_table([tmp_path / "m.json"], {("m", "e"): {"predict_seconds": 2.0}})
     old = ["method", "entry", "symmetry", "backend", "n_particles", *OLD_COLUMNS, "null_reasons", *OLD_TIMING]
     assert [c for c in table.columns if c in old] == old
-    assert list(table.columns) == _insert_before(old, "shift_error_mean_A", CROSS_LEADERBOARD)
+    # Since issue 20: where a submission's poses came from, after the row's identity.
+    expected = _insert_before(old, "shift_error_mean_A", CROSS_LEADERBOARD)
+    expected.insert(expected.index("n_particles") + 1, "submitted_from")
+    assert list(table.columns) == expected
     assert table["predict_particles_per_s"].iloc[0] == 5.0
     summary = leaderboard.summary_table(table)
     assert list(summary.columns) == ["method", "entries"] + [

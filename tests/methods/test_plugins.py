@@ -8,6 +8,7 @@ built-in one."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,15 @@ def site(tmp_path_factory) -> Path:
     """The example plugin installed (no dependencies: cryopose and torch are this environment's),
     plus a broken plugin: a distribution whose entry point names a module that does not exist."""
     site = tmp_path_factory.mktemp("site")
+    # Built from a copy: pip's build leaves build/ and *.egg-info beside the sources it is given.
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site)]
-        + [str(EXAMPLE)],
+        + [str(source)],
         check=True,
         capture_output=True,
     )
+    assert not (EXAMPLE / "build").exists()  # the repository's copy is left as it is
     broken = site / "broken_plugin-0.1.dist-info"
     broken.mkdir()
     (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
