@@ -85,7 +85,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "box_size": entry.box_size,
         "particles": {str(h): entry.n_particles(h) for h in entry.halves},
         "mask": str(entry.mask_path) if entry.mask_path is not None and entry.mask_path.exists() else None,
-        **(entry.describe() if hasattr(entry, "describe") else {}),
+        **entry.describe(),
     }
     print(json.dumps(summary, indent=2))
     return 0

@@ -90,6 +90,10 @@ class Entry:
         entry folder."""
         return [self.root]
 
+    def describe(self) -> dict:
+        """Where this entry's settings came from, beyond its layout (``cryopose info``): nothing."""
+        return {}
+
     def write_half_star(self, h: int, path: str | Path) -> Path:
         """Write half ``h``'s particles as a STAR file with absolute image names (readable from any
         folder, by cryopose and by RELION alike)."""
