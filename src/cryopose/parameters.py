@@ -156,7 +156,8 @@ def build(cls, values: dict | None = None, where: str = "--param"):
 
 def parse_pairs(cls, pairs: list[str] | None) -> dict:
     """``["seed=3", "lr=1e-3"]`` → ``{"seed": 3, "lr": 0.001}``: values parsed as JSON when they
-    can be (a string parameter keeps its text: ``device=0``), else kept as strings; each checked
+    can be (a string parameter is a JSON string's content, else its text: ``device=0``), else kept
+    as strings; each checked
     against ``cls`` (:func:`check_values`, naming the key)."""
     hints = _hints(cls)
     values: dict = {}
@@ -172,7 +173,9 @@ def parse_pairs(cls, pairs: list[str] | None) -> dict:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        if hints[key] is str:  # a string parameter keeps its text even when it reads as JSON (device=0)
+        if hints[key] is str and not isinstance(value, str):
+            # A string parameter keeps its text when that reads as another JSON value (device=0);
+            # a JSON string is its content (the workflow passes every config value as JSON).
             value = text
         values[key] = value
         check_values(cls, {key: value}, where=f"--param {key}")

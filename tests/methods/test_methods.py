@@ -105,3 +105,18 @@ def test_generalisation_table(tmp_path):
     ]
     write_generalisation(table, tmp_path / "g.csv")
     assert (tmp_path / "g.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "g.csv")) == 3
+
+
+def test_string_parameters_from_the_workflow_are_their_text():
+    """The workflow passes each config value as JSON (`--param resnet="resnet152"`): a string
+    parameter is the decoded string, not its quotes (config/cesped.yaml's image2sphere jobs were
+    refused with `got '"resnet152"'`); text that is not a JSON string stays as typed (`device=0`)."""
+    import json
+
+    i2s = get_method("image2sphere")
+    nasty = "it's \"quoted\" {braced} $HOME"
+    for text, value in [(json.dumps("resnet152"), "resnet152"), ("resnet152", "resnet152")]:
+        assert parse_params(i2s, [f"resnet={text}"]) == {"resnet": value}
+    assert parse_params(i2s, [f"encoder_weights={json.dumps(nasty)}"]) == {"encoder_weights": nasty}
+    assert parse_params(i2s, ["device=0"]) == {"device": "0"}
+    assert parse_params(get_method("command"), ['train=echo "a b"']) == {"train": 'echo "a b"'}
