@@ -159,6 +159,7 @@ LAYERS = [
         "io.mrc",
         "io.atomic",
         "entry",
+        "provenance",
     },
     {"predictions", "pose_import", "data", "simulate", "download", "reconstruct", "matching"},
     {"methods", "refine"},

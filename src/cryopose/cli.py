@@ -104,15 +104,18 @@ def _cmd_import_star(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_poses(args: argparse.Namespace) -> int:
-    from .pose_import import import_relion_poses
+    from .pose_import import format_of, import_poses
 
     entry = _entry(args)
     source = Path(args.source)
-    if source.suffix != ".star":
-        raise InputError("expected a RELION particle STAR file (.star)", path=source)
-    refuse_overwriting_inputs({"--out": args.out}, {"--entry": entry.input_paths(), "--from": source})
+    fmt = format_of(source, args.format)
+    inputs = {"--entry": entry.input_paths(), "--from": source}
+    if args.particles:
+        inputs["--particles"] = Path(args.particles)
+    refuse_overwriting_inputs({"--out": args.out}, inputs)
     entry.validate()
-    print(import_relion_poses(entry, args.half, source, Path(args.out)))
+    options = dict(pixel_size=args.pixel_size, box_size=args.box_size, particles_star=args.particles)
+    print(import_poses(entry, args.half, source, Path(args.out), fmt=fmt, **options))
     return 0
 
 
@@ -184,6 +187,85 @@ def _registered_prediction_type(method: str | None) -> str:
     return "SO3"
 
 
+def _read_model_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read a model record ({err})", path=path) from err
+    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
+        raise InputError("not a model record (model.json of cryopose train)", path=path, where="params")
+    return record
+
+
+def _predictions_provenance(args: argparse.Namespace, entry) -> dict:
+    """What ``metrics.json``'s provenance says of the predictions (:mod:`cryopose.provenance`):
+    ``method_version``, ``params_hash`` and ``train_machine``, from the records of the models that
+    made them (``--model-record``: the method's, or its base's for ``<method>+refine``, of the
+    entry trained on) overlaid with ``--param`` (e.g. a +refine's refinement); a submission's
+    parameters are its poses (the predictions as the judge reads them, in the entry's order: not
+    the files' bytes, which hold their paths and a writer's timestamp). Unknown values are ``None``."""
+    import dataclasses
+
+    from .methods import METHODS, REFINE_SUFFIX, get_method, method_origin, parse_params
+    from .predictions import load_predictions
+    from .provenance import arrays_hash, cryopose_version, method_version, params_hash
+
+    method = args.registered_method or args.method  # what --method runs (a workflow alias names another)
+    paths = [Path(p) for p in args.model_record or []]
+    if args.submitted_from:
+        if paths or args.param:
+            raise InputError("a submission has no models nor parameters", where="--model-record/--param")
+        kind = args.prediction_type or _registered_prediction_type(method)
+        poses = []
+        for h, path in zip(entry.halves, (args.half0, args.half1)):
+            pred = load_predictions(entry, h, path, kind, use_confidence=not args.no_pred_confidence)
+            poses += [pred.rotmats, pred.shifts, pred.confidence]
+        return {"method_version": None, "params_hash": arrays_hash(poses), "train_machine": None}
+    if (paths or args.param) and method is None:
+        raise InputError("name the --method whose models or parameters these are", where="--method")
+    base = method.removesuffix(REFINE_SUFFIX) if method else None
+    registered = method is not None and base in METHODS
+    records = [_read_model_record(p) for p in paths]
+    trained_on = args.trained_on or entry.name
+    for path, record in zip(paths, records):
+        if record.get("method") not in (method, base):
+            raise InputError(
+                f"a model of method {record.get('method')!r}, not of {method!r}", path=path, where="method"
+            )
+        if record.get("entry") != trained_on:
+            raise InputError(
+                f"a model of entry {record.get('entry')!r}, not of {trained_on!r}", path=path, where="entry"
+            )
+        if record["params"] != records[0]["params"]:
+            raise InputError(
+                f"trained with other parameters than the model of {paths[0]}: the predictions of two configurations",
+                path=path,
+                where="params",
+            )
+
+    def joined(key: str) -> str | None:
+        values = sorted({str(r.get("provenance", {}).get(key)) for r in records if r.get("provenance", {}).get(key)})
+        return " | ".join(values) or None
+
+    if not records:
+        version = method_version(method_origin(method)) if registered else None
+        values = parse_params(get_method(method), args.param) if registered and args.param else None
+        if values is not None:
+            values = dataclasses.asdict(get_method(method).settings(values))
+        return {"method_version": version, "params_hash": params_hash(values), "train_machine": None}
+    values = records[0]["params"]
+    if registered and (args.param or records[0].get("method") != method):
+        # The full parameters of what was run: the models' own, overlaid with those applied after
+        # them (a +refine's refinement), defaults filled in as a trained model's record has them.
+        overlay = parse_params(get_method(method), args.param)
+        values = dataclasses.asdict(get_method(method).settings({**values, **overlay}))
+    version = joined("method_version")
+    refiner = f"cryopose {cryopose_version()}"
+    if records[0].get("method") != method and version is not None and version != refiner:
+        version += f"; refined by {refiner}"  # a plugin's models, or cryopose's of another commit
+    return {"method_version": version, "params_hash": params_hash(values), "train_machine": joined("train_machine")}
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import GROUND_TRUTH_FILES, evaluate, evaluation_files
     from .metric_table import rows
@@ -197,8 +279,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "--out": [Path(args.out) / n for n in evaluation_files(not args.no_plots)] if args.out else None,
             "--ground-truth-dir": [Path(gt_dir) / n for n in GROUND_TRUTH_FILES] if gt_dir else None,
         },
-        {"entry": entry.input_paths(), "--half0": args.half0, "--half1": args.half1},
+        {
+            "entry": entry.input_paths(),
+            "--half0": args.half0,
+            "--half1": args.half1,
+            "--model-record": args.model_record,
+        },
     )
+    provenance = _predictions_provenance(args, entry)
     if args.backend is None:  # relion in the CESPED-compatible mode; evaluate() refuses torch there
         args.backend = "relion" if args.cesped_compatible else "torch"
     options = _reconstruct_options(args)
@@ -218,6 +306,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         trained_on=args.trained_on,
         submitted_from=args.submitted_from,
         cesped_compatible=args.cesped_compatible,
+        provenance=provenance,
         **options,
     )
     m = result.metrics
@@ -346,6 +435,18 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     table = leaderboard_table(args.metrics, timings)
     write_leaderboard(table, args.out)
     print(to_markdown(table, summary_table(table)))
+    return 0
+
+
+def _cmd_merge_leaderboards(args: argparse.Namespace) -> int:
+    from .leaderboard import leaderboard_paths, merge_leaderboards, summary_table, to_markdown, write_leaderboard
+
+    refuse_overwriting_inputs({"--out": leaderboard_paths(args.out)}, {"leaderboards": args.leaderboards})
+    table, notes = merge_leaderboards(args.leaderboards)
+    write_leaderboard(table, args.out)
+    print(to_markdown(table, summary_table(table)))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -487,11 +588,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import-poses",
         help="the predictions file of one half of an entry, from the poses of a RELION particle STAR file "
-        "(e.g. a refinement's run_data.star), matched by image",
+        "(e.g. a refinement's run_data.star), a cryoSPARC .cs file or a cryoDRGN pose pickle, matched by image",
     )
     p.add_argument("--entry", required=True, help=ENTRY_HELP)
     p.add_argument("--half", type=int, choices=[0, 1], required=True, help="the half whose poses are taken")
-    p.add_argument("--from", dest="source", required=True, help="RELION particle STAR file (3.0/3.1) holding the poses")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="the poses: RELION particle STAR (.star, 3.0/3.1), cryoSPARC particles (.cs) or cryoDRGN pose pickle "
+        "(.pkl/.pickle)",
+    )
+    p.add_argument("--format", choices=["relion", "cryosparc", "cryodrgn"], help="override the format the suffix names")
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        help="Å/px of the source job: cryoSPARC, instead of alignments3D/psize_A; cryoDRGN, of the stack the "
+        "poses were parsed from (default: the entry's)",
+    )
+    p.add_argument(
+        "--box-size", type=int, help="cryoDRGN: box (px) of the stack the poses were parsed from (default: the entry's)"
+    )
+    p.add_argument(
+        "--particles",
+        help="cryoDRGN: the STAR file whose row order the pickle follows (default: the half's own STAR)",
+    )
     p.add_argument("--out", required=True, help="predictions STAR (angles, origins in Å, confidence)")
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
     _add_entry_source_args(p)
@@ -539,6 +660,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--submitted-from",
         help="the predictions are finished poses from these files (a submission: nothing was trained; "
         "recorded in metrics.json and the leaderboard)",
+    )
+    p.add_argument(
+        "--model-record",
+        nargs="+",
+        metavar="MODEL_JSON",
+        help="model.json of the models that made the predictions (the method's, or its base's for "
+        "<method>+refine): their method version, parameters' hash and training machine go into "
+        "metrics.json's provenance and the leaderboard",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a parameter of --method applied to the predictions beyond the models' own (e.g. a +refine's "
+        "refinement; repeatable): part of the parameters' hash",
+    )
+    p.add_argument(
+        "--registered-method",
+        help="the registered method that --method runs, when --method is a name of the config's own (a "
+        "workflow method with a 'method' key); the model records and --param are that method's",
     )
     p.add_argument(
         "--jobs",
@@ -626,6 +767,15 @@ def build_parser() -> argparse.ArgumentParser:
         "method's prediction time)",
     )
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser(
+        "merge-leaderboards",
+        help="one leaderboard from those of several runs (e.g. a cluster's and a laptop's): no row lost or "
+        "repeated; rows that are not comparable (another entry fingerprint, judge version or parameters) refused",
+    )
+    p.add_argument("leaderboards", nargs="+", help="leaderboard CSV files of cryopose leaderboard (two or more)")
+    p.add_argument("--out", required=True, help="merged leaderboard CSV (summary and .md are written beside it)")
+    p.set_defaults(func=_cmd_merge_leaderboards)
 
     p = sub.add_parser("download", help="download real CESPED entries from Zenodo (resumable, md5-verified)")
     p.add_argument("entries", nargs="*", help="entry names: TEST, 10166, 10786, 10280, 11120, 10648, 10409, 10374")

@@ -27,6 +27,7 @@ from .geometry import euler_to_matrix
 from .masks import mask_from_ground_truth
 from .metrics import FSC_THRESHOLDS, angular_errors, compare_maps, map_degeneracy, pose_error_summary, shift_errors
 from .predictions import CONFIDENCE, EULER, ORIGIN, PREDICTION_TYPES, Predictions, load_predictions
+from .provenance import evaluation_provenance
 from .reconstruct import DEFAULT_SCHEME, reconstruct, relion_command
 from .symmetry import cesped_symmetry_matrices, symmetry_aware_angle
 
@@ -314,6 +315,7 @@ def evaluate(
     trained_on: str | None = None,
     cesped_compatible: bool = False,
     submitted_from: str | None = None,
+    provenance: dict | None = None,
     **reconstruct_options,
 ) -> EvaluationResult:
     """Score the predicted poses of both halves of an entry (paper section 2.5, Appendix D).
@@ -343,6 +345,10 @@ def evaluate(
     recorded in ``metrics.json`` and the leaderboard), ``trained_on`` the entry its models learnt
     from (default this entry; another one in the
     generalisation experiment).
+    ``metrics.json``'s ``provenance`` block holds the evaluation's own (cryopose version, judge
+    version, entry fingerprint, machine: :func:`cryopose.provenance.evaluation_provenance`) and
+    ``provenance``, what the caller knows of the predictions (``method_version``, ``params_hash``,
+    ``train_machine``: ``cryopose evaluate --model-record``).
     ``backend``: ``"torch"`` (the default) or ``"relion"``. ``cesped_compatible`` scores by the
     CESPED package's definitions instead of cryopose's (README, "cryopose and CESPED"): relion
     backend at pad 2 (the default then; asking for torch is an error), FSC shells binned by the
@@ -533,6 +539,12 @@ def evaluate(
         metrics["cesped_compatible"] = True
         metrics["cesped"] = cesped_metrics(metrics)
     metrics["null_reasons"] = null_reasons
+    # Where the row comes from (cryopose.provenance): what merging two leaderboards compares.
+    scheme = reconstruct_options.get("scheme") or DEFAULT_SCHEME
+    metrics["provenance"] = {
+        **evaluation_provenance(entry, backend, pad, use_pred_confidence, cesped_compatible, scheme),
+        **(provenance or {}),
+    }
     metrics["seconds_ground_truth_reconstruction"] = t_gt
     metrics["seconds_predicted_reconstruction"] = t_pred
     metrics["seconds_total"] = time.perf_counter() - t_start

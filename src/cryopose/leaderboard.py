@@ -5,6 +5,10 @@ its method and entry) and, optionally, Snakemake ``benchmark:`` files of the tra
 jobs (tab-separated, first column ``s``: wall seconds). Outputs are the full table, a per-method
 summary (mean and standard deviation over entries, as the paper's Table 1) and a Markdown rendering.
 
+Each row also says where it comes from (:data:`PROVENANCE_COLUMNS`, from ``metrics.json``'s
+``provenance`` block: :mod:`cryopose.provenance`), and :func:`merge_leaderboards` joins the
+leaderboards of several runs, refusing rows that are not comparable.
+
 A metric that an evaluation could not define (``null`` in ``metrics.json``, e.g. the FSC of a zero
 map; the reason is in its ``null_reasons``) stays missing here: shown as ``–``, left out of the
 means, counted in ``<metric>_missing`` and named with its reason, never replaced by a number.
@@ -36,6 +40,10 @@ __all__ = [
     "generalisation_table",
     "write_generalisation",
     "GENERALISATION_COLUMNS",
+    "PROVENANCE_COLUMNS",
+    "TABLE_COLUMNS",
+    "read_leaderboard",
+    "merge_leaderboards",
 ]
 
 # Every list of metrics below is a view of cryopose.metric_table.METRICS, in its order.
@@ -46,6 +54,24 @@ COLUMNS = columns("leaderboard", timing=False)
 TIMING_COLUMNS = columns("leaderboard", timing=True)
 #: The columns of the per-method summary (Table 1).
 SUMMARY_COLUMNS = columns("summary")
+#: Where a row comes from, after the timings: the method's version (its origin; for a built-in
+#: cryopose's version and commit), the hash of its parameters (of a submission: of its files), the
+#: evaluated entry's content fingerprint, the judge's version (what makes metrics comparable), the
+#: machines that trained and evaluated, and the cryopose version that evaluated
+#: (:mod:`cryopose.provenance`; empty when ``metrics.json`` does not say).
+PROVENANCE_COLUMNS = [
+    "method_version",
+    "params_hash",
+    "entry_fingerprint",
+    "judge_version",
+    "train_machine",
+    "evaluate_machine",
+    "cryopose_version",
+]
+#: What a row is: its key and facts of the entry and the evaluation, before the metrics.
+_IDENTITY_COLUMNS = ["method", "entry", "symmetry", "backend", "n_particles", "submitted_from"]
+#: Every column of :func:`leaderboard_table`, in order.
+TABLE_COLUMNS = [*_IDENTITY_COLUMNS, *COLUMNS, "null_reasons", *TIMING_COLUMNS, *PROVENANCE_COLUMNS]
 
 
 def benchmark_seconds(path: str | Path) -> float:
@@ -135,10 +161,12 @@ def leaderboard_table(
         n = row["n_particles"]
         t["predict_particles_per_s"] = n / t["predict_seconds"] if n and t.get("predict_seconds") else None
         row.update({c: t.get(c) for c in TIMING_COLUMNS})
+        provenance = m.get("provenance") or {}
+        row.update({c: provenance.get(c) for c in PROVENANCE_COLUMNS})
         rows.append(row)
     if not rows:
         raise InputError("no evaluations to rank", where="metrics files")
-    table = pd.DataFrame(rows).sort_values(["method", "entry"]).reset_index(drop=True)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(["method", "entry"]).reset_index(drop=True)
     return table
 
 
@@ -215,6 +243,158 @@ def write_leaderboard(table: pd.DataFrame, out_csv: str | Path) -> tuple[Path, P
     with io.atomic_write(paths[0]) as tmp:  # the rule's declared output last
         table.to_csv(tmp, index=False, float_format="%.6g")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging the leaderboards of several runs (cryopose merge-leaderboards)
+# ---------------------------------------------------------------------------------------------
+
+#: Columns read as text, never as numbers (an entry named 10028, a hash of digits only).
+_TEXT_COLUMNS = ["method", "entry", "symmetry", "backend", "submitted_from", "null_reasons", *PROVENANCE_COLUMNS]
+#: Where and how fast a row was run, not what it measured: two copies of one row that differ only
+#: here are the same result (the first file's copy is kept, and the difference reported).
+RUN_COLUMNS = [*TIMING_COLUMNS, "train_machine", "evaluate_machine", "cryopose_version"]
+#: What makes two rows comparable at all: one judge version over the whole table, one entry
+#: fingerprint per entry name.
+_REQUIRED = ("judge_version", "entry_fingerprint")
+
+
+def read_leaderboard(path: str | Path) -> pd.DataFrame:
+    """A ``leaderboard.csv`` written by :func:`write_leaderboard`, its text columns as text and its
+    empty cells missing; :class:`InputError` when it cannot be read or has other columns than
+    :data:`TABLE_COLUMNS` (a leaderboard of another cryopose version: make it again)."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(
+            path, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""], encoding="utf-8"
+        )
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"cannot read a leaderboard CSV ({err})", path=path) from err
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    extra = [c for c in table.columns if c not in TABLE_COLUMNS]
+    if missing or extra:
+        said = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                f"unknown {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+            )
+            if part
+        )
+        raise InputError(
+            f"not a leaderboard of this cryopose's columns ({said}): make it again with cryopose leaderboard "
+            "from its metrics.json files",
+            path=path,
+            where="header",
+        )
+    return table[TABLE_COLUMNS]
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _same(a, b) -> bool:
+    if _missing(a) or _missing(b):
+        return _missing(a) and _missing(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def merge_leaderboards(paths: list[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """One leaderboard from those of several runs (e.g. a cluster's and a laptop's): every row of
+    every file once, sorted by method then entry. Returns ``(table, notes)``, ``notes`` naming each
+    row found in more than one file and what its copies differ in (:data:`RUN_COLUMNS` only).
+
+    Rows are keyed by (method, entry). Two copies of a key are one row when they agree in every
+    column but :data:`RUN_COLUMNS` (the first file's copy is kept); otherwise the merge is refused.
+
+    Raises:
+        InputError: naming the files, the rows (CSV line, method and entry) and the reason, when
+            a row has no judge version or entry fingerprint (it cannot be checked); two rows have
+            other judge versions (anywhere in the table: the means over entries would mix two
+            definitions); two rows of one entry name have other entry fingerprints (not the same
+            data); one (method, entry) has other parameters (``params_hash``: give one run's
+            method another name), or the same parameters and other values (results, method
+            version); one file holds a (method, entry) twice; or fewer than two files are given.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise InputError("merging needs two leaderboards or more", where="leaderboards")
+    kept: dict[tuple[str, str], tuple[Path, int, dict]] = {}
+    judge: tuple[Path, int, dict] | None = None
+    fingerprints: dict[str, tuple[Path, int, dict]] = {}
+    notes: list[str] = []
+
+    def name(path: Path, line: int, row: dict) -> str:
+        return f"{path} line {line} ({row['method']} on {row['entry']})"
+
+    for path in paths:
+        table = read_leaderboard(path)
+        here: set[tuple[str, str]] = set()
+        for i, row in enumerate(table.to_dict("records")):
+            line = i + 2  # the header is line 1
+            where = f"line {line} ({row['method']} on {row['entry']})"
+            for col in ("method", "entry", *_REQUIRED):
+                if _missing(row[col]):
+                    raise InputError(
+                        f"no {col}: this row cannot be checked for comparability (made before cryopose "
+                        "recorded provenance, or from a metrics.json without it); evaluate it again",
+                        path=path,
+                        where=where,
+                    )
+            key = (row["method"], row["entry"])
+            if key in here:
+                raise InputError("a second row of this method and entry in one leaderboard", path=path, where=where)
+            here.add(key)
+            if judge is None:
+                judge = (path, line, row)
+            elif row["judge_version"] != judge[2]["judge_version"]:
+                raise InputError(
+                    f"not comparable with {name(*judge)}: judge version {row['judge_version']!r} here, "
+                    f"{judge[2]['judge_version']!r} there (other metric definitions or reconstruction)",
+                    path=path,
+                    where=where,
+                )
+            first = fingerprints.setdefault(row["entry"], (path, line, row))
+            if row["entry_fingerprint"] != first[2]["entry_fingerprint"]:
+                raise InputError(
+                    f"not comparable with {name(*first)}: entry {row['entry']!r} has fingerprint "
+                    f"{row['entry_fingerprint']} here and {first[2]['entry_fingerprint']} there (other data "
+                    "under the same name)",
+                    path=path,
+                    where=where,
+                )
+            if key not in kept:
+                kept[key] = (path, line, row)
+                continue
+            other = kept[key]
+            if not _same(row["params_hash"], other[2]["params_hash"]):
+                raise InputError(
+                    f"the same method and entry as {name(*other)} with other parameters (params_hash "
+                    f"{row['params_hash']} here, {other[2]['params_hash']} there): neither row is dropped; "
+                    "give the method another name in one run's config",
+                    path=path,
+                    where=where,
+                )
+            differ = [c for c in TABLE_COLUMNS if c not in RUN_COLUMNS and not _same(row[c], other[2][c])]
+            if differ:
+                shown = ", ".join(f"{c}: {row[c]!r} here, {other[2][c]!r} there" for c in differ[:3])
+                raise InputError(
+                    f"the same method, entry and parameters as {name(*other)} with other values ({shown}"
+                    f"{' ...' if len(differ) > 3 else ''}): neither row is dropped; keep one run's row",
+                    path=path,
+                    where=where,
+                )
+            ran = [c for c in RUN_COLUMNS if not _same(row[c], other[2][c])]
+            notes.append(
+                f"{key[0]} on {key[1]}: in {other[0]} and {path}, the same result; kept {other[0]}'s row"
+                + (f" (they differ in {', '.join(ran)})" if ran else "")
+            )
+    rows = [row for _, _, row in kept.values()]
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(["method", "entry"]).reset_index(drop=True)
+    return table, notes
 
 
 #: The columns of the generalisation table.

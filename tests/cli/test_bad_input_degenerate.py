@@ -51,7 +51,7 @@ def _assert_no_number_without_meaning(m: dict) -> None:
     """Every map metric is a finite number or null with a recorded reason."""
     reasons = m["null_reasons"]
     for key, value in m.items():
-        if key in ("null_reasons", "method", "trained_on") or isinstance(value, (str, bool)):
+        if key in ("null_reasons", "method", "trained_on", "provenance") or isinstance(value, (str, bool)):
             continue
         if value is None:
             assert reasons.get(key), f"{key} is null without a reason"

@@ -144,6 +144,16 @@ def test_the_leaderboard_csv_keeps_its_columns(tmp_path):
     # Since issue 20: where a submission's poses came from, after the row's identity.
     expected = _insert_before(old, "shift_error_mean_A", CROSS_LEADERBOARD)
     expected.insert(expected.index("n_particles") + 1, "submitted_from")
+    # Since issue 20, item 5: where the row comes from, last (cryopose.provenance).
+    expected += [
+        "method_version",
+        "params_hash",
+        "entry_fingerprint",
+        "judge_version",
+        "train_machine",
+        "evaluate_machine",
+        "cryopose_version",
+    ]
     assert list(table.columns) == expected
     assert table["predict_particles_per_s"].iloc[0] == 5.0
     summary = leaderboard.summary_table(table)

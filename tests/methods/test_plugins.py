@@ -3,45 +3,25 @@
 cryopose; a plugin that cannot load is named with its error and the other methods still run.
 
 The example package ``examples/cryopose-svd-regressor`` is installed with pip into a folder of
-its own that only the child processes see (PYTHONPATH), so this test process's registry is the
-built-in one."""
+its own that only the child processes see (tests/example_plugin.py). Its rows in a workflow's
+leaderboard: tests/workflow/test_outside_methods.py."""
 
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-import yaml
 
-from snakemake_runs import ROOT, _workdir, snakemake
-
-EXAMPLE = ROOT / "examples" / "cryopose-svd-regressor"
+from example_plugin import install_example_plugin
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The example plugin installed (no dependencies: cryopose and torch are this environment's),
-    plus a broken plugin: a distribution whose entry point names a module that does not exist."""
-    site = tmp_path_factory.mktemp("site")
-    # Built from a copy: pip's build leaves build/ and *.egg-info beside the sources it is given.
-    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site)]
-        + [str(source)],
-        check=True,
-        capture_output=True,
-    )
-    assert not (EXAMPLE / "build").exists()  # the repository's copy is left as it is
-    broken = site / "broken_plugin-0.1.dist-info"
-    broken.mkdir()
-    (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (broken / "entry_points.txt").write_text("[cryopose.methods]\nbroken = no_such_module_here:METHOD\n")
-    return site
+    """The example plugin installed, plus a broken plugin: a distribution whose entry point names a
+    module that does not exist."""
+    return install_example_plugin(tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source"))
 
 
 def _cryopose(site: Path, *args: str) -> subprocess.CompletedProcess:
@@ -67,21 +47,3 @@ def test_the_plugins_rotations_are_rotations(site, monkeypatch):
     eye = torch.eye(3, dtype=torch.float64).expand(64, 3, 3)
     torch.testing.assert_close(rot @ rot.transpose(-1, -2), eye)
     torch.testing.assert_close(torch.det(rot), torch.ones(64, dtype=torch.float64))
-
-
-def test_the_workflow_trains_and_ranks_a_plugin(site, tmp_path, monkeypatch):
-    work = _workdir(tmp_path / "work")
-    tiny = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
-    config = {
-        "base": None,
-        "entries": [e for e in tiny["entries"] if e["name"] == "tiny_c1"],
-        "methods": {"random": {"seed": 0}, "svd_regressor": {"epochs": 2}},
-    }
-    (work / "mine.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    snakemake(work, "results/leaderboard.csv", "--cores", "2", "--configfile", "mine.yaml")
-    board = pd.read_csv(work / "results" / "leaderboard.csv").set_index("method")
-    assert set(board.index) == {"random", "svd_regressor"}
-    assert math.isfinite(board.loc["svd_regressor", "MAnE"]) and 0 <= board.loc["svd_regressor", "MAnE"] <= 180
-    record = (work / "results" / "models" / "svd_regressor" / "tiny_c1" / "half0" / "model.json").read_text()
-    assert '"final_loss"' in record

@@ -144,6 +144,25 @@ from cryopose.methods import REFINE_SUFFIX
 
 REFINED = {m: m.removesuffix(REFINE_SUFFIX) for m in METHODS if m.endswith(REFINE_SUFFIX)}
 TRAINED = [m for m in METHODS if m not in REFINED]
+# A config name is the leaderboard's row; its `method` key, when it has one, names the registered
+# method it runs (`nearest_view: {method: command, train: ..., predict: ...}`), so one method can
+# take part several times with other parameters. `<name>+refine` refines that name's predictions.
+ALIAS_KEY = "method"
+
+
+def registered_method(name):
+    """The registered method that the config's method `name` runs."""
+    params = METHODS.get(name) or {}
+    if ALIAS_KEY in params:
+        return params[ALIAS_KEY]
+    if name in REFINED:
+        return registered_method(REFINED[name]) + REFINE_SUFFIX
+    return name
+
+
+def method_values(name):
+    """The parameters of the config's method `name`, without its `method` key."""
+    return {k: v for k, v in (METHODS.get(name) or {}).items() if k != ALIAS_KEY}
 
 
 # The simulation spec of each simulated entry, built (and judged) here exactly as the job builds it
@@ -189,9 +208,9 @@ def _check_values():
                     f"or a PDB/mmCIF model, relative to {os.getcwd()})"
                 )
             SPECS[e["name"]] = spec
-    for name, params in METHODS.items():  # every name is a registered method here (_check_config)
+    for name in METHODS:  # every name runs a registered method here (_check_config)
         try:
-            check_params(name, params or {}, where=f"config: methods: {name}")
+            check_params(registered_method(name), method_values(name), where=f"config: methods: {name}")
         except InputError as err:
             problems.append(str(err))
     if problems:
@@ -203,13 +222,30 @@ def _check_config():
     from cryopose.parameters import defaults
     from cryopose.refine import RefineConfig
 
-    unknown = sorted(set(METHODS) - set(REGISTERED) - set(REFINED))
+    for name, params in METHODS.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise WorkflowError(f"config: methods: {name!r}: expected letters, digits, '_', '.', '+' or '-'")
+        if ALIAS_KEY not in (params or {}):
+            continue
+        target = params[ALIAS_KEY]
+        if name in REFINED or name in REGISTERED:
+            raise WorkflowError(
+                f"config: methods: {name}: '{ALIAS_KEY}' names the registered method that a name of your own "
+                f"runs; {name} is {'a +refine' if name in REFINED else 'a registered method'} itself"
+            )
+        if target not in REGISTERED:
+            raise WorkflowError(
+                f"config: methods: {name}: {ALIAS_KEY} {target!r} is not a registered method "
+                f"({', '.join(sorted(REGISTERED))})"
+            )
+    unknown = sorted(n for n in METHODS if n not in REFINED and registered_method(n) not in REGISTERED)
     if unknown:
         raise WorkflowError(
             f"config: methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(REGISTERED))}, "
-            "and <method>+refine for any of them"
+            f"<method>+refine for any of them, and names of your own with a '{ALIAS_KEY}' key"
         )
-    for name, params in METHODS.items():
+    for name in METHODS:
+        params = method_values(name)
         if name in REFINED:
             if REFINED[name] not in METHODS:
                 raise WorkflowError(
@@ -217,8 +253,8 @@ def _check_config():
                 )
             accepted = defaults(RefineConfig)
         else:
-            accepted = REGISTERED[name].default_params
-        extra = sorted(set(params or {}) - set(accepted))
+            accepted = REGISTERED[registered_method(name)].default_params
+        extra = sorted(set(params) - set(accepted))
         if extra:
             raise WorkflowError(
                 f"config: methods: {name}: unknown parameter(s) {', '.join(extra)}; "
@@ -275,7 +311,7 @@ def method_entry_dir(wildcards):
     """The entry a method trains and predicts on: the preprocessed copy when it asks for one."""
     from cryopose.methods import get_method
 
-    if get_method(wildcards.method).needs_preprocessing:
+    if get_method(registered_method(wildcards.method)).needs_preprocessing:
         return f"results/preprocessed/{wildcards.entry}"
     return entry_dir(wildcards)
 
@@ -283,7 +319,7 @@ def method_entry_dir(wildcards):
 def method_params(wildcards):
     """`--param key=value` options of a method from the config (values as JSON), as a list of
     arguments: rules write `{params.options:q}`, which quotes each one for the shell."""
-    params = METHODS[wildcards.method] or {}
+    params = method_values(wildcards.method)
     return [arg for k, v in sorted(params.items()) for arg in ("--param", f"{k}={json.dumps(v)}")]
 
 
@@ -292,7 +328,7 @@ def prediction_type(wildcards):
 
     if wildcards.method in SUBMISSIONS:
         return SUBMISSIONS[wildcards.method].get("prediction_type", "SO3xR2")
-    return get_method(wildcards.method).prediction_type
+    return get_method(registered_method(wildcards.method)).predicts(method_values(wildcards.method))
 
 
 def submission_file(wildcards):
@@ -339,7 +375,7 @@ def _stage(wildcards, stage):
     """The method's own resources for one stage (``cryopose.methods.Method.resources``)."""
     from cryopose.methods import get_method
 
-    return get_method(wildcards.method).stage_resources(METHODS[wildcards.method] or {})[stage]
+    return get_method(registered_method(wildcards.method)).stage_resources(method_values(wildcards.method))[stage]
 
 
 def stage_threads(stage):

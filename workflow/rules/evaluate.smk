@@ -18,6 +18,18 @@ rule evaluate:
         gt0="results/ground_truth/{entry}/GT_half0.mrc",
         gt1="results/ground_truth/{entry}/GT_half1.mrc",
         record="results/ground_truth/{entry}/ground_truth.json",
+        # The models that made the predictions (a +refine's: its base's), whose records give the
+        # leaderboard's provenance (method version, parameters' hash, training machine).
+        models=lambda wc: (
+            []
+            if wc.method in SUBMISSIONS
+            else expand(
+                "results/models/{method}/{entry}/half{half}",
+                method=REFINED.get(wc.method, wc.method),
+                entry=wc.entry,
+                half=[0, 1],
+            )
+        ),
     output:
         metrics="results/evaluation/{method}/{entry}/metrics.json",
         particles="results/evaluation/{method}/{entry}/particles.csv",
@@ -50,6 +62,17 @@ rule evaluate:
         confidence=lambda wc: [] if config["evaluation"]["use_pred_confidence"] else ["--no-pred-confidence"],
         cesped=CESPED_COMPATIBLE,
         submitted=submitted_from,
+        model_records=lambda wc, input: (
+            ["--model-record", *[os.path.join(m, "model.json") for m in input.models]] if input.models else []
+        ),
+        # A +refine's refinement parameters, part of its parameters' hash.
+        refine_options=lambda wc: method_params(wc) if wc.method in REFINED else [],
+        # A config name of its own runs a registered method, whose model records these are.
+        registered=lambda wc: (
+            ["--registered-method", registered_method(wc.method)]
+            if wc.method not in SUBMISSIONS and registered_method(wc.method) != wc.method
+            else []
+        ),
     log:
         "logs/evaluate/{method}/{entry}.log",
     benchmark:
@@ -64,5 +87,5 @@ rule evaluate:
         "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
         "--method {wildcards.method:q} --prediction-type {params.prediction_type:q} --backend {params.backend:q} "
         "{params.confidence:q} {params.cesped:q} {params.submitted:q} {params.relion:q} --jobs {params.jobs:q} "
-        "--ground-truth-dir {params.gtdir:q} "
+        "--ground-truth-dir {params.gtdir:q} {params.model_records:q} {params.refine_options:q} {params.registered:q} "
         "--out {params.outdir:q} --quiet > {log:q} 2>&1"

@@ -14,6 +14,7 @@ rule predict_transfer:
     output:
         star="results/generalisation/{method}/{source}/{entry}/predictions_half{half}.star",
     params:
+        method=lambda wc: registered_method(wc.method),
         options=method_params,
     log:
         "logs/generalisation/predict/{method}/{source}/{entry}/half{half}.log",
@@ -27,7 +28,7 @@ rule predict_transfer:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose predict --transfer --method {wildcards.method:q} --model {input.model:q} --entry {input.entry:q} "
+        "cryopose predict --transfer --method {params.method:q} --model {input.model:q} --entry {input.entry:q} "
         "--half {wildcards.half:q} --out {output.star:q} {params.options:q} > {log:q} 2>&1"
 
 

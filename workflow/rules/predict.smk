@@ -10,6 +10,7 @@ rule predict:
     output:
         star="results/predictions/{method}/{entry}/half{half}.star",
     params:
+        method=lambda wc: registered_method(wc.method),
         options=method_params,
     log:
         "logs/predict/{method}/{entry}/half{half}.log",
@@ -23,5 +24,5 @@ rule predict:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose predict --method {wildcards.method:q} --model {input.model:q} --entry {input.entry:q} "
+        "cryopose predict --method {params.method:q} --model {input.model:q} --entry {input.entry:q} "
         "--half {wildcards.half:q} --out {output.star:q} {params.options:q} > {log:q} 2>&1"

@@ -10,6 +10,7 @@ rule train:
     output:
         model=directory("results/models/{method}/{entry}/half{half}"),
     params:
+        method=lambda wc: registered_method(wc.method),
         options=method_params,
         work_dir="results/checkpoints/{method}/{entry}/half{half}",
     log:
@@ -24,5 +25,5 @@ rule train:
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose train --method {wildcards.method:q} --entry {input.entry:q} --half {wildcards.half:q} "
+        "cryopose train --method {params.method:q} --entry {input.entry:q} --half {wildcards.half:q} "
         "--out {output.model:q} --work-dir {params.work_dir:q} {params.options:q} > {log:q} 2>&1"

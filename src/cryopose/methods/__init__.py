@@ -105,6 +105,12 @@ class Method:
     uses_gpu: bool = False
     #: ``resources(method, params) -> {"train": Resources, "predict": Resources}``.
     resources: Callable[[Method, object], dict[str, Resources]] = default_resources
+    #: For a method whose prediction type is one of its parameters (``command``): ``params -> type``.
+    prediction_type_of: Callable[[object], str] | None = None
+    #: What a run needs beyond valid parameters (the defaults need not be runnable, e.g. the
+    #: ``command`` method's templates): ``params -> None``, raising :class:`InputError`. Run by
+    #: :func:`check_params` (the config check) and before training and predicting.
+    check_settings: Callable[[object], None] | None = None
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -125,6 +131,22 @@ class Method:
             return values
         return parameters.build(self.params, values, where)
 
+    def predicts(self, values: dict | object | None = None) -> str:
+        """The prediction type of this method run with ``values``."""
+        if self.prediction_type_of is None:
+            return self.prediction_type
+        return self.prediction_type_of(self.settings(values))
+
+    def runnable(self, values: dict | object | None = None, where: str = "--param"):
+        """The parameters object, checked as a run needs it (:attr:`check_settings`)."""
+        settings = self.settings(values, where)
+        if self.check_settings is not None:
+            try:
+                self.check_settings(settings)
+            except InputError as err:
+                raise InputError(err.problem, where=f"{where}: {err.where}" if err.where else where) from err
+        return settings
+
     def stage_resources(self, values: dict | None = None) -> dict[str, Resources]:
         return self.resources(self, self.settings(values))
 
@@ -137,7 +159,7 @@ class Method:
         work_dir: str | Path | None = None,
     ) -> dict:
         """Train on half ``half`` into ``model_dir`` and write its model record; returns the record."""
-        settings = self.settings(values)
+        settings = self.runnable(values)
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         extra = self.train(entry, half, model_dir, settings, Path(work_dir) if work_dir else None)
@@ -154,7 +176,7 @@ class Method:
     ) -> Path:
         """Predict half ``half`` with the model in ``model_dir``, which must be this method's model of
         the other half of ``entry`` (or, with ``transfer``, of another entry)."""
-        settings = self.settings(values)
+        settings = self.runnable(values)
         read_model_record(model_dir, self.name, entry, half, transfer)
         self.predict(Path(model_dir), entry, half, Path(out_star), settings)
         return Path(out_star)
@@ -163,7 +185,11 @@ class Method:
 def write_model_record(
     model_dir: Path, method: str, entry: Entry, half: int, params: dict, extra: dict | None = None
 ) -> dict:
-    """``model_dir/model.json``: the method, the entry and half it was trained on, its parameters."""
+    """``model_dir/model.json``: the method, the entry and half it was trained on, its parameters,
+    and ``provenance`` (:mod:`cryopose.provenance`): the method's version (its origin, with
+    cryopose's commit for a built-in), the parameters' hash and the training machine."""
+    from ..provenance import machine, method_version, params_hash
+
     record = {
         "method": method,
         "entry": entry.name,
@@ -171,6 +197,11 @@ def write_model_record(
         "n_particles": entry.n_particles(half),
         "params": params,
         **(extra or {}),
+        "provenance": {
+            "method_version": method_version(method_origin(method)),
+            "params_hash": params_hash(params),
+            "train_machine": machine(),
+        },
     }
     model_dir.mkdir(parents=True, exist_ok=True)
     with io.atomic_write(model_dir / "model.json") as tmp:
@@ -368,7 +399,7 @@ def check_params(name: str, values: dict, where: str = "--param") -> dict:
     fields); returns the full parameters (defaults overlaid). :class:`InputError` names the key,
     the value and what was expected."""
     method = get_method(name)
-    return dataclasses.asdict(method.settings(values, where))
+    return dataclasses.asdict(method.runnable(values, where))
 
 
 def parse_params(method: Method, pairs: list[str] | None) -> dict:
