@@ -160,6 +160,15 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(entry, tmp_path
     assert not any("wigner" in k or k.endswith(".D") for k in a)
 
 
+def test_a_one_cycle_schedule_anneals_over_its_budget_and_the_budget_is_its_shape(entry, tmp_path):
+    rows = _train(entry, tmp_path / "a", tmp_path / "work", epochs=2, lr=2e-3, lr_schedule="onecycle")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] > rows[1]["lr"] and rows[1]["lr"] < 2e-3 * 0.02  # annealed to ~0 by the last step
+    # Another budget is another schedule: its checkpoint is not resumed as if it were this run's.
+    with pytest.raises(ValueError, match="another configuration"):
+        _train(entry, tmp_path / "a", tmp_path / "work", epochs=3, lr=2e-3, lr_schedule="onecycle")
+
+
 @pytest.mark.slow
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path_factory, tmp_path):
     """SIGKILL of `cryopose train` during its second epoch, then the same command again: the final

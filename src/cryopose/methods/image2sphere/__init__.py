@@ -52,6 +52,11 @@ class Params:
     weight_decay: float = param(1e-5, "RAdam's weight decay", min=0)
     max_epochs: int = param(6, "epochs at most (the paper: 400)", min=1)
     lr_patience: int = param(2, "epochs of stalled validation loss before the learning rate is halved", min=0)
+    lr_schedule: str = param(
+        "plateau",
+        "plateau: halve lr after lr_patience stalled epochs; onecycle: warm up to lr, anneal to 0 by max_epochs",
+        choices=("plateau", "onecycle"),
+    )
     early_stop_patience: int = param(4, "epochs without improvement before stopping", min=0)
     grad_clip: float = param(5.0, "gradient norm clip", above=0)
     val_fraction: float = param(0.1, "fraction of the training half held out for validation", above=0, below=1)

@@ -71,8 +71,14 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     device: str = "auto"
+    #: "plateau": halve the rate after ``lr_patience`` epochs of stalled validation loss (the
+    #: paper's); "onecycle": warm up to ``lr`` over the first 10 % of the ``max_epochs`` budget,
+    #: then anneal to ~0 by its end (for a fixed, short budget, where a plateau rarely comes).
+    lr_schedule: str = "plateau"
 
     def __post_init__(self):
+        if self.lr_schedule not in ("plateau", "onecycle"):
+            raise ValueError(f"lr_schedule must be 'plateau' or 'onecycle', got {self.lr_schedule!r}")
         if self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("batch_size and max_epochs must be >= 1")
         if not 0 < self.val_fraction < 1:
@@ -224,15 +230,23 @@ def train_image2sphere(
     # foreach: one multi-tensor kernel per update term instead of a loop over the 64 parameters (3× faster
     # on a CPU, where torch's default is the loop; the same update to float rounding).
     optimiser = torch.optim.RAdam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser, mode="min", factor=0.5, patience=config.lr_patience
-    )
+    n_batches = len(train_idx) // config.batch_size  # drop the last partial batch
+    if config.lr_schedule == "onecycle":  # stepped after each batch
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=config.lr, total_steps=config.max_epochs * n_batches, pct_start=0.1
+        )
+    else:  # stepped after each epoch, on the validation loss
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimiser, mode="min", factor=0.5, patience=config.lr_patience
+        )
     grid_cpu = model.grid.cpu()
     grid_q = grid_quaternions_of(grid_cpu)  # once: the lookup of each batch's target cells reuses it
     rows: list[dict] = []
     best, bad_epochs, start_epoch = math.inf, 0, 0
     # What determines the trajectory; the epoch budget and the device may change between runs.
-    trajectory = {k: v for k, v in asdict(config).items() if k not in ("max_epochs", "max_minutes", "device")}
+    # (A one-cycle schedule's budget is its shape: there, max_epochs determines the trajectory.)
+    free = ("max_minutes", "device") + (() if config.lr_schedule == "onecycle" else ("max_epochs",))
+    trajectory = {k: v for k, v in asdict(config).items() if k not in free}
     fingerprint = {
         "model_config": model_config.to_dict(),
         "train_config": trajectory,
@@ -255,7 +269,6 @@ def train_image2sphere(
     stopped = bool(rows) and (bad_epochs >= config.early_stop_patience)
 
     started = time.monotonic() - sum(r["seconds"] for r in rows)
-    n_batches = len(train_idx) // config.batch_size  # drop the last partial batch
     val_cells: dict[int, torch.Tensor] = {}
     for epoch in range(start_epoch, config.max_epochs):
         if stopped:
@@ -284,13 +297,16 @@ def train_image2sphere(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimiser.step()
+            if config.lr_schedule == "onecycle":
+                scheduler.step()
             total += float(loss.detach())
             bar.set_postfix(
                 loss=f"{total / (b + 1):.3f}", val_median=f"{rows[-1]['val_median_error_deg']:.1f}°" if rows else "-"
             )
         bar.close()
         val_loss, val_err = validation_pass(model, val_set, val_idx, config.batch_size, device, val_cells)
-        scheduler.step(val_loss)
+        if config.lr_schedule == "plateau":
+            scheduler.step(val_loss)
         row = {
             "epoch": epoch + 1,
             "train_loss": total / n_batches,
