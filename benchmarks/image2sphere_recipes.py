@@ -83,7 +83,9 @@ def _entry_spec(name: str, sim: dict) -> dict:
 
 
 def _sim_key(sim: dict) -> str:
-    return f"box{sim['box_size']}_px{sim['pixel_size']}_n{sim['n_particles']}"
+    """The simulation's folder name: every key that changes the images (other keys: defaults)."""
+    extra = "".join(f"_{k}{v}" for k, v in sorted(sim.items()) if k not in ("box_size", "pixel_size", "n_particles"))
+    return f"box{sim['box_size']}_px{sim['pixel_size']}_n{sim['n_particles']}{extra}"
 
 
 def prepare(recipe: dict, entry: str, workdir: Path) -> Path:

@@ -160,6 +160,7 @@ LAYERS = [
         "io.atomic",
         "entry",
         "provenance",
+        "device",
     },
     {"predictions", "pose_import", "data", "simulate", "download", "reconstruct", "matching"},
     {"methods", "refine"},

@@ -290,6 +290,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.backend is None:  # relion in the CESPED-compatible mode; evaluate() refuses torch there
         args.backend = "relion" if args.cesped_compatible else "torch"
     options = _reconstruct_options(args)
+    if args.backend == "torch":
+        from .device import report_device, select_device
+
+        report_device("reconstruction (torch)", select_device(options.get("device")))
     result = evaluate(
         entry,
         args.half0,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .device import report_device, select_device
 from .geometry import axis_turns
 from .grids import so3_grid_size, so3_healpix_grid
 from .parameters import param, validate
@@ -93,10 +94,6 @@ class RefineConfig:
 
     def __post_init__(self):
         validate(self)  # the bounds declared above
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def band_radius(box: int, pixel_size: float, resolution: float) -> float:
@@ -287,7 +284,8 @@ def projection_match(
         probability of a grid cell in the global search (shared by symmetry mates, so comparable
         within an entry).
     """
-    dev = _device(config.device)
+    dev = select_device(config.device)
+    report_device("projection matching", dev)
     d = reference.shape[-1]
     get_images = images if callable(images) else (lambda idx: images[idx])
     get_ctf = ctf if callable(ctf) else (lambda idx: ctf[idx])
@@ -367,7 +365,8 @@ def refine_poses(
         ``rotmats (N, 3, 3)``, ``shifts (N, 2)`` pixels, and ``scores (N,)`` (the normalised
         correlation of the final pose).
     """
-    dev = _device(config.local_device)
+    dev = select_device(config.local_device)
+    report_device("local refinement", dev)
     d = reference.shape[-1]
     get_images = images if callable(images) else (lambda idx: images[idx])
     get_ctf = ctf if callable(ctf) else (lambda idx: ctf[idx])

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .ctf import ctf_from_parameters, ctf_parameters
+from .device import select_device
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .predictions import EULER, ORIGIN
@@ -453,7 +454,7 @@ def reconstruct_torch(
     """
     _check_scheme(scheme)
     star, star_path = _read_star(star_path)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = select_device(device)
     table = io.particles_with_optics(star).reset_index(drop=True)
     sizes = table["rlnImageSize"].unique()
     pixel_sizes = table["rlnImagePixelSize"].unique()

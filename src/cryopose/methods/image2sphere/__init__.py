@@ -97,11 +97,13 @@ def train(entry, half, model_dir, params: Params, work_dir=None) -> dict:
 
 def predict(model_dir, entry, half, out_star, params: Params) -> None:
     from ...data import ParticlesDataset
+    from ...device import report_device, select_device
     from ...predictions import write_predictions
     from .prediction import predict_image2sphere
-    from .training import load_model, select_device
+    from .training import load_model
 
     device = select_device(params.device)
+    report_device("image2sphere prediction", device)
     model, _ = load_model(model_dir / "model.pt", device)
     dataset = ParticlesDataset(entry, half, image_size=model.config.image_size)
     rotmats, confidence = predict_image2sphere(

@@ -29,6 +29,7 @@ import torch
 from ... import io
 from ...augment import AugmentConfig
 from ...data import ParticlesDataset
+from ...device import report_device, select_device
 from ...grids import grid_quaternions_of, symmetric_grid_cells
 from ...symmetry import symmetry_aware_angle
 from .network import Image2Sphere, Image2SphereConfig
@@ -38,7 +39,6 @@ __all__ = [
     "TrainConfig",
     "train_image2sphere",
     "load_model",
-    "select_device",
     "LOG_COLUMNS",
     "epoch_generator",
     "train_val_split",
@@ -85,13 +85,6 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -215,6 +208,7 @@ def train_image2sphere(
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(config.device)
+    report_device("image2sphere training", device)
     torch.manual_seed(config.seed)
 
     data_kw = dict(image_size=model_config.image_size, benchmark_dir=benchmark_dir)
