@@ -244,21 +244,22 @@ def _is_kind(value, kind: str) -> bool:
     raise AssertionError(kind)
 
 
-# Suites: the default one runs the local leaderboard on a laptop CPU; the tiny one runs in CI.
+# Suites: the default one runs the local leaderboard on a laptop CPU (config/config.yaml's entries);
+# the tiny one runs in CI.
 SUITES: dict[str, tuple[SimulationSpec, ...]] = {
     "default": (
-        SimulationSpec("sim_c1", symmetry="C1", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.1, seed=11),
+        SimulationSpec("sim_c1", symmetry="C1", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.5, seed=11),
         SimulationSpec(
             "sim_c4",
             symmetry="C4",
             box_size=64,
             pixel_size=2.13,
             n_particles=3000,
-            snr=0.1,
+            snr=0.5,
             seed=12,
             preferred_fraction=0.3,
         ),
-        SimulationSpec("sim_d2", symmetry="D2", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.1, seed=13),
+        SimulationSpec("sim_d2", symmetry="D2", box_size=64, pixel_size=2.13, n_particles=3000, snr=0.5, seed=13),
     ),
     "tiny": (
         SimulationSpec("tiny_c1", symmetry="C1", box_size=32, pixel_size=4.1, n_particles=300, snr=0.5, seed=21),

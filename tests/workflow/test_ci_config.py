@@ -25,6 +25,11 @@ NO_ACCOUNT = ("--slurm-no-account",)
 DRY_RUN_TESTS = {
     ("config/config.yaml", None, ()): ("test_workflow", "test_dry_run_schedules_every_job", "config.yaml"),
     ("config/tiny.yaml", None, ()): ("test_workflow", "test_dry_run_schedules_every_job", "tiny.yaml"),
+    ("config/synthetic_long.yaml", None, ()): (
+        "test_workflow",
+        "test_dry_run_schedules_every_job",
+        "synthetic_long.yaml",
+    ),
     # On a fresh clone (no entry on disk): the one that schedules the downloads, as CI's does.
     ("config/cesped.yaml", None, ()): ("test_workflow", "test_a_real_entry_must_be_on_disk_or_downloadable", None),
     ("config/tiny.yaml", "profiles/default", ()): ("test_slurm", "test_every_profile_dry_runs", "default"),
