@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Image2Sphere recipes for the default workflow: accuracy against training time (issue 21).
 
-    .venv/bin/python benchmarks/image2sphere_recipes.py [--recipes today proposed ...]
+    .venv/bin/python benchmarks/image2sphere_recipes.py [--recipes default long8 ...]
         [--entries sim_c1 sim_c4 sim_d2] [--jobs 2] [--workdir DIR] [--out benchmarks/image2sphere_recipes]
         [--json rows.json] [--quick]
 
@@ -52,20 +52,29 @@ ENTRIES = {
 
 # sim: the simulation (box px, Å/px, particles per half); image_size: the preprocessed copy's side
 # (preprocessing.image_size); params: Image2Sphere's parameters as config/config.yaml gives them.
-SIM3000 = dict(box_size=64, pixel_size=2.13, n_particles=3000)  # config/config.yaml's entries today
+SIM3000 = dict(box_size=64, pixel_size=2.13, n_particles=3000)  # config/synthetic_long.yaml's entries (SNR 0.1)
 SIM10K = dict(box_size=64, pixel_size=2.13, n_particles=10000)
-TODAY = dict(image_size=32, max_epochs=20, lr_patience=3, early_stop_patience=5)  # config/config.yaml's image2sphere
+SNR05 = dict(SIM3000, snr=0.5)  # config/config.yaml's entries
+SNR03 = dict(SIM3000, snr=0.3)
+LONG = dict(image_size=32, max_epochs=20, lr_patience=3, early_stop_patience=5)  # synthetic_long's image2sphere
 RECIPES = {
-    "today": dict(label="config/config.yaml today: 3,000/half, 32 px, batch 32, 20 epochs", sim=SIM3000,
-                  image_size=32, params=TODAY),
-    "today8": dict(label="the same, stopped after 8 epochs (~6 core-min)", sim=SIM3000, image_size=32,
-                   params={**TODAY, "max_epochs": 8}),
-    "batch16": dict(label="batch 16 (twice the steps per image), 4 epochs", sim=SIM3000, image_size=32,
-                    params={**TODAY, "max_epochs": 4, "batch_size": 16}),
-    "n10k_32px": dict(label="10,000 particles/half, 32 px, 2 epochs", sim=SIM10K, image_size=32,
-                      params={**TODAY, "max_epochs": 2}),
-    "n10k_24px": dict(label="10,000 particles/half, 24 px, 3 epochs", sim=SIM10K, image_size=24,
-                      params={**TODAY, "image_size": 24, "max_epochs": 3}),
+    "default": dict(label="config/config.yaml: SNR 0.5, 3,000/half, 32 px, batch 32, 8 epochs", sim=SNR05,
+                    image_size=32, params={**LONG, "max_epochs": 8}),
+    "snr03": dict(label="SNR 0.3, otherwise the default", sim=SNR03, image_size=32, params={**LONG, "max_epochs": 8}),
+    "long": dict(label="config/synthetic_long.yaml: SNR 0.1, 20 epochs", sim=SIM3000, image_size=32, params=LONG),
+    "long8": dict(label="SNR 0.1, stopped after 8 epochs (~6 core-min)", sim=SIM3000, image_size=32,
+                  params={**LONG, "max_epochs": 8}),
+    "batch16": dict(label="SNR 0.1, batch 16 (twice the steps per image), 4 epochs", sim=SIM3000, image_size=32,
+                    params={**LONG, "max_epochs": 4, "batch_size": 16}),
+    "n10k_32px": dict(label="SNR 0.1, 10,000 particles/half, 32 px, 2 epochs", sim=SIM10K, image_size=32,
+                      params={**LONG, "max_epochs": 2}),
+    "n10k_24px": dict(label="SNR 0.1, 10,000 particles/half, 24 px, 3 epochs", sim=SIM10K, image_size=24,
+                      params={**LONG, "image_size": 24, "max_epochs": 3}),
+    "onecycle8": dict(label="SNR 0.1, one-cycle schedule to lr 3e-3 over 8 epochs", sim=SIM3000, image_size=32,
+                      params={**LONG, "max_epochs": 8, "early_stop_patience": 8, "lr_schedule": "onecycle",
+                              "lr": 3e-3}),
+    "px64": dict(label="SNR 0.1, 64 px input (no Fourier crop), 3 epochs", sim=SIM3000, image_size=64,
+                 params={**LONG, "image_size": 64, "max_epochs": 3}),
 }  # fmt: skip
 
 QUICK = {
