@@ -124,3 +124,31 @@ def test_run_all_quick_regenerates_the_summary(tmp_path):
         "<!-- run_all:data"
     )[0].count("FSC + PCC")
     assert _outside(again) == _outside(before)
+
+
+def test_the_core_count_projection_takes_the_longer_of_the_work_and_the_critical_path(tmp_path, capsys):
+    """benchmarks/main_job_cores.py on a run of hand-written benchmark files (issue 21, item 5)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from main_job_cores import main
+
+    def job(rel: str, s: float, cpu: float) -> None:
+        path = tmp_path / "results" / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{s}\t0:00:00\t100\t{cpu}\n")
+
+    job("simulate/e.tsv", 10, 10)
+    job("preprocess/e.tsv", 5, 5)
+    for h in (0, 1):
+        job(f"train/m/e/half{h}.tsv", 100 + 20 * h, 100 + 20 * h)  # half 1 trains longer
+        job(f"predict/m/e/half{h}.tsv", 20, 20)
+        job(f"refine/m+refine/e/half{h}.tsv", 7, 7)
+    for m in ("m", "m+refine", "random"):
+        job(f"evaluate/{m}/e.tsv", 30, 60)
+    job("leaderboard.tsv", 1, 1)
+    assert main([str(tmp_path), "--cores", "1", "64", "--wall", "600", "--measured-cores", "1"]) == 0
+    out = capsys.readouterr().out
+    work = 10 + 5 + 120 + 100 + 40 + 14 + 180 + 1
+    path = 10 + 5 + 120 + 20 + 7 + 30 + 1  # half 1's training, then half 0's prediction, refinement, evaluation
+    assert f"{work / 60:.1f} CPU-minutes" in out and f"critical path {path / 60:.1f} min" in out
+    assert f"| 1 | {work / 60:.1f} | work / cores; measured 10.0 min |" in out
+    assert f"| 64 | {path / 60:.1f} | critical path |" in out
