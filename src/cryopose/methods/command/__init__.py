@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import io
+from ...device import select_device
 from ...entry import Entry
 from ...errors import InputError
 from ...parameters import param, validate
@@ -147,15 +148,8 @@ def check_settings(params: Params) -> None:
 
 
 def _device(params: Params) -> str:
-    if params.gpus:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return "cuda"
-        except ImportError:  # a program that brings its own CUDA does not need ours
-            pass
-    return "cpu"
+    """``cuda`` when the method asks for a GPU and one is visible (:mod:`cryopose.device`), else ``cpu``."""
+    return select_device("auto" if params.gpus else "cpu").type
 
 
 def write_half_view(entry: Entry, half: int, folder: Path, blind: bool) -> Path:
