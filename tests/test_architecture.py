@@ -161,6 +161,7 @@ LAYERS = [
         "entry",
         "provenance",
         "device",
+        "splatting",
     },
     {"predictions", "pose_import", "data", "simulate", "download", "reconstruct", "matching"},
     {"methods", "refine"},

@@ -10,8 +10,9 @@ The torch backend accumulates, on a Fourier grid padded ``pad`` times,
 
 where each particle i's Fourier transform F_i, re-centred by its origin, is inserted as the
 central slice rotated by ``g·R_i`` for every operator g of the symmetry group (trilinear
-splatting with one scatter per batch into an accumulator stored in 4³-voxel bricks, so that the
-eight corners of neighbouring slice points share cache lines) and w_i are the per-particle weights.
+splatting into an accumulator stored in 4³-voxel bricks, so that the eight corners of neighbouring
+slice points share cache lines: on the CPU by the numba kernel of :mod:`cryopose.splatting`, on a
+GPU by one ``index_add_`` per batch) and w_i are the per-particle weights.
 How the slices are sampled and how D is divided by W is the ``scheme``:
 
 * ``"relion"`` (the default of :func:`reconstruct_torch`): ``relion_reconstruct --ctf --pad P``
@@ -59,6 +60,7 @@ from .device import select_device
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .predictions import EULER, ORIGIN
+from .splatting import splat_slices
 from .symmetry import symmetry_matrices
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "write_half_map",
     "SCHEMES",
     "DEFAULT_SCHEME",
+    "KERNELS",
 ]
 
 
@@ -127,6 +130,12 @@ def _unbrick(accumulator: torch.Tensor, p: int) -> torch.Tensor:
     return grid.reshape(c, nz, ny, nx)[:, :p, :p, : p // 2 + 1]
 
 
+def _unbrick_channel(accumulator: torch.Tensor, channel: int, p: int) -> torch.Tensor:
+    """One channel of the bricked accumulator as a contiguous ``(p, p, p//2+1)`` grid (one
+    channel's copy at a time: a third of the memory of unbricking all three)."""
+    return _unbrick(accumulator[:, channel : channel + 1], p)[0].contiguous()
+
+
 #: The torch backend's reconstruction schemes (module docstring), and the one it uses unless told:
 #: a cache of torch-backend maps must record the scheme, as maps of the two differ.
 SCHEMES = ("relion", "wiener")
@@ -139,7 +148,18 @@ def _check_scheme(scheme: str) -> None:
 
 
 _POINTS_PER_SCATTER = 1 << 17
-_COMPILE_MIN_SAMPLES = 2.5e8
+
+#: How :func:`insert_particles` splats (``kernel``): ``"numba"``, the CPU kernel of
+#: :mod:`cryopose.splatting`; ``"torch"``, torch operations and one ``index_add_`` per chunk (any
+#: device: the GPU's path, and the CPU reference the kernel is tested against); ``"torch-compile"``,
+#: the same fused by ``torch.compile`` (CPU; needs a C++ compiler and ~20 s to build; kept so that
+#: benchmarks/reconstruct_speed.py can compare the three).
+KERNELS = ("numba", "torch", "torch-compile")
+
+
+def default_kernel(device) -> str:
+    """``"numba"`` on the CPU, ``"torch"`` elsewhere (a GPU's atomic adds are its fast scatter)."""
+    return "numba" if torch.device(device).type == "cpu" else "torch"
 
 
 def _splat(
@@ -206,7 +226,7 @@ def insert_particles(
     symmetry_ops: torch.Tensor,
     pad: int,
     accumulator: torch.Tensor | None = None,
-    compiled: bool = False,
+    kernel: str | None = None,
     scheme: str = DEFAULT_SCHEME,
 ) -> torch.Tensor:
     """Insert a batch of particles into a padded 3D Fourier accumulator (trilinear splatting).
@@ -224,8 +244,7 @@ def insert_particles(
         accumulator: ``(prod(accumulator_shape(P)), 3)`` float32 to add to (real and imaginary parts
             of Σ w·CTF·F, and Σ w·CTF², over z, y in FFT order and x ≥ 0, stored in bricks of
             4³ voxels), or ``None`` to start one.
-        compiled: run the splatting through ``torch.compile`` (about 2× faster on CPU once built;
-            building takes ~20 s per image size and process).
+        kernel: one of :data:`KERNELS`; ``None``: :func:`default_kernel` of the images' device.
         scheme: ``"wiener"``: the image is zero-padded to ``P`` and its ``P²`` coefficients inserted
             one voxel apart; ``"relion"``: as ``relion_reconstruct``, its own ``S²`` coefficients
             (DC set to 0) are inserted ``pad`` voxels apart (module docstring).
@@ -236,6 +255,11 @@ def insert_particles(
     _check_scheme(scheme)
     b, s = images.shape[0], images.shape[-1]
     dev = images.device
+    kernel = kernel or default_kernel(dev)
+    if kernel not in KERNELS or (kernel != "torch" and dev.type != "cpu"):
+        raise InputError(
+            f"kernel {kernel!r} on {dev.type}; expected one of {KERNELS} ('torch' off the CPU)", where="kernel"
+        )
     p = pad * s
     if scheme == "relion":
         n, spacing = s, pad  # the image's own transform, its samples pad voxels apart
@@ -265,8 +289,13 @@ def insert_particles(
     if accumulator is None:
         accumulator = torch.zeros(int(np.prod(accumulator_shape(p))), 3, dtype=torch.float32, device=dev)
     zt, yt, xt = _axis_offsets(p, dev)
-    chunk = max(1, _POINTS_PER_SCATTER // pts.shape[0])  # particles per scatter: bounds the temporaries
     channels = torch.stack([value.real, value.imag, weight], -1)  # (B, M, 3)
+    if kernel == "numba":
+        for g in symmetry_ops.to(device=dev, dtype=torch.float32):
+            splat_slices(pts, g @ rotmats.float(), channels, accumulator, zt, yt, xt, p)
+        return accumulator
+    compiled = kernel == "torch-compile"
+    chunk = max(1, _POINTS_PER_SCATTER // pts.shape[0])  # particles per scatter: bounds the temporaries
     splat = _compiled_splat() if compiled else _splat
     for g in symmetry_ops.to(device=dev, dtype=torch.float32):
         rotated = g @ rotmats.float()
@@ -280,19 +309,33 @@ def insert_particles(
     return accumulator
 
 
-def _finish(accumulator: torch.Tensor, s: int, pad: int, wiener: float, scheme: str = DEFAULT_SCHEME) -> np.ndarray:
-    """The map from the accumulator of :func:`insert_particles` (module docstring, ``scheme``)."""
+def _finish(holder: list[torch.Tensor], s: int, pad: int, wiener: float, scheme: str = DEFAULT_SCHEME) -> np.ndarray:
+    """The map from the accumulator of :func:`insert_particles` (module docstring, ``scheme``).
+
+    ``holder`` is a one-element list holding the accumulator, which is taken out of it and freed
+    as soon as its three channels are copied out: the caller keeps no reference, so the
+    accumulator does not live on through the Fourier steps (at 256 px, pad 2, it is 0.8 GB)."""
     _check_scheme(scheme)
     p = pad * s
-    acc = _unbrick(accumulator, p).double()
-    num = torch.complex(acc[0], acc[1])
-    den = acc[2].clone()
+    accumulator = holder.pop()
     # The x = 0 plane holds both members of Friedel pairs (k and −k): add each point's mate.
     mirror = lambda a: torch.roll(torch.flip(a, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
+    if scheme == "relion":
+        # Single precision, channel by channel: the sums are float32 already, and the peak memory
+        # must stay below relion_reconstruct's at real box sizes (benchmarks/README.md).
+        num = torch.complex(_unbrick_channel(accumulator, 0, p), _unbrick_channel(accumulator, 1, p))
+        den = _unbrick_channel(accumulator, 2, p)
+        del accumulator
+        num[..., 0] += mirror(num[..., 0]).conj()
+        den[..., 0] += mirror(den[..., 0])
+        return _finish_relion(num, den, s, pad)
+    acc = _unbrick(accumulator, p).double()
+    del accumulator
+    num = torch.complex(acc[0], acc[1])
+    den = acc[2].clone()
+    del acc
     num[..., 0] = num[..., 0] + mirror(num[..., 0]).conj()
     den[..., 0] = den[..., 0] + mirror(den[..., 0])
-    if scheme == "relion":
-        return _finish_relion(num, den, s, pad)
     populated = den > 0
     lam = wiener * float(den[populated].mean()) if populated.any() else 1.0
     vol_ft = torch.where(populated, num / (den + lam), torch.zeros_like(num))
@@ -355,19 +398,30 @@ def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np
     weight = den.masked_fill_(~kept, 0.0)
     # Pipe & Menon (1999) eq. 14: u ← u / max(|(u·W) ⊛ blob|, 1e-6), from u = 1 inside the
     # sphere; the convolution is a product with the blob's transform in the padded real space
-    # (single precision: RELION keeps u in double, as here).
+    # (single precision: RELION keeps u in double, as here). Outside the sphere u is 0 and stays 0
+    # (0 / x), so the update is one in-place division.
     blob = _real_space_blob(p, dev)
     inverse = inside.to(torch.float64)
+    del inside
     for _ in range(_RELION_ITERATIONS):
-        real = torch.fft.irfftn((inverse * weight).to(torch.complex64), s=(p, p, p))
-        conv = torch.fft.rfftn(real.mul_(blob)).abs()
+        product = torch.mul(inverse, weight).to(torch.complex64)
+        real = torch.fft.irfftn(product, s=(p, p, p))
+        del product
+        spectrum = torch.fft.rfftn(real.mul_(blob))
         del real
-        inverse = torch.where(inside, inverse / conv.clamp_min_(1e-6), inverse)
+        conv = spectrum.abs()
+        del spectrum
+        inverse.div_(conv.clamp_min_(1e-6))
         del conv
     del blob, weight
-    vol_ft = num.masked_fill_(~kept, 0.0).mul_(inverse)
+    vol_ft = num.masked_fill_(~kept, 0.0)
+    # u grows without bound where no slice reached (W = 0): in float32 it would overflow, and
+    # 0·inf is NaN; the product is formed in double a slab at a time, as RELION forms it.
+    for z0 in range(0, p, 16):
+        vol_ft[z0 : z0 + 16] = (vol_ft[z0 : z0 + 16].to(torch.complex128) * inverse[z0 : z0 + 16]).to(torch.complex64)
     del inverse
     vol = torch.fft.fftshift(torch.fft.irfftn(vol_ft, s=(p, p, p)))
+    del vol_ft
     start = (p - s) // 2
     vol = vol[start : start + s, start : start + s, start : start + s]
     # softMaskOutsideMap(vol): beyond radius S/2 the map becomes its (edge-weighted) mean there,
@@ -426,7 +480,7 @@ def reconstruct_torch(
     batch_size: int = 128,
     device: str | None = None,
     progress: bool = True,
-    compile: bool | None = None,
+    kernel: str | None = None,
     scheme: str = DEFAULT_SCHEME,
 ) -> tuple[np.ndarray, float]:
     """Direct Fourier inversion of the particles of a STAR file (module docstring).
@@ -440,11 +494,9 @@ def reconstruct_torch(
         wiener: λ relative to the mean CTF² weight (``scheme="wiener"`` only).
         batch_size: particles per insertion batch (memory ~ batch·pad²·S²·16 bytes).
         device: ``"cuda"``/``"cpu"``; default a GPU when there is one.
-        compile: splat through ``torch.compile`` (:func:`insert_particles`); ``None`` does so on
-            the CPU for jobs large enough to repay the ~20 s build (≥ 2.5·10⁸ slice samples:
-            particles × symmetry operators × S² with the "relion" scheme, × (pad·S)² with "wiener";
-            e.g. 16,000 particles of 128 px in C1 with the default), when a C++ compiler is
-            present; a failed build falls back to the eager code with a warning.
+        kernel: how slices are splatted, one of :data:`KERNELS`; ``None``: the numba kernel on
+            the CPU, torch's ``index_add_`` on a GPU. A failed ``"torch-compile"`` build falls back
+            to ``"torch"`` with a warning.
         scheme: ``"relion"`` (default): relion_reconstruct's sampling and weighting, so that the
             two backends give the same maps and metrics; ``"wiener"``: padded images and
             ``D / (W + λ)`` (module docstring).
@@ -483,10 +535,7 @@ def reconstruct_torch(
     weights = _checked_weights(table, star_path) if use_weights else torch.ones(len(table), dtype=torch.float64)
     ops = symmetry_matrices(symmetry)
 
-    if compile is None:
-        work = len(table) * len(ops) * (s if scheme == "relion" else pad * s) ** 2
-        compile = dev.type == "cpu" and work >= _COMPILE_MIN_SAMPLES and compile_available()
-    compiled = bool(compile)
+    kernel = kernel or default_kernel(dev)
     locations = [io.parse_image_name(n, star_path, r) for r, n in enumerate(table["rlnImageName"])]
     stacks: dict[str, object] = {}
     acc = None
@@ -524,19 +573,21 @@ def reconstruct_torch(
                 acc,
             )
             try:
-                acc = insert_particles(*args, compiled=compiled, scheme=scheme)
+                acc = insert_particles(*args, kernel=kernel, scheme=scheme)
             except Exception as err:  # noqa: BLE001 - any failure to build the kernel: run eagerly
-                if not compiled:
+                if kernel != "torch-compile":
                     raise
                 warnings.warn(
                     f"torch.compile failed ({type(err).__name__}: {err}); reconstructing without it", stacklevel=2
                 )
-                compiled = False
-                acc = insert_particles(*args, compiled=False, scheme=scheme)
+                kernel = "torch"
+                acc = insert_particles(*args, kernel=kernel, scheme=scheme)
             bar.update(len(rows))
     for mrc in stacks.values():
         mrc.close()
-    return _finish(acc, s, pad, wiener, scheme), px
+    holder = [acc]
+    del acc  # _finish frees the accumulator once read (its docstring)
+    return _finish(holder, s, pad, wiener, scheme), px
 
 
 def relion_command(launcher: list[str] | None = None, mpi_processes: int = 1) -> list[str]:
