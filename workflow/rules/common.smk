@@ -378,6 +378,12 @@ def _stage(wildcards, stage):
     return get_method(registered_method(wildcards.method)).stage_resources(method_values(wildcards.method))[stage]
 
 
+# Trainings are the long jobs (minutes each, the rest seconds): the rules that lead to them start
+# before anything else is ready to run, so that the short jobs fill the cores behind them rather
+# than a training starting last and running alone (issue 21: the last of six started at ~30 min).
+PRIORITY_TRAINING_CHAIN = 10
+
+
 def stage_threads(stage):
     """Threads of a method's stage: the method's own count, else the config's threads.train."""
     return lambda wildcards: _stage(wildcards, stage).threads or config["threads"]["train"]

@@ -19,6 +19,7 @@ rule simulate_entry:
         spec="logs/simulate/{entry}.spec.json",
     benchmark:
         "results/benchmarks/simulate/{entry}.tsv"
+    priority: PRIORITY_TRAINING_CHAIN
     threads: 2
     resources:
         mem_mb=mem_mb_per_attempt(4000),

@@ -18,6 +18,7 @@ rule preprocess_entry:
         "logs/preprocess/{entry}.log",
     benchmark:
         "results/benchmarks/preprocess/{entry}.tsv"
+    priority: PRIORITY_TRAINING_CHAIN
     threads: 2
     resources:
         mem_mb=mem_mb_per_attempt(4000),

@@ -17,6 +17,7 @@ rule train:
         "logs/train/{method}/{entry}/half{half}.log",
     benchmark:
         "results/benchmarks/train/{method}/{entry}/half{half}.tsv"
+    priority: PRIORITY_TRAINING_CHAIN
     threads: stage_threads("train")
     resources:
         mem_mb=stage_mem_mb("train"),
