@@ -161,7 +161,7 @@ LAYERS = [
         "entry",
         "provenance",
         "device",
-        "splatting",
+        "reconstruct_kernels",
     },
     {"predictions", "pose_import", "data", "simulate", "download", "reconstruct", "matching"},
     {"methods", "refine"},

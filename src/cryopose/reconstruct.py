@@ -11,7 +11,7 @@ The torch backend accumulates, on a Fourier grid padded ``pad`` times,
 where each particle i's Fourier transform F_i, re-centred by its origin, is inserted as the
 central slice rotated by ``g·R_i`` for every operator g of the symmetry group (trilinear
 splatting into an accumulator stored in 4³-voxel bricks, so that the eight corners of neighbouring
-slice points share cache lines: on the CPU by the numba kernel of :mod:`cryopose.splatting`, on a
+slice points share cache lines: on the CPU by the numba kernel of :mod:`cryopose.reconstruct_kernels`, on a
 GPU by one ``index_add_`` per batch) and w_i are the per-particle weights.
 How the slices are sampled and how D is divided by W is the ``scheme``:
 
@@ -60,7 +60,7 @@ from .device import select_device
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .predictions import EULER, ORIGIN
-from .splatting import splat_slices
+from .reconstruct_kernels import divide_by_magnitude, splat_slices, weighted_inverse
 from .symmetry import symmetry_matrices
 
 __all__ = [
@@ -150,7 +150,7 @@ def _check_scheme(scheme: str) -> None:
 _POINTS_PER_SCATTER = 1 << 17
 
 #: How :func:`insert_particles` splats (``kernel``): ``"numba"``, the CPU kernel of
-#: :mod:`cryopose.splatting`; ``"torch"``, torch operations and one ``index_add_`` per chunk (any
+#: :mod:`cryopose.reconstruct_kernels`; ``"torch"``, torch operations and one ``index_add_`` per chunk (any
 #: device: the GPU's path, and the CPU reference the kernel is tested against); ``"torch-compile"``,
 #: the same fused by ``torch.compile`` (CPU; needs a C++ compiler and ~20 s to build; kept so that
 #: benchmarks/reconstruct_speed.py can compare the three).
@@ -403,16 +403,25 @@ def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np
     blob = _real_space_blob(p, dev)
     inverse = inside.to(torch.float64)
     del inside
+    # One buffer each for the product, its real-space image and the spectrum, reused by every
+    # iteration (FFTs write into them): no temporaries of the grid's size, on the CPU the two
+    # element-wise passes fused (cryopose.reconstruct_kernels).
+    product = torch.empty_like(num)
+    real = torch.empty(p, p, p, dtype=torch.float32, device=dev)
+    spectrum = torch.empty_like(num)
+    cpu = dev.type == "cpu"
     for _ in range(_RELION_ITERATIONS):
-        product = torch.mul(inverse, weight).to(torch.complex64)
-        real = torch.fft.irfftn(product, s=(p, p, p))
-        del product
-        spectrum = torch.fft.rfftn(real.mul_(blob))
-        del real
-        conv = spectrum.abs()
-        del spectrum
-        inverse.div_(conv.clamp_min_(1e-6))
-        del conv
+        if cpu:
+            weighted_inverse(inverse, weight, product)
+        else:
+            product.copy_(inverse * weight)
+        torch.fft.irfftn(product, s=(p, p, p), out=real)
+        torch.fft.rfftn(real.mul_(blob), out=spectrum)
+        if cpu:
+            divide_by_magnitude(inverse, spectrum, 1e-6)
+        else:
+            inverse.div_(spectrum.abs().clamp_min_(1e-6))
+    del product, real, spectrum
     del blob, weight
     vol_ft = num.masked_fill_(~kept, 0.0)
     # u grows without bound where no slice reached (W = 0): in float32 it would overflow, and

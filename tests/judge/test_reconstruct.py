@@ -164,7 +164,7 @@ def test_torch_backend_gives_relions_metrics(tmp_path_factory, sym):
 
 
 def test_numba_kernel_equals_torch_scatter(d2):
-    """The CPU kernel (cryopose.splatting) makes the map torch's index_add_ makes, the GPU's path:
+    """The CPU kernel (cryopose.reconstruct_kernels) makes the map torch's index_add_ makes, the GPU's path:
     same corners, same weights, same Friedel conjugation (D2: 4 operators, shifted particles)."""
     star = d2 / "particles_0.star"
     scatter, _ = reconstruct(star, symmetry="D2", progress=False, kernel="torch")

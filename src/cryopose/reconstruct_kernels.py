@@ -1,5 +1,6 @@
-"""The CPU kernel of the torch reconstructor: trilinear splatting of rotated central slices into the
-bricked Fourier accumulator of :mod:`cryopose.reconstruct`, compiled by numba.
+"""The CPU kernels of the torch reconstructor, compiled by numba: trilinear splatting of rotated
+central slices into the bricked Fourier accumulator of :mod:`cryopose.reconstruct`, and the two
+element-wise passes of each density-compensation iteration.
 
 Why a kernel of its own: written with torch operations the splatting builds a dozen temporaries per
 slice point and a scatter (``index_add_``) that serialises its writes; this loop computes each
@@ -27,7 +28,7 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["splat_slices", "kernel_threads"]
+__all__ = ["splat_slices", "kernel_threads", "weighted_inverse", "divide_by_magnitude"]
 
 _BRICK_PLANES = 4  # the z-extent of the accumulator's bricks (cryopose.reconstruct._BRICK)
 
@@ -146,3 +147,46 @@ def splat_slices(
             _splat_kernel(pts, rot, ch, acc, *tables, owner, p, threads)
         finally:
             numba.set_num_threads(previous)
+
+
+# Density compensation (cryopose.reconstruct._finish_relion): each of its ten iterations is two
+# FFTs of the padded grid and a few element-wise passes; written with torch operations those passes
+# cost more than the FFTs (each a full sweep, several allocating a temporary of the grid's size).
+# Fused here, one sweep each and no allocation.
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _weighted_inverse(inverse, weight, out):  # pragma: no cover - jit
+    flat_u, flat_w, flat_out = inverse.reshape(-1), weight.reshape(-1), out.reshape(-1)
+    for i in numba.prange(flat_u.size):
+        flat_out[i] = np.complex64(flat_u[i] * flat_w[i])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
+    flat_u, flat_s = inverse.reshape(-1), spectrum.reshape(-1)
+    for i in numba.prange(flat_u.size):
+        magnitude = abs(flat_s[i])
+        flat_u[i] /= magnitude if magnitude > floor else floor
+
+
+def weighted_inverse(inverse: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = u·W`` as complex64 (zero imaginary parts): ``inverse`` float64, ``weight`` float32,
+    ``out`` complex64, all of one shape, contiguous, on the CPU."""
+    with _LOCK:
+        _run(_weighted_inverse, inverse.numpy(), weight.numpy(), out.numpy())
+
+
+def divide_by_magnitude(inverse: torch.Tensor, spectrum: torch.Tensor, floor: float = 1e-6) -> None:
+    """``u ← u / max(|spectrum|, floor)`` in place (``inverse`` float64, ``spectrum`` complex64)."""
+    with _LOCK:
+        _run(_divide_by_magnitude, inverse.numpy(), spectrum.numpy(), floor)
+
+
+def _run(kernel, *args) -> None:
+    previous = numba.get_num_threads()
+    numba.set_num_threads(kernel_threads())
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
