@@ -493,6 +493,49 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_perturbations(args: argparse.Namespace) -> int:
+    from .evaluate import GROUND_TRUTH_FILES
+    from .sensitivity import evaluate_perturbations, parse_perturbation, perturbation_files
+
+    for name in args.perturbation:  # an unknown name is refused before the entry is even looked up
+        parse_perturbation(name)
+    entry = _entry(args)
+    out_root = Path(args.out_root)
+    gt_dir = Path(args.ground_truth_dir) if args.ground_truth_dir else out_root / "ground_truth" / entry.name
+    # The files written, not their folders: each level's predictions lie beside its evaluation.
+    refuse_overwriting_inputs(
+        {
+            "--out-root": [
+                out_root / name / entry.name / f for name in args.perturbation for f in perturbation_files()
+            ],
+            "--ground-truth-dir": [gt_dir / n for n in GROUND_TRUTH_FILES],
+        },
+        {"entry": entry.input_paths()},
+    )
+    if args.backend is None:  # relion in the CESPED-compatible mode, as cryopose evaluate
+        args.backend = "relion" if args.cesped_compatible else "torch"
+    options = _reconstruct_options(args)
+    if args.backend == "torch":
+        from .device import report_device, select_device
+
+        report_device("reconstruction (torch)", select_device(options.get("device")))
+    folders = evaluate_perturbations(
+        entry,
+        args.perturbation,
+        out_root,
+        ground_truth_dir=gt_dir,
+        seed=args.seed,
+        backend=args.backend,
+        jobs=args.jobs,
+        cesped_compatible=args.cesped_compatible,
+        progress=not args.quiet,
+        report=lambda line: print(line, flush=True),
+        **options,
+    )
+    print(f"{len(folders)} perturbation(s) of {entry.name} written to {out_root}")
+    return 0
+
+
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity import (
         missing_values,
@@ -818,6 +861,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark-dir", help="where entry names are looked up")
     _add_entry_source_args(p)
     p.set_defaults(func=_cmd_perturb)
+
+    p = sub.add_parser(
+        "evaluate-perturbations",
+        help="perturb the ground-truth poses of an entry at each level and evaluate them, in one process "
+        "(OUT_ROOT/<perturbation>/<entry>/: half0.star, half1.star and what 'cryopose evaluate --no-plots' "
+        "writes, with --method perturbation:<name>)",
+    )
+    p.add_argument("entry", help=ENTRY_HELP)
+    p.add_argument(
+        "--perturbation",
+        action="append",
+        required=True,
+        help="exact, noise<degrees> or random<percent> (as 'cryopose perturb'); repeat for each level",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-root", required=True, help="folder for <perturbation>/<entry>/")
+    p.add_argument(
+        "--ground-truth-dir",
+        help="cache of the ground-truth half-maps, shared by every level (default OUT_ROOT/ground_truth/<entry>)",
+    )
+    _add_reconstruction_args(p)
+    p.add_argument("--jobs", type=int, default=1, help="reconstructions at once (as 'cryopose evaluate')")
+    p.add_argument(
+        "--cesped-compatible",
+        action="store_true",
+        help="score by the CESPED package's definitions (as 'cryopose evaluate --cesped-compatible')",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars (one line per level is still printed)")
+    p.set_defaults(func=_cmd_evaluate_perturbations, backend=None)
 
     p = sub.add_parser(
         "sensitivity",

@@ -46,6 +46,8 @@ __all__ = [
     "perturbation_name",
     "perturb_angles",
     "write_perturbed_predictions",
+    "evaluate_perturbations",
+    "perturbation_files",
     "sensitivity_table",
     "monotone_violations",
     "missing_values",
@@ -139,18 +141,140 @@ def write_perturbed_predictions(
     """The ground-truth predictions STAR of ``half`` with the angles perturbed as ``perturbation``
     names (:func:`parse_perturbation`); true shifts, confidence 1."""
     kind, level = parse_perturbation(perturbation)
-    star = entry.read_star(half)
-    parts = star.particles.copy()
-    missing = [c for c in EULER if c not in parts.columns]
-    if missing:
-        raise InputError(f"missing ground-truth angle column(s) {missing}", path=star.path)
-    angles = torch.tensor(parts[EULER].to_numpy(dtype=np.float64))
+    return _write_perturbed(entry, half, kind, level, out_star, seed, _true_angles(entry, half))
+
+
+def _write_perturbed(
+    entry: Entry, half: int, kind: str, level: float, out_star: str | Path, seed: int, truth: np.ndarray
+) -> Path:
+    """:func:`write_perturbed_predictions` of the ground-truth angles ``truth`` already read."""
     perturbed = perturb_angles(
-        angles, kind, level, _generator(seed, entry.name, half, 1), _generator(seed, entry.name, half, 2)
+        torch.tensor(truth), kind, level, _generator(seed, entry.name, half, 1), _generator(seed, entry.name, half, 2)
     )
     return write_predictions(
         entry, half, out_star, angles_deg=perturbed.numpy(), shifts_angstrom=true_origins(entry, half)
     )
+
+
+def _true_angles(entry: Entry, half: int) -> np.ndarray:
+    """``(N, 3)`` the ground-truth (rot, tilt, psi) of ``half`` in degrees, refused when missing."""
+    star = entry.read_star(half)
+    missing = [c for c in EULER if c not in star.particles.columns]
+    if missing:
+        raise InputError(f"missing ground-truth angle column(s) {missing}", path=star.path)
+    return star.particles[EULER].to_numpy(dtype=np.float64)
+
+
+def perturbation_files(plots: bool = False) -> list[str]:
+    """The names of the files :func:`evaluate_perturbations` writes into each level's folder: the
+    perturbed predictions, then what :func:`cryopose.evaluate.evaluate` writes."""
+    from .evaluate import evaluation_files
+
+    return ["half0.star", "half1.star", *evaluation_files(plots)]
+
+
+def evaluate_perturbations(
+    entry: Entry | str | Path,
+    perturbations,
+    out_root: str | Path,
+    ground_truth_dir: str | Path | None = None,
+    seed: int = 0,
+    backend: str | None = None,
+    jobs: int = 1,
+    cesped_compatible: bool = False,
+    progress: bool = True,
+    report=None,
+    **reconstruct_options,
+) -> dict[str, Path]:
+    """Every perturbation of one entry, perturbed and evaluated in one process.
+
+    For each name of ``perturbations`` (:func:`parse_perturbation`), in the order given, the folder
+    ``out_root/<name>/<entry>/`` gets ``half0.star`` and ``half1.star``
+    (:func:`write_perturbed_predictions` with ``seed``), then the evaluation of those predictions
+    as :func:`cryopose.evaluate.evaluate` makes it with ``method="perturbation:<name>"``,
+    prediction type SO3, no predicted confidence and no plots (``metrics.json``, ``fsc.csv``, ...):
+    the same files, and the same numbers, as evaluating each level on its own. The entry is read
+    once, and the ground-truth half-maps come from the cache ``ground_truth_dir`` (default
+    ``out_root/ground_truth/<entry>``), built first when it is missing or out of date. Each file
+    is written atomically, one level after the other.
+
+    Every name, the entry and the backend are checked before anything is written: an unknown
+    perturbation (or one given twice) raises :class:`InputError` and no folder is made.
+
+    Args:
+        backend, jobs, cesped_compatible, reconstruct_options: as :func:`cryopose.evaluate.evaluate`.
+        progress: the reconstructions' progress bars.
+        report: called with one line per level once it is written (e.g. ``print``).
+
+    Returns:
+        ``{name: its folder}``.
+    """
+    from .entry import resolve_entry
+    from .evaluate import evaluate, ground_truth_maps
+    from .reconstruct import relion_command
+
+    names = [str(n) for n in perturbations]
+    if not names:
+        raise InputError("no perturbation given", where="perturbation")
+    levels = {name: parse_perturbation(name) for name in names}
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"perturbation {repeated[0]!r} given twice", where="perturbation")
+    entry = resolve_entry(entry)
+    if backend is None:
+        backend = "relion" if cesped_compatible else "torch"
+    if backend not in ("torch", "relion"):
+        raise InputError(f"unknown backend {backend!r}; expected 'torch' or 'relion'", where="backend")
+    if cesped_compatible and (backend != "relion" or reconstruct_options.get("pad", 2) != 2):
+        raise InputError(
+            "the CESPED-compatible mode reconstructs as CESPED does (relion_reconstruct, --pad 2); "
+            f"got backend {backend!r}: leave it out or use backend 'relion'",
+            where="backend",
+        )
+    entry.validate()
+    truth = {h: _true_angles(entry, h) for h in entry.halves}
+    if backend == "relion":
+        relion_command(reconstruct_options.get("launcher"), reconstruct_options.get("mpi_processes", 1))
+    out_root = Path(out_root)
+    gt_dir = Path(ground_truth_dir) if ground_truth_dir is not None else out_root / "ground_truth" / entry.name
+    # Built (or checked) once, before the first level: every evaluation below finds it cached.
+    ground_truth_maps(entry, gt_dir, backend=backend, progress=progress, jobs=jobs, **reconstruct_options)
+
+    folders = {}
+    for i, (name, (kind, level)) in enumerate(levels.items()):
+        folder = out_root / name / entry.name
+        stars = [
+            _write_perturbed(entry, h, kind, level, folder / f"half{h}.star", seed, truth[h]) for h in entry.halves
+        ]
+        m = evaluate(
+            entry,
+            stars[0],
+            stars[1],
+            prediction_type="SO3",
+            backend=backend,
+            use_pred_confidence=False,
+            outdir=folder,
+            ground_truth_dir=gt_dir,
+            plots=False,
+            progress=progress,
+            jobs=jobs,
+            method=f"perturbation:{name}",
+            cesped_compatible=cesped_compatible,
+            # What `cryopose evaluate` records of predictions made by no registered method.
+            provenance={"method_version": None, "params_hash": None, "train_machine": None},
+            **reconstruct_options,
+        ).metrics  # not its maps: the next level's would be made beside them
+        folders[name] = folder
+        if report is not None:
+            shown = ", ".join(
+                f"{key} {_cell(m.get(key), key)}{' ' + metric(key).unit if metric(key).unit else ''}"
+                for key in ("MAnE", "PCC(V0,V1)", "FSCR0.5(V0,V1)")
+            )
+            report(
+                f"{entry.name}: {name} ({i + 1}/{len(levels)}) evaluated in {m['seconds_total']:.1f} s: "
+                f"{shown}; written to {folder}"
+            )
+    return folders
 
 
 def sensitivity_table(metrics_files) -> pd.DataFrame:

@@ -342,6 +342,16 @@ def test_perturb_over_the_entry_star_is_refused(ws, capsys):
     )
 
 
+def test_evaluate_perturbations_into_the_entry_is_refused(ws, capsys):
+    """Each level's predictions and evaluation go under --out-root, the shared maps into
+    --ground-truth-dir: neither may lie in the entry it perturbs."""
+    for option in ("--out-root", "--ground-truth-dir"):
+        argv = ["evaluate-perturbations", str(ws.entry), "--perturbation", "exact", "--perturbation", "noise1"]
+        argv += ["--out-root", str(ws.out / "sens"), "--ground-truth-dir", str(ws.root / "gt"), "--quiet"]
+        argv[argv.index(option) + 1] = str(ws.entry)
+        _refused(ws, argv, [option, str(ws.entry.resolve())], capsys)
+
+
 def test_download_into_an_entry_is_refused(ws, capsys):
     # An unreachable server: the old code got as far as making .download/ inside the entry.
     _refused(

@@ -18,6 +18,7 @@ from cryopose.metric_table import metric
 from cryopose.metrics import angular_errors
 from cryopose.sensitivity import (
     METRICS,
+    evaluate_perturbations,
     monotone_violations,
     parse_perturbation,
     perturb_angles,
@@ -157,6 +158,79 @@ def test_map_metrics_worsen_monotonically(entry, tmp_path, capsys):
     assert "### uniform angular noise" in (tmp_path / "sensitivity.md").read_text()
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
     assert (tmp_path / "sensitivity_fsc.png").stat().st_size > 10_000
+
+
+def _timeless(metrics_json):
+    """A metrics.json without its timings (the only values two runs of one evaluation may differ in)."""
+    m = json.loads(metrics_json.read_text())
+    return {k: v for k, v in m.items() if not k.startswith("seconds_")}
+
+
+def test_one_process_gives_the_numbers_of_one_job_per_level(entry, tmp_path):
+    """evaluate_perturbations (the workflow's one job per entry) writes, for each level, the files
+    the former two jobs per level wrote: `cryopose perturb` of each half, then `cryopose evaluate
+    --method perturbation:<name> --prediction-type SO3 --no-pred-confidence --no-plots`; the same
+    metrics.json but for its timings (provenance included), the same fsc.csv, particles.csv, maps
+    and poses. The separate runs build their own ground-truth cache: none of the numbers come from
+    the shared one."""
+    levels = ["exact", "noise3", "random20"]
+    lines = []
+    folders = evaluate_perturbations(
+        entry, levels, tmp_path / "one", ground_truth_dir=tmp_path / "gt", seed=4, progress=False, report=lines.append
+    )
+    assert list(folders) == levels and len(lines) == len(levels)
+    assert all(f"({i + 1}/3)" in line and name in line for i, (name, line) in enumerate(zip(levels, lines)))
+    for name in levels:
+        one, apart = tmp_path / "one" / name / entry.name, tmp_path / "apart" / name
+        assert folders[name] == one
+        for h in (0, 1):
+            argv = ["perturb", "--entry", str(entry.root), "--half", str(h), "--perturbation", name]
+            assert main([*argv, "--seed", "4", "--out", str(apart / f"half{h}.star")]) == 0
+            # (the files' headers carry the time of writing)
+            pd.testing.assert_frame_equal(
+                io.read_particles_star(one / f"half{h}.star").particles,
+                io.read_particles_star(apart / f"half{h}.star").particles,
+            )
+        argv = ["evaluate", str(entry.root), "--half0", str(apart / "half0.star"), "--half1", str(apart / "half1.star")]
+        argv += ["--method", f"perturbation:{name}", "--prediction-type", "SO3", "--no-pred-confidence"]
+        argv += ["--ground-truth-dir", str(tmp_path / "gt_apart" / name), "--out", str(apart), "--no-plots", "--quiet"]
+        assert main(argv) == 0
+        assert _timeless(one / "metrics.json") == _timeless(apart / "metrics.json"), name
+        for table in ("fsc.csv", "particles.csv"):
+            assert (one / table).read_bytes() == (apart / table).read_bytes(), (name, table)
+        for volume in ("V_half0.mrc", "V_half1.mrc", "V.mrc"):
+            np.testing.assert_array_equal(io.read_map(one / volume)[0], io.read_map(apart / volume)[0])
+        assert not (one / "fsc.png").exists()
+
+
+def test_bad_perturbations_and_entries_are_refused_before_anything_is_written(entry, tmp_path, capsys):
+    out = tmp_path / "out"
+    for bad in (["exact", "jitter3"], ["noise1", "noise1"], ["random120"], []):
+        with pytest.raises(InputError, match="perturbation"):
+            evaluate_perturbations(entry, bad, out, ground_truth_dir=tmp_path / "gt", progress=False)
+        assert not out.exists() and not (tmp_path / "gt").exists()
+    cases = [
+        ([str(entry.root), "--perturbation", "exact", "--perturbation", "jitter3"], "jitter3"),
+        ([str(tmp_path / "no_such_entry"), "--perturbation", "exact"], "no_such_entry"),
+    ]
+    for argv, needle in cases:
+        code = main(["evaluate-perturbations", *argv, "--out-root", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "evaluate-perturbations: error" in err
+        assert not out.exists()
+
+
+def test_the_command_evaluates_each_level(entry, tmp_path, capsys):
+    argv = ["evaluate-perturbations", str(entry.root), "--perturbation", "exact", "--perturbation", "noise5"]
+    assert main([*argv, "--seed", "1", "--out-root", str(tmp_path / "sens"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "exact (1/2)" in printed and "noise5 (2/2)" in printed
+    for name in ("exact", "noise5"):
+        folder = tmp_path / "sens" / name / entry.name
+        assert json.loads((folder / "metrics.json").read_text())["method"] == f"perturbation:{name}"
+        assert (folder / "half0.star").is_file() and (folder / "fsc.csv").is_file()
+    # The default cache of the ground-truth maps, shared by the levels.
+    assert (tmp_path / "sens" / "ground_truth" / entry.name / "ground_truth.json").is_file()
 
 
 def test_a_non_monotone_table_is_reported():

@@ -61,12 +61,11 @@ def test_dry_run_schedules_every_job(tmp_path, config):
         expected["evaluate_transfer"] = expected.get("evaluate_transfer", 0) + len(used)
     if transfers:
         expected["generalisation"] = 1
-    # Misalignment sensitivity: "exact" and each level, perturbed and evaluated per entry.
+    # Misalignment sensitivity: "exact" and each level, perturbed and evaluated in one job per entry.
     sens = cfg.get("sensitivity", {})
     levels = len(sens.get("angular_noise_deg", [])) + len(sens.get("random_percent", []))
     if levels:
-        n = len(sens.get("entries") or cfg["entries"])
-        expected["perturb_predictions"] = expected["evaluate_sensitivity"] = n * (levels + 1)
+        expected["evaluate_sensitivity"] = len(sens.get("entries") or cfg["entries"])
         expected["sensitivity"] = 1
     if s:
         expected["simulate_entry"] = s
@@ -290,8 +289,9 @@ def test_relion_backend_is_passed_to_every_reconstruction(tmp_path):
         if "cryopose ground-truth" in line or "cryopose evaluate" in line
     ]
     # Ground truth of 3 entries and the transfer entry; 5 methods × 3 entries; 4 trained methods on
-    # the transfer entry; the sensitivity experiment's 7 evaluations of tiny_c1.
-    assert len(commands) == 4 + 5 * 3 + 4 + 7
+    # the transfer entry; the sensitivity experiment's one job evaluating the 7 levels of tiny_c1.
+    assert len(commands) == 4 + 5 * 3 + 4 + 1
+    assert sum("cryopose evaluate-perturbations" in line for line in text.splitlines()) == 1
     assert all(
         "--backend relion" in c and "--relion-launcher 'apptainer exec relion.sif'" in c and "--jobs 2" in c
         for c in commands

@@ -128,7 +128,6 @@ PERTURBATIONS = (
     if SENSITIVITY.get("angular_noise_deg") or SENSITIVITY.get("random_percent")
     else []
 )
-PERTURBATION_PATTERN = r"exact|noise[0-9.]+|random[0-9.]+"
 SENSITIVITY_ENTRIES = SENSITIVITY.get("entries") or list(ENTRIES)
 BENCHMARK_DIR = config["benchmark_dir"]
 RECON = config["reconstruction"]

@@ -3,70 +3,53 @@
 # map metrics tabulated and plotted against the perturbation.
 
 
-rule perturb_predictions:
-    wildcard_constraints:
-        perturbation=PERTURBATION_PATTERN,
-        entry=name_pattern(ENTRIES),
-    input:
-        entry=entry_dir,
-    output:
-        half0="results/sensitivity/{perturbation}/{entry}/half0.star",
-        half1="results/sensitivity/{perturbation}/{entry}/half1.star",
-    params:
-        seed=SENSITIVITY.get("seed", 0),
-    log:
-        "logs/sensitivity/perturb/{perturbation}/{entry}.log",
-    benchmark:
-        "results/benchmarks/sensitivity/perturb/{perturbation}/{entry}.tsv"
-    threads: 1
-    resources:
-        mem_mb=mem_mb_per_attempt(2000),
-        runtime=runtime_per_attempt(10),
-    conda:
-        "../../envs/cryopose.yaml"
-    shell:
-        "(cryopose perturb --entry {input.entry:q} --half 0 --perturbation {wildcards.perturbation:q} "
-        "--seed {params.seed:q} --out {output.half0:q} && "
-        "cryopose perturb --entry {input.entry:q} --half 1 --perturbation {wildcards.perturbation:q} "
-        "--seed {params.seed:q} --out {output.half1:q}) > {log:q} 2>&1"
-
-
+# One job per entry perturbs and evaluates every level in one process (cryopose
+# evaluate-perturbations): the entry is read and the ground-truth maps checked once, not 2 + 1
+# start-ups per level.
 rule evaluate_sensitivity:
     wildcard_constraints:
-        perturbation=PERTURBATION_PATTERN,
         entry=name_pattern(ENTRIES),
     input:
         entry=entry_dir,
-        half0="results/sensitivity/{perturbation}/{entry}/half0.star",
-        half1="results/sensitivity/{perturbation}/{entry}/half1.star",
         gt0="results/ground_truth/{entry}/GT_half0.mrc",
         gt1="results/ground_truth/{entry}/GT_half1.mrc",
         record="results/ground_truth/{entry}/ground_truth.json",
     output:
-        metrics="results/sensitivity/{perturbation}/{entry}/metrics.json",
-        fsc="results/sensitivity/{perturbation}/{entry}/fsc.csv",
+        half0=expand(
+            "results/sensitivity/{perturbation}/{entry}/half0.star", perturbation=PERTURBATIONS, allow_missing=True
+        ),
+        half1=expand(
+            "results/sensitivity/{perturbation}/{entry}/half1.star", perturbation=PERTURBATIONS, allow_missing=True
+        ),
+        metrics=expand(
+            "results/sensitivity/{perturbation}/{entry}/metrics.json", perturbation=PERTURBATIONS, allow_missing=True
+        ),
+        fsc=expand("results/sensitivity/{perturbation}/{entry}/fsc.csv", perturbation=PERTURBATIONS, allow_missing=True),
     params:
+        perturbations=[arg for name in PERTURBATIONS for arg in ("--perturbation", name)],
+        seed=SENSITIVITY.get("seed", 0),
         backend=RECON["backend"],
         relion=relion_options(),
         jobs=RECON["jobs"],
-        outdir=lambda wc, output: os.path.dirname(output.metrics),
+        # results/sensitivity, above <perturbation>/<entry>/metrics.json
+        outroot=lambda wc, output: os.path.dirname(os.path.dirname(os.path.dirname(output.metrics[0]))),
         gtdir=lambda wc, input: os.path.dirname(input.record),
         cesped=CESPED_COMPATIBLE,
     log:
-        "logs/sensitivity/evaluate/{perturbation}/{entry}.log",
+        "logs/sensitivity/{entry}.log",
     benchmark:
-        "results/benchmarks/sensitivity/evaluate/{perturbation}/{entry}.tsv"
+        "results/benchmarks/sensitivity/{entry}.tsv"
     threads: config["threads"]["reconstruct"]
     resources:
         mem_mb=mem_mb_per_attempt(8000),
-        runtime=runtime_per_attempt(120),
+        # an evaluation per level, each as long as one of rule evaluate's
+        runtime=runtime_per_attempt(120 * max(1, len(PERTURBATIONS))),
     conda:
         "../../envs/cryopose.yaml"
     shell:
-        "cryopose evaluate {input.entry:q} --half0 {input.half0:q} --half1 {input.half1:q} "
-        "--method perturbation:{wildcards.perturbation:q} --prediction-type SO3 --no-pred-confidence "
+        "cryopose evaluate-perturbations {input.entry:q} {params.perturbations:q} --seed {params.seed:q} "
         "--backend {params.backend:q} {params.cesped:q} {params.relion:q} --jobs {params.jobs:q} "
-        "--ground-truth-dir {params.gtdir:q} --out {params.outdir:q} --no-plots --quiet > {log:q} 2>&1"
+        "--ground-truth-dir {params.gtdir:q} --out-root {params.outroot:q} --quiet > {log:q} 2>&1"
 
 
 rule sensitivity:
