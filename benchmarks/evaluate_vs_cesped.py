@@ -11,21 +11,28 @@ about a random axis, random confidences in [0.5, 1]), then times:
   download is replaced by a copy of the entry's mask, since the machine is offline, and its
   ``metrics.json`` writer is given ``default=float``, without which it crashes on numpy float32
   values after all the work is done), in its own virtual environment;
-* ``cryopose.evaluate`` with ``backend="relion"`` (the same four relion_reconstruct runs), the same
-  with ``jobs=2`` (the two halves reconstructed side by side), and with ``backend="torch"``;
+* ``cryopose.evaluate`` with ``backend="relion"`` and ``jobs=2`` (the same four relion_reconstruct
+  runs, the two halves side by side), and with ``backend="torch"`` (its default kernel: numba on
+  the CPU), profiled: where its time goes (reading stacks, CTFs, splatting, the Fourier steps,
+  metrics, masks, figures, files) is printed as a table;
 
 each twice: with an empty output folder (the ground-truth half-maps are reconstructed) and again
 with the ground-truth maps cached (the situation of every method after the first on an entry).
-Prints the times, their ratios and the metrics side by side (``--json``: the times also as rows for
-``benchmarks/run_all``; ``--quick``: 200 particles per half of 32 px, a smoke test). Without the
-CESPED environment, only cryopose is timed. Nothing here is a pass/fail test.
+Then the torch backend once more with ``kernel="torch"`` (torch's own scatter, the reconstructor
+before the numba kernel): its metrics against the default's show the kernel changes no number
+beyond float rounding. Prints the times, their ratios and the metrics side by side (``--json``:
+the times also as rows for ``benchmarks/run_all``; ``--quick``: 200 particles per half of 32 px, a
+smoke test). Without the CESPED environment, only cryopose is timed. Nothing here is a pass/fail
+test.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -145,6 +152,35 @@ def run_cesped(python: str, bench: Path, entry: Entry, preds: list[Path], outdir
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: (label, function qualified name) of the phases the profile table shows, as cumulative times
+PHASES = [
+    ("ground-truth + predicted reconstructions", "reconstruct.py:reconstruct_torch"),
+    ("  reading images (memory-mapped stacks)", "mrc.py:read_images"),
+    ("  CTFs", "ctf.py:ctf_from_parameters"),
+    ("  image FFTs, re-centring, splatting", "reconstruct.py:insert_particles"),
+    ("    of which the splatting kernel", "reconstruct_kernels.py:splat_slices"),
+    ("  density compensation, inverse FFT, mask", "reconstruct.py:_finish"),
+    ("map comparisons (FSC, PCC; 9 pairs × 2 masks)", "metrics.py:compare_maps"),
+    ("mask from the entry / ground truth", "evaluate.py:_read_entry_mask"),
+    ("pose metrics (angular errors, symmetry)", "evaluate.py:_pose_metrics"),
+    ("writing maps, tables, figures", "evaluate.py:_write_outputs"),
+    ("  of which the figures", "plots.py:_save"),
+]
+
+
+def phase_table(profile: cProfile.Profile, total: float) -> list[tuple[str, float]]:
+    """Cumulative seconds of each of :data:`PHASES` in ``profile``, and the rest of ``total``."""
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    out = []
+    for label, key in PHASES:
+        file, name = key.split(":")
+        secs = sum(v[3] for (f, _, n), v in stats.items() if f.endswith("/" + file) and n == name)
+        out.append((label, secs))
+    top = sum(secs for label, secs in out if not label.startswith(" "))
+    out.append(("everything else (predictions, checks, scheduling)", max(0.0, total - top)))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-particles", type=int, default=None, help="per half (default 5000; --quick: 200)")
@@ -174,11 +210,17 @@ def main() -> None:
                 r = run_cesped(args.cesped_python, bench, entry, preds, out)
                 rows.append(("CESPED evaluateEntry (relion)", label, r["seconds"]))
                 metrics["CESPED"] = r["metrics"]
-        for backend, jobs in (("relion", 1), ("relion", 2), ("torch", 1)):
+        profiles = {}
+        for backend, jobs, kernel in (("relion", 2, None), ("torch", 1, None), ("torch", 1, "torch")):
             name = f"cryopose ({backend})" + (f", jobs {jobs}" if jobs > 1 else "")
-            gt_dir = tmp / f"gt_{backend}_{jobs}"
-            for label in ("fresh", "GT cached"):
+            name += f", kernel {kernel}" if kernel else ""
+            gt_dir = tmp / f"gt_{backend}_{jobs}_{kernel}"
+            for label in ("fresh", "GT cached") if kernel is None else ("fresh",):
+                options = {"kernel": kernel} if kernel else {}
+                profile = cProfile.Profile() if backend == "torch" and kernel is None else None
                 t = time.perf_counter()
+                if profile:
+                    profile.enable()
                 res = evaluate(
                     entry,
                     preds[0],
@@ -189,8 +231,13 @@ def main() -> None:
                     ground_truth_dir=gt_dir,
                     progress=False,
                     jobs=jobs,
+                    **options,
                 )
-                rows.append((name, label, time.perf_counter() - t))
+                seconds = time.perf_counter() - t
+                if profile:
+                    profile.disable()
+                    profiles[label] = phase_table(profile, seconds)
+                rows.append((name, label, seconds))
                 metrics[name] = res.metrics
     print(
         f"entry: {args.n_particles} particles per half × {args.box_size}² px, {args.pixel_size} Å/px, C1, SNR 0.1; "
@@ -203,20 +250,29 @@ def main() -> None:
     if not args.skip_cesped:
         for label in ("fresh", "GT cached"):
             ref = next(s for i, lab, s in rows if i.startswith("CESPED") and lab == label)
-            for name in ("cryopose (relion)", "cryopose (relion), jobs 2", "cryopose (torch)"):
+            for name in ("cryopose (relion), jobs 2", "cryopose (torch)"):
                 ours = next(s for i, lab, s in rows if i == name and lab == label)
                 print(f"{label}: CESPED / {name} = {ref / ours:.2f}×")
         print(f"\n{'CESPED metric':<32} {'CESPED':>10} {'cryopose metric':<28} {'relion':>10} {'torch':>10}")
         for theirs, ours in PAIRS:
             print(
                 f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
-                f"{metrics['cryopose (relion)'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}"
+                f"{metrics['cryopose (relion), jobs 2'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}"
             )
+    print("\n| where the torch evaluation's time goes | fresh s | GT cached s |\n| --- | --- | --- |")
+    for (label, fresh), (_, cached) in zip(profiles["fresh"], profiles["GT cached"]):
+        print(f"| {label} | {fresh:.2f} | {cached:.2f} |")
+    default, old = metrics["cryopose (torch)"], metrics["cryopose (torch), kernel torch"]
+    numbers = [k for k, v in default.items() if isinstance(v, float) and not k.startswith("seconds")]
+    worst = max(numbers, key=lambda k: abs(default[k] - (old.get(k) or 0.0)))
+    print(
+        f"\nnumba kernel vs torch's scatter, same evaluation: {len(numbers)} metrics, largest difference "
+        f"{worst} {default[worst]:.6g} vs {old[worst]:.6g}"
+    )
 
     ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
     out = []
     variants = {
-        "cryopose (relion)": "relion backend",
         "cryopose (relion), jobs 2": "relion backend, jobs 2",
         "cryopose (torch)": "torch backend (CPU)" if not torch.cuda.is_available() else "torch backend",
     }
