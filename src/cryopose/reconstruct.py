@@ -60,7 +60,7 @@ from .device import select_device
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .predictions import EULER, ORIGIN
-from .reconstruct_kernels import divide_by_magnitude, splat_slices, weighted_inverse
+from .reconstruct_kernels import divide_by_magnitude, multiply_radial, slice_values, splat_slices, weighted_inverse
 from .symmetry import symmetry_matrices
 
 __all__ = [
@@ -272,28 +272,30 @@ def insert_particles(
         ft = torch.fft.rfft2(torch.fft.ifftshift(padded, dim=(-2, -1)))
     h = n // 2 + 1
     mask, pts = _slice_points(n, dev)
+    if accumulator is None:
+        accumulator = torch.zeros(int(np.prod(accumulator_shape(p))), 3, dtype=torch.float32, device=dev)
+    zt, yt, xt = _axis_offsets(p, dev)
+    iy = torch.remainder(pts[:, 1], n).long()
+    ix = pts[:, 0].long()
+    if kernel == "numba":  # the slice values in one pass, then the splatting (cryopose.reconstruct_kernels)
+        channels = slice_values(ft, ctf.float(), origins_px, weights, iy, ix)
+        pts = pts * spacing
+        for g in symmetry_ops.to(device=dev, dtype=torch.float32):
+            splat_slices(pts, g @ rotmats.float(), channels, accumulator, zt, yt, xt, p)
+        return accumulator
     shift = origins_px.float()
     # Re-centre each particle: a shift by +origin is a phase ramp, separable in x and y, so two
     # short exponentials per particle and a gather replace one exponential per slice point.
     k = torch.fft.fftfreq(n, d=1.0 / n, device=dev)
     ramp_x = torch.exp(-2j * torch.pi * shift[:, 0, None] * k[None, :h].abs() / n)  # (B, h): k_x ≥ 0
     ramp_y = torch.exp(-2j * torch.pi * shift[:, 1, None] * k[None, :] / n)  # (B, n), FFT order
-    iy = torch.remainder(pts[:, 1], n).long()
-    ix = pts[:, 0].long()
     pts = pts * spacing  # slice coordinates in voxels of the padded grid
     phase = ramp_y[:, iy] * ramp_x[:, ix]
     ctf_m = ctf.float()[:, mask]
     w = weights.float()[:, None]
     value = ft[:, mask] * phase * (ctf_m * w)
     weight = ctf_m * ctf_m * w
-    if accumulator is None:
-        accumulator = torch.zeros(int(np.prod(accumulator_shape(p))), 3, dtype=torch.float32, device=dev)
-    zt, yt, xt = _axis_offsets(p, dev)
     channels = torch.stack([value.real, value.imag, weight], -1)  # (B, M, 3)
-    if kernel == "numba":
-        for g in symmetry_ops.to(device=dev, dtype=torch.float32):
-            splat_slices(pts, g @ rotmats.float(), channels, accumulator, zt, yt, xt, p)
-        return accumulator
     compiled = kernel == "torch-compile"
     chunk = max(1, _POINTS_PER_SCATTER // pts.shape[0])  # particles per scatter: bounds the temporaries
     splat = _compiled_splat() if compiled else _splat
@@ -383,6 +385,40 @@ def _real_space_blob(p: int, device) -> torch.Tensor:
     return out
 
 
+def _irfftn_destroying(spectrum: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """``out = irfftn(spectrum)`` over a ``(p, p, p//2+1)`` grid, axis by axis and a slab at a time,
+    overwriting ``spectrum``. ``torch.fft.irfftn`` holds two grid-sized temporaries (1 GB at 256 px,
+    pad 2) and is slower on the CPU; this holds one slab's."""
+    p = spectrum.shape[0]
+    for z0 in range(0, p, slab):
+        spectrum[z0 : z0 + slab] = torch.fft.ifft(spectrum[z0 : z0 + slab], dim=1)
+    for y0 in range(0, p, slab):
+        spectrum[:, y0 : y0 + slab] = torch.fft.ifft(spectrum[:, y0 : y0 + slab], dim=0)
+    for z0 in range(0, p, slab):
+        out[z0 : z0 + slab] = torch.fft.irfft(spectrum[z0 : z0 + slab], n=p, dim=2)
+    return out
+
+
+def _rfftn_into(real: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """``out = rfftn(real)`` for a ``(p, p, p)`` grid, axis by axis and a slab at a time (as
+    :func:`_irfftn_destroying`: ``torch.fft.rfftn`` holds grid-sized temporaries even with ``out=``)."""
+    p = real.shape[0]
+    for z0 in range(0, p, slab):
+        out[z0 : z0 + slab] = torch.fft.rfft(real[z0 : z0 + slab], dim=2)
+        out[z0 : z0 + slab] = torch.fft.fft(out[z0 : z0 + slab], dim=1)
+    for y0 in range(0, p, slab):
+        out[:, y0 : y0 + slab] = torch.fft.fft(out[:, y0 : y0 + slab], dim=0)
+    return out
+
+
+def _radial_blob_table(p: int, device) -> torch.Tensor:
+    """float32 :func:`_blob_transform` at each integer squared radius ``0 .. 3·(p//2)²`` of the
+    padded grid (over ``p``): the values :func:`_real_space_blob` puts at the voxels of that
+    squared radius."""
+    r2 = torch.arange(3 * (p // 2) ** 2 + 1, dtype=torch.float64, device=device)
+    return _blob_transform(torch.sqrt(r2) / p).float()
+
+
 def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np.ndarray:
     """``BackProjector::reconstruct`` of RELION 3.1 without a τ² prior (relion_reconstruct
     without --fsc): Pipe-Menon inverse weights, windowing, outer soft mask, radial sinc²."""
@@ -400,39 +436,44 @@ def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np
     # sphere; the convolution is a product with the blob's transform in the padded real space
     # (single precision: RELION keeps u in double, as here). Outside the sphere u is 0 and stays 0
     # (0 / x), so the update is one in-place division.
-    blob = _real_space_blob(p, dev)
+    cpu = dev.type == "cpu"
+    # On the CPU the blob is applied from a table by squared radius (cryopose.reconstruct_kernels),
+    # not stored as a (p, p, p) grid: 0.5 GB less at 256 px.
+    blob = _radial_blob_table(p, dev) if cpu else _real_space_blob(p, dev)
     inverse = inside.to(torch.float64)
     del inside
-    # One buffer each for the product, its real-space image and the spectrum, reused by every
-    # iteration (FFTs write into them): no temporaries of the grid's size, on the CPU the two
-    # element-wise passes fused (cryopose.reconstruct_kernels).
-    product = torch.empty_like(num)
-    real = torch.empty(p, p, p, dtype=torch.float32, device=dev)
+    # Two buffers reused by every iteration (the FFTs write into them): u·W and then the spectrum
+    # share one, as u·W is spent once transformed; on the CPU the element-wise passes are fused.
     spectrum = torch.empty_like(num)
-    cpu = dev.type == "cpu"
+    real = torch.empty(p, p, p, dtype=torch.float32, device=dev)
     for _ in range(_RELION_ITERATIONS):
         if cpu:
-            weighted_inverse(inverse, weight, product)
+            weighted_inverse(inverse, weight, spectrum)
+            _irfftn_destroying(spectrum, real)
+            multiply_radial(real, blob)
         else:
-            product.copy_(inverse * weight)
-        torch.fft.irfftn(product, s=(p, p, p), out=real)
-        torch.fft.rfftn(real.mul_(blob), out=spectrum)
+            spectrum.copy_(inverse * weight)
+            _irfftn_destroying(spectrum, real)
+            real.mul_(blob)
+        _rfftn_into(real, spectrum)
         if cpu:
             divide_by_magnitude(inverse, spectrum, 1e-6)
         else:
             inverse.div_(spectrum.abs().clamp_min_(1e-6))
-    del product, real, spectrum
-    del blob, weight
+    del spectrum, blob, weight
     vol_ft = num.masked_fill_(~kept, 0.0)
     # u grows without bound where no slice reached (W = 0): in float32 it would overflow, and
     # 0·inf is NaN; the product is formed in double a slab at a time, as RELION forms it.
     for z0 in range(0, p, 16):
         vol_ft[z0 : z0 + 16] = (vol_ft[z0 : z0 + 16].to(torch.complex128) * inverse[z0 : z0 + 16]).to(torch.complex64)
     del inverse
-    vol = torch.fft.fftshift(torch.fft.irfftn(vol_ft, s=(p, p, p)))
+    _irfftn_destroying(vol_ft, real)
     del vol_ft
+    # The box's window of the fftshifted map, gathered without shifting the whole padded grid.
     start = (p - s) // 2
-    vol = vol[start : start + s, start : start + s, start : start + s]
+    window = (torch.arange(start, start + s, device=dev) + p // 2) % p
+    vol = real.index_select(0, window).index_select(1, window).index_select(2, window)
+    del real
     # softMaskOutsideMap(vol): beyond radius S/2 the map becomes its (edge-weighted) mean there,
     # over a raised-cosine edge of 3 voxels; then the radial gridding correction.
     c = torch.arange(s, dtype=torch.float64, device=dev) - s // 2
@@ -561,6 +602,7 @@ def reconstruct_torch(
                     stacks[name] = io.open_stack(io.resolve_stack_path(star_path, name))
                 idx = [locations[rows[k]][0] for k in ks]
                 images[ks] = torch.from_numpy(io.read_images(stacks[name], idx))
+                io.release_pages(stacks[name])  # memory stays the batch's, not the stack's
             if not torch.isfinite(images).all():
                 bad = int(rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])])
                 index, stack = locations[bad]

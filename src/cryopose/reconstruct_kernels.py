@@ -28,7 +28,14 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["splat_slices", "kernel_threads", "weighted_inverse", "divide_by_magnitude"]
+__all__ = [
+    "slice_values",
+    "splat_slices",
+    "kernel_threads",
+    "weighted_inverse",
+    "divide_by_magnitude",
+    "multiply_radial",
+]
 
 _BRICK_PLANES = 4  # the z-extent of the accumulator's bricks (cryopose.reconstruct._BRICK)
 
@@ -110,6 +117,59 @@ def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, 
                         accumulator[k, 2] += c2 * w
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _slice_values(ft, ctf, shifts, weights, iy, ix, out):  # pragma: no cover - jit
+    n_b, n, h = ft.shape
+    for b in numba.prange(n_b):
+        # The re-centring phase ramp is separable: h + n exponentials per particle, not one per point.
+        ramp_x = np.empty(h, np.complex128)
+        ramp_y = np.empty(n, np.complex128)
+        for j in range(h):
+            a = -2.0 * math.pi * shifts[b, 0] * j / n
+            ramp_x[j] = complex(math.cos(a), math.sin(a))
+        for j in range(n):
+            a = -2.0 * math.pi * shifts[b, 1] * (j if j < n // 2 else j - n) / n
+            ramp_y[j] = complex(math.cos(a), math.sin(a))
+        w = weights[b]
+        for m in range(iy.size):
+            y, x = iy[m], ix[m]
+            c = ctf[b, y, x]
+            value = ft[b, y, x] * ramp_x[x] * ramp_y[y] * (c * w)
+            out[b, m, 0] = value.real
+            out[b, m, 1] = value.imag
+            out[b, m, 2] = c * c * w
+
+
+def slice_values(
+    ft: torch.Tensor, ctf: torch.Tensor, shifts: torch.Tensor, weights: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor
+) -> torch.Tensor:
+    """The channels :func:`splat_slices` inserts, for the slice points ``(iy[m], ix[m])`` of each image.
+
+    Args:
+        ft: ``(B, n, n//2+1)`` complex64 ``rfft2`` of the images (box centre at the origin).
+        ctf: ``(B, n, n//2+1)`` float32 CTFs on the same grid.
+        shifts: ``(B, 2)`` origins in pixels (x, y): each image is shifted by +origin.
+        weights: ``(B,)`` per-particle weights w.
+        iy, ix: ``(M,)`` row (FFT order) and column of each slice point.
+
+    Returns:
+        ``(B, M, 3)`` float32: Re and Im of ``w·CTF·F·e^{−2πi k·origin/n}``, and ``w·CTF²``.
+    """
+    out = np.empty((ft.shape[0], iy.shape[0], 3), dtype=np.float32)
+    args = (
+        np.ascontiguousarray(ft.numpy(), dtype=np.complex64),
+        np.ascontiguousarray(ctf.numpy(), dtype=np.float32),
+        np.ascontiguousarray(shifts.numpy(), dtype=np.float64),
+        np.ascontiguousarray(weights.numpy(), dtype=np.float32),
+        iy.numpy().astype(np.int64),
+        ix.numpy().astype(np.int64),
+        out,
+    )
+    with _LOCK:
+        _run(_slice_values, *args)
+    return torch.from_numpy(out)
+
+
 def kernel_threads() -> int:
     """Threads the kernel uses: torch's (``OMP_NUM_THREADS`` under Snakemake), at most numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
@@ -168,6 +228,30 @@ def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
     for i in numba.prange(flat_u.size):
         magnitude = abs(flat_s[i])
         flat_u[i] /= magnitude if magnitude > floor else floor
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _multiply_radial(grid, table):  # pragma: no cover - jit
+    p = grid.shape[0]
+    half = p // 2
+    for zi in numba.prange(p):
+        z = np.int64(zi)  # prange's index may be unsigned, and unsigned - signed is a float in numba
+        fz = z if z < half else z - p
+        for y in range(p):
+            fy = y if y < half else y - p
+            base = fz * fz + fy * fy
+            for x in range(p):
+                fx = x if x < half else x - p
+                grid[z, y, x] *= table[base + fx * fx]
+
+
+def multiply_radial(grid: torch.Tensor, table: torch.Tensor) -> None:
+    """``grid[z, y, x] *= table[k_z² + k_y² + k_x²]`` in place, with ``k`` each index's FFT-order
+    integer frequency: a radial function applied from a table of its values at integer squared
+    radii, so that no ``(p, p, p)`` copy of it is stored. ``grid`` ``(p, p, p)`` float32, contiguous;
+    ``table`` float32 of length ``3·(p//2)² + 1``."""
+    with _LOCK:
+        _run(_multiply_radial, grid.numpy(), table.numpy())
 
 
 def weighted_inverse(inverse: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
