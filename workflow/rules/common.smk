@@ -380,6 +380,9 @@ def _stage(wildcards, stage):
 # Trainings are the long jobs (minutes each, the rest seconds): the rules that lead to them start
 # before anything else is ready to run, so that the short jobs fill the cores behind them rather
 # than a training starting last and running alone (issue 21: the last of six started at ~30 min).
+# Snakemake's scheduler fills a free core with the best job that fits it, so a 2-thread job of high
+# priority can wait behind 1-thread jobs for two free cores at once: on 2 cores the default config
+# gives the chain's jobs one thread (threads.prepare, threads.train).
 PRIORITY_TRAINING_CHAIN = 10
 
 

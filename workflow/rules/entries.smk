@@ -20,7 +20,7 @@ rule simulate_entry:
     benchmark:
         "results/benchmarks/simulate/{entry}.tsv"
     priority: PRIORITY_TRAINING_CHAIN
-    threads: 2
+    threads: config["threads"]["prepare"]
     resources:
         mem_mb=mem_mb_per_attempt(4000),
         runtime=runtime_per_attempt(30),

@@ -19,7 +19,7 @@ rule preprocess_entry:
     benchmark:
         "results/benchmarks/preprocess/{entry}.tsv"
     priority: PRIORITY_TRAINING_CHAIN
-    threads: 2
+    threads: config["threads"]["prepare"]
     resources:
         mem_mb=mem_mb_per_attempt(4000),
         runtime=runtime_per_attempt(60),
