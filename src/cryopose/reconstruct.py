@@ -50,6 +50,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -385,29 +386,45 @@ def _real_space_blob(p: int, device) -> torch.Tensor:
     return out
 
 
-def _irfftn_destroying(spectrum: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """``out = irfftn(spectrum)`` over a ``(p, p, p//2+1)`` grid, axis by axis and a slab at a time,
-    overwriting ``spectrum``. ``torch.fft.irfftn`` holds two grid-sized temporaries (1 GB at 256 px,
-    pad 2) and is slower on the CPU; this holds one slab's."""
-    p = spectrum.shape[0]
+def _fft_leading_axes(grid: torch.Tensor, inverse: bool, slab: int = 16) -> None:
+    """The (inverse) FFT of a ``(p, p, n)`` complex grid over its first two axes, in place.
+
+    On the CPU scipy's pocketfft transforms the buffer itself (``overwrite_x``; torch's FFTs would
+    allocate the result and copy it back, which costs as much as the transform); elsewhere torch
+    transforms it a slab at a time."""
+    if grid.device.type == "cpu":
+        data = grid.numpy()
+        transform = scipy.fft.ifftn if inverse else scipy.fft.fftn
+        result = transform(data, axes=(0, 1), overwrite_x=True, workers=torch.get_num_threads())
+        if not np.shares_memory(result, data):  # not observed with complex64 input, but allowed
+            data[...] = result
+        return
+    transform = torch.fft.ifft if inverse else torch.fft.fft
+    p = grid.shape[0]
     for z0 in range(0, p, slab):
-        spectrum[z0 : z0 + slab] = torch.fft.ifft(spectrum[z0 : z0 + slab], dim=1)
+        grid[z0 : z0 + slab] = transform(grid[z0 : z0 + slab], dim=1)
     for y0 in range(0, p, slab):
-        spectrum[:, y0 : y0 + slab] = torch.fft.ifft(spectrum[:, y0 : y0 + slab], dim=0)
+        grid[:, y0 : y0 + slab] = transform(grid[:, y0 : y0 + slab], dim=0)
+
+
+def _irfftn_destroying(spectrum: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """``out = irfftn(spectrum)`` over a ``(p, p, p//2+1)`` grid, overwriting ``spectrum``: the first
+    two axes in place, then the real transform of the last a slab at a time into ``out``.
+    ``torch.fft.irfftn`` holds two grid-sized temporaries (1 GB at 256 px, pad 2) and is slower."""
+    p = spectrum.shape[0]
+    _fft_leading_axes(spectrum, inverse=True)
     for z0 in range(0, p, slab):
-        out[z0 : z0 + slab] = torch.fft.irfft(spectrum[z0 : z0 + slab], n=p, dim=2)
+        torch.fft.irfft(spectrum[z0 : z0 + slab], n=p, dim=2, out=out[z0 : z0 + slab])
     return out
 
 
 def _rfftn_into(real: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """``out = rfftn(real)`` for a ``(p, p, p)`` grid, axis by axis and a slab at a time (as
-    :func:`_irfftn_destroying`: ``torch.fft.rfftn`` holds grid-sized temporaries even with ``out=``)."""
+    """``out = rfftn(real)`` for a ``(p, p, p)`` grid, as :func:`_irfftn_destroying` in reverse
+    (``torch.fft.rfftn`` holds grid-sized temporaries even with ``out=``)."""
     p = real.shape[0]
     for z0 in range(0, p, slab):
-        out[z0 : z0 + slab] = torch.fft.rfft(real[z0 : z0 + slab], dim=2)
-        out[z0 : z0 + slab] = torch.fft.fft(out[z0 : z0 + slab], dim=1)
-    for y0 in range(0, p, slab):
-        out[:, y0 : y0 + slab] = torch.fft.fft(out[:, y0 : y0 + slab], dim=0)
+        torch.fft.rfft(real[z0 : z0 + slab], dim=2, out=out[z0 : z0 + slab])
+    _fft_leading_axes(out, inverse=False)
     return out
 
 

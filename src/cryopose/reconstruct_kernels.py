@@ -22,6 +22,7 @@ On a GPU the reconstructor keeps torch's ``index_add_``, whose atomic adds are w
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numba
@@ -39,8 +40,14 @@ __all__ = [
 
 _BRICK_PLANES = 4  # the z-extent of the accumulator's bricks (cryopose.reconstruct._BRICK)
 
-# numba's default threading layer (workqueue) aborts when two Python threads enter a parallel
-# kernel at once; evaluate(jobs=2) reconstructs the two halves in two threads.
+# numba would pick its OpenMP threading layer (torch loads libgomp), whose threads spin after each
+# parallel loop: beside a busy core (any Snakemake run) that spinning takes the other job's core,
+# and a 1-thread evaluation took 10.8 s instead of 2 s. The workqueue layer's threads sleep; a
+# user's NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+# The workqueue layer aborts when two Python threads enter a parallel kernel at once, and
+# evaluate(jobs=2) reconstructs the two halves in two threads.
 _LOCK = threading.Lock()
 
 
