@@ -64,9 +64,20 @@ def predicted(tmp_path_factory):
     return folder
 
 
+#: Confidences that come from a score against a reconstructed reference map (projection matching's)
+#: depend on the map's last bits, i.e. on the order in which its sums were added: the CPU kernel of
+#: issue 22 adds them in another order than torch's scatter did when these were recorded (measured:
+#: up to 2e-5 apart, relative). Everything else, the poses included, must still be identical.
+_SUMMATION_ORDER = {"rlnParticleFigureOfMerit": 1e-4}
+
+
 def _same_star(path: Path, recorded: Path) -> None:
     got, want = io.read_particles_star(path), io.read_particles_star(recorded)
-    pd.testing.assert_frame_equal(got.particles, want.particles, check_exact=True)
+    exact = [c for c in want.particles.columns if c not in _SUMMATION_ORDER]
+    pd.testing.assert_frame_equal(got.particles[exact], want.particles[exact], check_exact=True)
+    for column, rtol in _SUMMATION_ORDER.items():
+        if column in want.particles.columns:
+            pd.testing.assert_series_equal(got.particles[column], want.particles[column], check_exact=False, rtol=rtol)
     pd.testing.assert_frame_equal(got.optics, want.optics, check_exact=True)
 
 
