@@ -266,6 +266,19 @@ def _predictions_provenance(args: argparse.Namespace, entry) -> dict:
     return {"method_version": version, "params_hash": params_hash(values), "train_machine": joined("train_machine")}
 
 
+def _evaluation_backend(args: argparse.Namespace) -> dict:
+    """The reconstruction options of an evaluating command, its backend settled (relion in the
+    CESPED-compatible mode, where evaluate() refuses torch; else torch) and the torch device reported."""
+    if args.backend is None:
+        args.backend = "relion" if args.cesped_compatible else "torch"
+    options = _reconstruct_options(args)
+    if args.backend == "torch":
+        from .device import report_device, select_device
+
+        report_device("reconstruction (torch)", select_device(options.get("device")))
+    return options
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import GROUND_TRUTH_FILES, evaluate, evaluation_files
     from .metric_table import rows
@@ -287,13 +300,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         },
     )
     provenance = _predictions_provenance(args, entry)
-    if args.backend is None:  # relion in the CESPED-compatible mode; evaluate() refuses torch there
-        args.backend = "relion" if args.cesped_compatible else "torch"
-    options = _reconstruct_options(args)
-    if args.backend == "torch":
-        from .device import report_device, select_device
-
-        report_device("reconstruction (torch)", select_device(options.get("device")))
+    options = _evaluation_backend(args)
     result = evaluate(
         entry,
         args.half0,
@@ -512,13 +519,7 @@ def _cmd_evaluate_perturbations(args: argparse.Namespace) -> int:
         },
         {"entry": entry.input_paths()},
     )
-    if args.backend is None:  # relion in the CESPED-compatible mode, as cryopose evaluate
-        args.backend = "relion" if args.cesped_compatible else "torch"
-    options = _reconstruct_options(args)
-    if args.backend == "torch":
-        from .device import report_device, select_device
-
-        report_device("reconstruction (torch)", select_device(options.get("device")))
+    options = _evaluation_backend(args)
     folders = evaluate_perturbations(
         entry,
         args.perturbation,
