@@ -213,11 +213,6 @@ def _compiled_splat():
     return torch.compile(_splat, dynamic=False)
 
 
-def compile_available() -> bool:
-    """Whether ``torch.compile`` can build CPU kernels here (it needs a C++ compiler)."""
-    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
-
-
 def insert_particles(
     images: torch.Tensor,
     rotmats: torch.Tensor,
