@@ -105,6 +105,27 @@ def test_bad_inputs(c1, tmp_path):
         reconstruct_relion(c1 / "particles_0.star", launcher=["not_a_relion_launcher"])
 
 
+def test_finite_check_sees_through_an_overflowing_sum(c1, tmp_path):
+    """Each batch is checked by its pixel sum first: huge finite pixels overflow that sum yet are
+    finite (accepted), and a NaN among them is still found, by image and row."""
+    import shutil
+
+    import mrcfile
+
+    star = tmp_path / "particles_0.star"
+    shutil.copy(c1 / "particles_0.star", star)
+    shutil.copy(c1 / "particles_0.mrcs", tmp_path / "particles_0.mrcs")
+    with mrcfile.mmap(tmp_path / "particles_0.mrcs", "r+") as mrc:
+        mrc.data[1] = 1e36  # 32² of them: the float32 sum is inf
+        assert not np.isfinite(mrc.data[:128].sum(dtype=np.float32))
+    reconstruct(star, backend="torch", progress=False)  # finite pixels: no error
+    with mrcfile.mmap(tmp_path / "particles_0.mrcs", "r+") as mrc:
+        mrc.data[1, 5, 6] = np.nan
+    with pytest.raises(InputError, match=r"image 2 of particles_0\.mrcs has NaN") as err:
+        reconstruct(star, backend="torch", progress=False)
+    assert "row 1" in str(err.value)
+
+
 @pytest.mark.relion
 def test_torch_and_relion_backends_agree(c1, d2):
     for entry, sym in ((c1, "C1"), (d2, "D2")):
