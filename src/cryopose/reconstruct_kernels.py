@@ -51,12 +51,21 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _LOCK = threading.Lock()
 
 
+@numba.njit(inline="always")
+def _add_corner(accumulator, k, c0, c1, c2, w):  # pragma: no cover - jit
+    accumulator[k, 0] += c0 * w
+    accumulator[k, 1] += c1 * w
+    accumulator[k, 2] += c2 * w
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, threads):  # pragma: no cover - jit
     """points (M, 2) float32 slice (k_x, k_y) in padded voxels; rotmats (B, 3, 3) float32; channels
     (B, M, 3) float32; accumulator (N, 3) float32, added to in place; zt, yt, xt the per-axis
     bricked offsets and owner the owning thread of each z table row (int64, rows = coordinate +
     p//2 + 1)."""
+    # The eight corners are written out, not looped over with a branch per corner: 30 % faster on
+    # one thread, 22 % on two (benchmarks/README.md), with the same products in the same order.
     off = p // 2 + 1
     h = p // 2 + 1
     n_b = rotmats.shape[0]
@@ -71,57 +80,52 @@ def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, 
                 ky = points[m, 1]
                 x = r00 * kx + r01 * ky
                 z = r20 * kx + r21 * ky
-                sign = np.float32(1.0)
-                if x < 0:  # the other half of the transform: the Friedel mate, conjugated
+                flip = x < 0  # the other half of the transform: the Friedel mate, conjugated
+                if flip:
                     x = -x
                     z = -z
-                    sign = np.float32(-1.0)
-                fz = math.floor(z)
-                iz = int(fz) + off
+                fz = np.floor(z)
+                iz = np.int64(fz) + off
                 own0 = owner[iz] == t
                 own1 = owner[iz + 1] == t
                 if not (own0 or own1):
                     continue
-                y = sign * (r10 * kx + r11 * ky)
-                fy = math.floor(y)
-                fx = math.floor(x)
-                iy = int(fy) + off
-                ix = int(fx) + off
-                dz = np.float32(z - fz)
-                dy = np.float32(y - fy)
-                dx = np.float32(x - fx)
+                y = r10 * kx + r11 * ky
+                c1 = channels[b, m, 1]
+                if flip:
+                    y = -y
+                    c1 = -c1
+                fy = np.floor(y)
+                fx = np.floor(x)
+                iy = np.int64(fy) + off
+                ix = np.int64(fx) + off
+                dz = z - fz
+                dy = y - fy
+                dx = x - fx
                 wx1 = dx if ix + 1 < h + off else np.float32(0.0)  # x = p/2 + 1 is not stored
                 wx0 = np.float32(1.0) - dx
                 wy0 = np.float32(1.0) - dy
                 c0 = channels[b, m, 0]
-                c1 = sign * channels[b, m, 1]
                 c2 = channels[b, m, 2]
                 y0, y1 = yt[iy], yt[iy + 1]
                 x0, x1 = xt[ix], xt[ix + 1]
-                for corner in range(2):
-                    if corner == 0:
-                        if not own0:
-                            continue
-                        wz = np.float32(1.0) - dz
-                        zo = zt[iz]
-                    else:
-                        if not own1:
-                            continue
-                        wz = dz
-                        zo = zt[iz + 1]
-                    for yy in range(2):
-                        wzy = wz * (wy0 if yy == 0 else dy)
-                        row = zo + (y0 if yy == 0 else y1)
-                        w = wzy * wx0
-                        k = row + x0
-                        accumulator[k, 0] += c0 * w
-                        accumulator[k, 1] += c1 * w
-                        accumulator[k, 2] += c2 * w
-                        w = wzy * wx1
-                        k = row + x1
-                        accumulator[k, 0] += c0 * w
-                        accumulator[k, 1] += c1 * w
-                        accumulator[k, 2] += c2 * w
+                if own0:
+                    zo = zt[iz]
+                    wz = np.float32(1.0) - dz
+                    w = wz * wy0
+                    _add_corner(accumulator, zo + y0 + x0, c0, c1, c2, w * wx0)
+                    _add_corner(accumulator, zo + y0 + x1, c0, c1, c2, w * wx1)
+                    w = wz * dy
+                    _add_corner(accumulator, zo + y1 + x0, c0, c1, c2, w * wx0)
+                    _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
+                if own1:
+                    zo = zt[iz + 1]
+                    w = dz * wy0
+                    _add_corner(accumulator, zo + y0 + x0, c0, c1, c2, w * wx0)
+                    _add_corner(accumulator, zo + y0 + x1, c0, c1, c2, w * wx1)
+                    w = dz * dy
+                    _add_corner(accumulator, zo + y1 + x0, c0, c1, c2, w * wx0)
+                    _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
