@@ -353,6 +353,7 @@ def _finish(holder: list[torch.Tensor], s: int, pad: int, wiener: float, scheme:
 # relion_reconstruct's defaults: --iter 10, --blob_r 1.9, --blob_a 15, --blob_m 0 (the blob radius
 # is doubled for the padded grid whatever --pad is: BackProjector's tab_ftblob).
 _RELION_ITERATIONS = 10
+_SLAB = 16  # z-planes per slab of the padded grid in the Fourier steps (16 × 256² floats: 4 MB)
 _RELION_BLOB_RADIUS = 2 * 1.9
 _RELION_BLOB_ALPHA = 15.0
 
@@ -386,7 +387,7 @@ def _real_space_blob(p: int, device) -> torch.Tensor:
     return out
 
 
-def _fft_leading_axes(grid: torch.Tensor, inverse: bool, slab: int = 16) -> None:
+def _fft_leading_axes(grid: torch.Tensor, inverse: bool) -> None:
     """The (inverse) FFT of a ``(p, p, n)`` complex grid over its first two axes, in place.
 
     On the CPU scipy's pocketfft transforms the buffer itself (``overwrite_x``; torch's FFTs would
@@ -401,31 +402,53 @@ def _fft_leading_axes(grid: torch.Tensor, inverse: bool, slab: int = 16) -> None
         return
     transform = torch.fft.ifft if inverse else torch.fft.fft
     p = grid.shape[0]
-    for z0 in range(0, p, slab):
-        grid[z0 : z0 + slab] = transform(grid[z0 : z0 + slab], dim=1)
-    for y0 in range(0, p, slab):
-        grid[:, y0 : y0 + slab] = transform(grid[:, y0 : y0 + slab], dim=0)
+    for z0 in range(0, p, _SLAB):
+        grid[z0 : z0 + _SLAB] = transform(grid[z0 : z0 + _SLAB], dim=1)
+    for y0 in range(0, p, _SLAB):
+        grid[:, y0 : y0 + _SLAB] = transform(grid[:, y0 : y0 + _SLAB], dim=0)
 
 
-def _irfftn_destroying(spectrum: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """``out = irfftn(spectrum)`` over a ``(p, p, p//2+1)`` grid, overwriting ``spectrum``: the first
-    two axes in place, then the real transform of the last a slab at a time into ``out``.
-    ``torch.fft.irfftn`` holds two grid-sized temporaries (1 GB at 256 px, pad 2) and is slower."""
+def _convolve_in_place(spectrum: torch.Tensor, blob: torch.Tensor, buffer: torch.Tensor) -> None:
+    """``spectrum ← rfftn(irfftn(spectrum) · blob)`` for a ``(p, p, p//2+1)`` grid, in place: the
+    convolution of the spectrum with the blob's transform.
+
+    The padded real-space grid is never whole: after the inverse transform of the first two axes,
+    each slab of ``z``-planes goes through the last axis's inverse transform into ``buffer``
+    (``(_SLAB, p, p)`` float32), is multiplied by the blob and transformed back into its place, all
+    while it is in cache; then the first two axes go forward. The same transforms of the same lines
+    as a whole-grid ``irfftn``/``rfftn``, without the 4·p³ bytes of the real grid (0.5 GB at 256 px,
+    pad 2) or its two trips through memory. ``blob``: on the CPU a table by squared radius
+    (:func:`_radial_blob_table`), elsewhere the ``(p, p, p)`` grid of :func:`_real_space_blob`."""
     p = spectrum.shape[0]
     _fft_leading_axes(spectrum, inverse=True)
-    for z0 in range(0, p, slab):
-        torch.fft.irfft(spectrum[z0 : z0 + slab], n=p, dim=2, out=out[z0 : z0 + slab])
-    return out
+    for z0 in range(0, p, _SLAB):
+        n = min(_SLAB, p - z0)
+        real = buffer[:n]
+        torch.fft.irfft(spectrum[z0 : z0 + n], n=p, dim=2, out=real)
+        if spectrum.device.type == "cpu":
+            multiply_radial(real, blob, z0)
+        else:
+            real.mul_(blob[z0 : z0 + n])
+        torch.fft.rfft(real, dim=2, out=spectrum[z0 : z0 + n])
+    _fft_leading_axes(spectrum, inverse=False)
 
 
-def _rfftn_into(real: torch.Tensor, out: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """``out = rfftn(real)`` for a ``(p, p, p)`` grid, as :func:`_irfftn_destroying` in reverse
-    (``torch.fft.rfftn`` holds grid-sized temporaries even with ``out=``)."""
-    p = real.shape[0]
-    for z0 in range(0, p, slab):
-        torch.fft.rfft(real[z0 : z0 + slab], dim=2, out=out[z0 : z0 + slab])
-    _fft_leading_axes(out, inverse=False)
-    return out
+def _window_of_inverse(spectrum: torch.Tensor, s: int, buffer: torch.Tensor) -> torch.Tensor:
+    """The central ``(s, s, s)`` box of ``fftshift(irfftn(spectrum))`` for a ``(p, p, p//2+1)``
+    grid, overwriting ``spectrum``: only the box's ``z``-planes go through the last axis's
+    transform (through ``buffer``, a slab at a time), and the box is gathered without shifting the
+    padded grid."""
+    p = spectrum.shape[0]
+    _fft_leading_axes(spectrum, inverse=True)
+    start = (p - s) // 2
+    window = (torch.arange(start, start + s, device=spectrum.device) + p // 2) % p
+    vol = torch.empty(s, s, s, dtype=torch.float32, device=spectrum.device)
+    for k0 in range(0, s, _SLAB):
+        planes = window[k0 : k0 + _SLAB]
+        real = buffer[: len(planes)]
+        torch.fft.irfft(spectrum.index_select(0, planes), n=p, dim=2, out=real)
+        vol[k0 : k0 + len(planes)] = real.index_select(1, window).index_select(2, window)
+    return vol
 
 
 def _radial_blob_table(p: int, device) -> torch.Tensor:
@@ -459,20 +482,16 @@ def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np
     blob = _radial_blob_table(p, dev) if cpu else _real_space_blob(p, dev)
     inverse = inside.to(torch.float64)
     del inside
-    # Two buffers reused by every iteration (the FFTs write into them): u·W and then the spectrum
-    # share one, as u·W is spent once transformed; on the CPU the element-wise passes are fused.
+    # Buffers reused by every iteration: the spectrum of u·W (the FFTs work in it in place) and one
+    # slab of the padded real space (_convolve_in_place); on the CPU the element-wise passes are fused.
     spectrum = torch.empty_like(num)
-    real = torch.empty(p, p, p, dtype=torch.float32, device=dev)
+    buffer = torch.empty(min(_SLAB, p), p, p, dtype=torch.float32, device=dev)
     for _ in range(_RELION_ITERATIONS):
         if cpu:
             weighted_inverse(inverse, weight, spectrum)
-            _irfftn_destroying(spectrum, real)
-            multiply_radial(real, blob)
         else:
             spectrum.copy_(inverse * weight)
-            _irfftn_destroying(spectrum, real)
-            real.mul_(blob)
-        _rfftn_into(real, spectrum)
+        _convolve_in_place(spectrum, blob, buffer)
         if cpu:
             divide_by_magnitude(inverse, spectrum, 1e-6)
         else:
@@ -481,16 +500,13 @@ def _finish_relion(num: torch.Tensor, den: torch.Tensor, s: int, pad: int) -> np
     vol_ft = num.masked_fill_(~kept, 0.0)
     # u grows without bound where no slice reached (W = 0): in float32 it would overflow, and
     # 0·inf is NaN; the product is formed in double a slab at a time, as RELION forms it.
-    for z0 in range(0, p, 16):
-        vol_ft[z0 : z0 + 16] = (vol_ft[z0 : z0 + 16].to(torch.complex128) * inverse[z0 : z0 + 16]).to(torch.complex64)
+    for z0 in range(0, p, _SLAB):
+        vol_ft[z0 : z0 + _SLAB] = (vol_ft[z0 : z0 + _SLAB].to(torch.complex128) * inverse[z0 : z0 + _SLAB]).to(
+            torch.complex64
+        )
     del inverse
-    _irfftn_destroying(vol_ft, real)
-    del vol_ft
-    # The box's window of the fftshifted map, gathered without shifting the whole padded grid.
-    start = (p - s) // 2
-    window = (torch.arange(start, start + s, device=dev) + p // 2) % p
-    vol = real.index_select(0, window).index_select(1, window).index_select(2, window)
-    del real
+    vol = _window_of_inverse(vol_ft, s, buffer)
+    del vol_ft, buffer
     # softMaskOutsideMap(vol): beyond radius S/2 the map becomes its (edge-weighted) mean there,
     # over a raised-cosine edge of 3 voxels; then the radial gridding correction.
     c = torch.arange(s, dtype=torch.float64, device=dev) - s // 2

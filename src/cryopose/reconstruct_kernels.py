@@ -237,32 +237,35 @@ def _weighted_inverse(inverse, weight, out):  # pragma: no cover - jit
 def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
     flat_u, flat_s = inverse.reshape(-1), spectrum.reshape(-1)
     for i in numba.prange(flat_u.size):
-        magnitude = abs(flat_s[i])
+        # |s| as glibc's hypotf forms it (in double, rounded once to float), without its call
+        re, im = np.float64(flat_s[i].real), np.float64(flat_s[i].imag)
+        magnitude = np.float32(math.sqrt(re * re + im * im))
         flat_u[i] /= magnitude if magnitude > floor else floor
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _multiply_radial(grid, table):  # pragma: no cover - jit
-    p = grid.shape[0]
+def _multiply_radial(grid, table, z_start):  # pragma: no cover - jit
+    n_z, p = grid.shape[0], grid.shape[1]
     half = p // 2
-    for zi in numba.prange(p):
-        z = np.int64(zi)  # prange's index may be unsigned, and unsigned - signed is a float in numba
+    for zi in numba.prange(n_z):
+        z = np.int64(zi) + z_start  # prange's index may be unsigned, and unsigned - signed is a float in numba
         fz = z if z < half else z - p
         for y in range(p):
             fy = y if y < half else y - p
             base = fz * fz + fy * fy
             for x in range(p):
                 fx = x if x < half else x - p
-                grid[z, y, x] *= table[base + fx * fx]
+                grid[zi, y, x] *= table[base + fx * fx]
 
 
-def multiply_radial(grid: torch.Tensor, table: torch.Tensor) -> None:
+def multiply_radial(grid: torch.Tensor, table: torch.Tensor, z_start: int = 0) -> None:
     """``grid[z, y, x] *= table[k_z² + k_y² + k_x²]`` in place, with ``k`` each index's FFT-order
     integer frequency: a radial function applied from a table of its values at integer squared
-    radii, so that no ``(p, p, p)`` copy of it is stored. ``grid`` ``(p, p, p)`` float32, contiguous;
-    ``table`` float32 of length ``3·(p//2)² + 1``."""
+    radii, so that no ``(p, p, p)`` copy of it is stored. ``grid`` ``(n, p, p)`` float32, contiguous:
+    planes ``z_start .. z_start + n − 1`` of the ``(p, p, p)`` grid; ``table`` float32 of length
+    ``3·(p//2)² + 1``."""
     with _LOCK:
-        _run(_multiply_radial, grid.numpy(), table.numpy())
+        _run(_multiply_radial, grid.numpy(), table.numpy(), z_start)
 
 
 def weighted_inverse(inverse: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
