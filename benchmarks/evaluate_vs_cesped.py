@@ -7,14 +7,18 @@
 Simulates (once) a C1 entry, writes predictions for both halves (the true poses each turned by 8°
 about a random axis, random confidences in [0.5, 1]), then times:
 
-* CESPED's ``evaluate(..., use_gt_mask=True, n_cpus=1)`` (relion_reconstruct, one process; its mask
-  download is replaced by a copy of the entry's mask, since the machine is offline, and its
-  ``metrics.json`` writer is given ``default=float``, without which it crashes on numpy float32
-  values after all the work is done), in its own virtual environment;
+* CESPED's ``evaluate(..., use_gt_mask=True, n_cpus=1)`` (relion_reconstruct, one process: with
+  ``n_cpus=2`` it runs ``mpirun -np 2 relion_reconstruct_mpi``, measured 7 % faster per
+  reconstruction on this 2-core machine, 18.9 s against 20.3 s; its mask download is replaced by a
+  copy of the entry's mask, since the machine is offline, and its ``metrics.json`` writer is given
+  ``default=float``, without which it crashes on numpy float32 values after all the work is done),
+  in its own virtual environment;
 * ``cryopose.evaluate`` with ``backend="relion"`` and ``jobs=2`` (the same four relion_reconstruct
   runs, the two halves side by side), and with ``backend="torch"`` (its default kernel: numba on
-  the CPU), profiled: where its time goes (reading stacks, CTFs, splatting, the Fourier steps,
-  metrics, masks, figures, files) is printed as a table;
+  the CPU) with ``jobs=1`` (each reconstruction on all threads) and ``jobs=2`` (the halves side by
+  side, one thread each); then the ``jobs=1`` evaluation again under cProfile: where its time goes
+  (reading stacks, CTFs, splatting, the Fourier steps, metrics, masks, figures, files) is printed
+  as a table;
 
 each twice: with an empty output folder (the ground-truth half-maps are reconstructed) and again
 with the ground-truth maps cached (the situation of every method after the first on an entry).
@@ -211,13 +215,23 @@ def main() -> None:
                 rows.append(("CESPED evaluateEntry (relion)", label, r["seconds"]))
                 metrics["CESPED"] = r["metrics"]
         profiles = {}
-        for backend, jobs, kernel in (("relion", 2, None), ("torch", 1, None), ("torch", 1, "torch")):
+        # (backend, jobs, kernel, profiled): timed runs are not profiled (cProfile slows the Python
+        # parts); the phase table comes from a run of its own.
+        runs = [
+            ("relion", 2, None, False),
+            ("torch", 1, None, False),
+            ("torch", 2, None, False),
+            ("torch", 1, None, True),
+            ("torch", 1, "torch", False),
+        ]
+        for backend, jobs, kernel, profiled in runs:
             name = f"cryopose ({backend})" + (f", jobs {jobs}" if jobs > 1 else "")
             name += f", kernel {kernel}" if kernel else ""
-            gt_dir = tmp / f"gt_{backend}_{jobs}_{kernel}"
+            name += ", profiled" if profiled else ""
+            gt_dir = tmp / f"gt_{backend}_{jobs}_{kernel}_{profiled}"
             for label in ("fresh", "GT cached") if kernel is None else ("fresh",):
                 options = {"kernel": kernel} if kernel else {}
-                profile = cProfile.Profile() if backend == "torch" and kernel is None else None
+                profile = cProfile.Profile() if profiled else None
                 t = time.perf_counter()
                 if profile:
                     profile.enable()
@@ -250,7 +264,7 @@ def main() -> None:
     if not args.skip_cesped:
         for label in ("fresh", "GT cached"):
             ref = next(s for i, lab, s in rows if i.startswith("CESPED") and lab == label)
-            for name in ("cryopose (relion), jobs 2", "cryopose (torch)"):
+            for name in ("cryopose (relion), jobs 2", "cryopose (torch)", "cryopose (torch), jobs 2"):
                 ours = next(s for i, lab, s in rows if i == name and lab == label)
                 print(f"{label}: CESPED / {name} = {ref / ours:.2f}×")
         print(f"\n{'CESPED metric':<32} {'CESPED':>10} {'cryopose metric':<28} {'relion':>10} {'torch':>10}")
@@ -259,7 +273,9 @@ def main() -> None:
                 f"{theirs:<32} {metrics['CESPED'][theirs]:>10.4f} {ours:<28} "
                 f"{metrics['cryopose (relion), jobs 2'][ours]:>10.4f} {metrics['cryopose (torch)'][ours]:>10.4f}"
             )
-    print("\n| where the torch evaluation's time goes | fresh s | GT cached s |\n| --- | --- | --- |")
+    print(
+        "\n| where the torch evaluation's time goes (jobs 1, profiled) | fresh s | GT cached s |\n| --- | --- | --- |"
+    )
     for (label, fresh), (_, cached) in zip(profiles["fresh"], profiles["GT cached"]):
         print(f"| {label} | {fresh:.2f} | {cached:.2f} |")
     default, old = metrics["cryopose (torch)"], metrics["cryopose (torch), kernel torch"]
@@ -272,9 +288,11 @@ def main() -> None:
 
     ref_name = cesped_name(None if args.skip_cesped else args.cesped_python)
     out = []
+    cpu = " (CPU)" if not torch.cuda.is_available() else ""
     variants = {
         "cryopose (relion), jobs 2": "relion backend, jobs 2",
-        "cryopose (torch)": "torch backend (CPU)" if not torch.cuda.is_available() else "torch backend",
+        "cryopose (torch)": f"torch backend{cpu}",
+        "cryopose (torch), jobs 2": f"torch backend{cpu}, jobs 2",
     }
     for name, variant in variants.items():
         for label in ("fresh", "GT cached"):

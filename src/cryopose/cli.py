@@ -733,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="reconstructions at once (2 runs the two halves side by side; useful with relion)",
+        help="reconstructions at once (2 runs the two halves side by side: half the time with relion; with "
+        "torch on the CPU the threads are shared out, ~10%% faster on 2 cores, twice the memory)",
     )
     p.add_argument(
         "--cesped-compatible",

@@ -114,9 +114,14 @@ def _entry_fingerprint(entry: Entry, backend: str, symmetry: str, pad: int, sche
 
 def _reconstruct_each(star_paths: list, jobs: int, **options) -> list[tuple[np.ndarray, float]]:
     """:func:`reconstruct` of several STAR files, ``jobs`` at a time (threads: each relion_reconstruct
-    is its own single-threaded process, so two halves on two cores take the time of one)."""
+    is its own single-threaded process, so two halves on two cores take the time of one). The torch
+    backend on the CPU shares torch's threads among the jobs (one each on two cores): a one-thread
+    reconstruction keeps its core busy through the steps that one thread does anyway (reading,
+    CTFs, Python), where two threads on one reconstruction leave a core idle."""
     if jobs <= 1 or len(star_paths) == 1:
         return [reconstruct(p, **options) for p in star_paths]
+    if options.get("backend", "torch") == "torch" and options.get("threads") is None:
+        options = {**options, "threads": max(1, torch.get_num_threads() // jobs)}
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         return list(pool.map(lambda p: reconstruct(p, **options), star_paths))

@@ -61,7 +61,15 @@ from .device import select_device
 from .errors import InputError
 from .geometry import euler_to_matrix
 from .predictions import EULER, ORIGIN
-from .reconstruct_kernels import divide_by_magnitude, multiply_radial, slice_values, splat_slices, weighted_inverse
+from .reconstruct_kernels import (
+    divide_by_magnitude,
+    kernel_threads,
+    multiply_radial,
+    slice_values,
+    splat_slices,
+    using_threads,
+    weighted_inverse,
+)
 from .symmetry import symmetry_matrices
 
 __all__ = [
@@ -396,7 +404,7 @@ def _fft_leading_axes(grid: torch.Tensor, inverse: bool) -> None:
     if grid.device.type == "cpu":
         data = grid.numpy()
         transform = scipy.fft.ifftn if inverse else scipy.fft.fftn
-        result = transform(data, axes=(0, 1), overwrite_x=True, workers=torch.get_num_threads())
+        result = transform(data, axes=(0, 1), overwrite_x=True, workers=kernel_threads())
         if not np.shares_memory(result, data):  # not observed with complex64 input, but allowed
             data[...] = result
         return
@@ -565,6 +573,7 @@ def reconstruct_torch(
     progress: bool = True,
     kernel: str | None = None,
     scheme: str = DEFAULT_SCHEME,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Direct Fourier inversion of the particles of a STAR file (module docstring).
 
@@ -584,10 +593,20 @@ def reconstruct_torch(
         scheme: ``"relion"`` (default): relion_reconstruct's sampling and weighting, so that the
             two backends give the same maps and metrics; ``"wiener"``: padded images and
             ``D / (W + λ)`` (module docstring).
+        threads: CPU threads of the numba kernels and the Fourier steps (``None``: torch's, as
+            :func:`cryopose.reconstruct_kernels.kernel_threads`); 1 runs serial kernels, which two
+            reconstructions in two Python threads can run at once (``evaluate(jobs=2)``).
 
     Returns:
         ``(map, pixel_size)``: ``(S, S, S)`` float32 indexed ``[z, y, x]``, Å per voxel.
     """
+    with using_threads(threads):
+        return _reconstruct_torch(
+            star_path, symmetry, use_weights, pad, wiener, batch_size, device, progress, kernel, scheme
+        )
+
+
+def _reconstruct_torch(star_path, symmetry, use_weights, pad, wiener, batch_size, device, progress, kernel, scheme):
     _check_scheme(scheme)
     star, star_path = _read_star(star_path)
     dev = select_device(device)

@@ -21,9 +21,11 @@ On a GPU the reconstructor keeps torch's ``index_add_``, whose atomic adds are w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+import types
 
 import numba
 import numpy as np
@@ -33,6 +35,7 @@ __all__ = [
     "slice_values",
     "splat_slices",
     "kernel_threads",
+    "using_threads",
     "weighted_inverse",
     "divide_by_magnitude",
     "multiply_radial",
@@ -46,9 +49,63 @@ _BRICK_PLANES = 4  # the z-extent of the accumulator's bricks (cryopose.reconstr
 # user's NUMBA_THREADING_LAYER still wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
-# The workqueue layer aborts when two Python threads enter a parallel kernel at once, and
-# evaluate(jobs=2) reconstructs the two halves in two threads.
+# The workqueue layer aborts when two Python threads enter a parallel kernel at once: parallel
+# calls are serialised by this lock. One-thread calls run a serial build of the same kernel, which
+# never enters the layer, so that evaluate(jobs=2) can reconstruct the two halves side by side,
+# one core each, without waiting for each other.
 _LOCK = threading.Lock()
+_SETTING = threading.local()
+
+
+class _Kernel:
+    """One kernel, built twice by numba: ``parallel=True`` (``numba.prange`` spread over threads) and
+    serial (the same loops, ``prange`` as ``range``). Calling it runs the build that
+    :func:`kernel_threads` asks for."""
+
+    def __init__(self, fn):
+        self.parallel = numba.njit(parallel=True, cache=True, nogil=True)(fn)
+        # A copy under its own name: numba's cache names its files after the function, so the two
+        # builds must not share a name.
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = numba.njit(cache=True, nogil=True)(serial)
+
+    def __call__(self, *args, threads: int | None = None) -> None:
+        threads = threads or kernel_threads()
+        if threads == 1:
+            self.serial(*args)
+            return
+        with _LOCK:
+            previous = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                self.parallel(*args)
+            finally:
+                numba.set_num_threads(previous)
+
+
+def _kernel(fn) -> _Kernel:
+    return _Kernel(fn)
+
+
+def kernel_threads() -> int:
+    """Threads the CPU kernels (and the reconstructor's FFTs) use in the calling thread: its
+    :func:`using_threads` setting, else torch's (``OMP_NUM_THREADS`` under Snakemake); at most
+    numba's pool."""
+    wanted = getattr(_SETTING, "threads", None) or torch.get_num_threads()
+    return max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+
+
+@contextlib.contextmanager
+def using_threads(threads: int | None):
+    """Within the block, the calling thread's kernels use ``threads`` threads (``None``: torch's).
+    Per thread: e.g. two reconstructions in two threads, one each."""
+    previous = getattr(_SETTING, "threads", None)
+    _SETTING.threads = threads
+    try:
+        yield
+    finally:
+        _SETTING.threads = previous
 
 
 @numba.njit(inline="always")
@@ -58,7 +115,7 @@ def _add_corner(accumulator, k, c0, c1, c2, w):  # pragma: no cover - jit
     accumulator[k, 2] += c2 * w
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_kernel
 def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, threads):  # pragma: no cover - jit
     """points (M, 2) float32 slice (k_x, k_y) in padded voxels; rotmats (B, 3, 3) float32; channels
     (B, M, 3) float32; accumulator (N, 3) float32, added to in place; zt, yt, xt the per-axis
@@ -128,7 +185,7 @@ def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, 
                     _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_kernel
 def _slice_values(ft, ctf, shifts, weights, iy, ix, out):  # pragma: no cover - jit
     n_b, n, h = ft.shape
     for b in numba.prange(n_b):
@@ -176,14 +233,8 @@ def slice_values(
         ix.numpy().astype(np.int64),
         out,
     )
-    with _LOCK:
-        _run(_slice_values, *args)
+    _slice_values(*args)
     return torch.from_numpy(out)
-
-
-def kernel_threads() -> int:
-    """Threads the kernel uses: torch's (``OMP_NUM_THREADS`` under Snakemake), at most numba's pool."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def splat_slices(
@@ -211,13 +262,7 @@ def splat_slices(
     ch = np.ascontiguousarray(channels.numpy(), dtype=np.float32)
     acc = accumulator.numpy()  # a view: the kernel adds into the torch tensor's memory
     tables = [t.numpy().astype(np.int64) for t in (zt, yt, xt)]
-    with _LOCK:
-        previous = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            _splat_kernel(pts, rot, ch, acc, *tables, owner, p, threads)
-        finally:
-            numba.set_num_threads(previous)
+    _splat_kernel(pts, rot, ch, acc, *tables, owner, p, threads, threads=threads)
 
 
 # Density compensation (cryopose.reconstruct._finish_relion): each of its ten iterations is two
@@ -226,14 +271,14 @@ def splat_slices(
 # Fused here, one sweep each and no allocation.
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_kernel
 def _weighted_inverse(inverse, weight, out):  # pragma: no cover - jit
     flat_u, flat_w, flat_out = inverse.reshape(-1), weight.reshape(-1), out.reshape(-1)
     for i in numba.prange(flat_u.size):
         flat_out[i] = np.complex64(flat_u[i] * flat_w[i])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_kernel
 def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
     flat_u, flat_s = inverse.reshape(-1), spectrum.reshape(-1)
     for i in numba.prange(flat_u.size):
@@ -243,7 +288,7 @@ def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
         flat_u[i] /= magnitude if magnitude > floor else floor
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_kernel
 def _multiply_radial(grid, table, z_start):  # pragma: no cover - jit
     n_z, p = grid.shape[0], grid.shape[1]
     half = p // 2
@@ -264,27 +309,15 @@ def multiply_radial(grid: torch.Tensor, table: torch.Tensor, z_start: int = 0) -
     radii, so that no ``(p, p, p)`` copy of it is stored. ``grid`` ``(n, p, p)`` float32, contiguous:
     planes ``z_start .. z_start + n − 1`` of the ``(p, p, p)`` grid; ``table`` float32 of length
     ``3·(p//2)² + 1``."""
-    with _LOCK:
-        _run(_multiply_radial, grid.numpy(), table.numpy(), z_start)
+    _multiply_radial(grid.numpy(), table.numpy(), z_start)
 
 
 def weighted_inverse(inverse: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """``out = u·W`` as complex64 (zero imaginary parts): ``inverse`` float64, ``weight`` float32,
     ``out`` complex64, all of one shape, contiguous, on the CPU."""
-    with _LOCK:
-        _run(_weighted_inverse, inverse.numpy(), weight.numpy(), out.numpy())
+    _weighted_inverse(inverse.numpy(), weight.numpy(), out.numpy())
 
 
 def divide_by_magnitude(inverse: torch.Tensor, spectrum: torch.Tensor, floor: float = 1e-6) -> None:
     """``u ← u / max(|spectrum|, floor)`` in place (``inverse`` float64, ``spectrum`` complex64)."""
-    with _LOCK:
-        _run(_divide_by_magnitude, inverse.numpy(), spectrum.numpy(), floor)
-
-
-def _run(kernel, *args) -> None:
-    previous = numba.get_num_threads()
-    numba.set_num_threads(kernel_threads())
-    try:
-        kernel(*args)
-    finally:
-        numba.set_num_threads(previous)
+    _divide_by_magnitude(inverse.numpy(), spectrum.numpy(), floor)

@@ -1,5 +1,6 @@
 """Reconstruction backends: each recovers the source map of simulated particles, and they agree."""
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -215,6 +216,23 @@ def test_numba_kernel_same_bits_on_any_thread_count():
         torch.set_num_threads(previous)
     assert bool(sums[0].abs().sum() > 0)
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+
+
+def test_two_reconstructions_side_by_side_give_the_same_maps(c1):
+    """evaluate(jobs=2) runs the two halves in two Python threads, one kernel thread each (serial
+    builds, which never enter numba's threading layer): the same maps, bit for bit, as one after
+    the other with all threads (the layer aborts the process if two threads enter it at once)."""
+    from cryopose.evaluate import _reconstruct_each
+    from cryopose.reconstruct_kernels import kernel_threads, using_threads
+
+    stars = [c1 / "particles_0.star", c1 / "particles_1.star"]
+    one_by_one = _reconstruct_each(stars, 1, backend="torch", progress=False)
+    side_by_side = _reconstruct_each(stars, 2, backend="torch", progress=False)
+    for (a, _), (b, _) in zip(one_by_one, side_by_side):
+        assert np.array_equal(a, b)
+    with using_threads(1):
+        assert kernel_threads() == 1
+    assert kernel_threads() == max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def test_unknown_kernel_refused(c1):
