@@ -84,10 +84,6 @@ class _Kernel:
                 numba.set_num_threads(previous)
 
 
-def _kernel(fn) -> _Kernel:
-    return _Kernel(fn)
-
-
 def kernel_threads() -> int:
     """Threads the CPU kernels (and the reconstructor's FFTs) use in the calling thread: its
     :func:`using_threads` setting, else torch's (``OMP_NUM_THREADS`` under Snakemake); at most
@@ -115,7 +111,7 @@ def _add_corner(accumulator, k, c0, c1, c2, w):  # pragma: no cover - jit
     accumulator[k, 2] += c2 * w
 
 
-@_kernel
+@_Kernel
 def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, threads):  # pragma: no cover - jit
     """points (M, 2) float32 slice (k_x, k_y) in padded voxels; rotmats (B, 3, 3) float32; channels
     (B, M, 3) float32; accumulator (N, 3) float32, added to in place; zt, yt, xt the per-axis
@@ -185,7 +181,7 @@ def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, 
                     _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
 
 
-@_kernel
+@_Kernel
 def _slice_values(ft, ctf, shifts, weights, iy, ix, out):  # pragma: no cover - jit
     n_b, n, h = ft.shape
     for b in numba.prange(n_b):
@@ -271,14 +267,14 @@ def splat_slices(
 # Fused here, one sweep each and no allocation.
 
 
-@_kernel
+@_Kernel
 def _weighted_inverse(inverse, weight, out):  # pragma: no cover - jit
     flat_u, flat_w, flat_out = inverse.reshape(-1), weight.reshape(-1), out.reshape(-1)
     for i in numba.prange(flat_u.size):
         flat_out[i] = np.complex64(flat_u[i] * flat_w[i])
 
 
-@_kernel
+@_Kernel
 def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
     flat_u, flat_s = inverse.reshape(-1), spectrum.reshape(-1)
     for i in numba.prange(flat_u.size):
@@ -288,7 +284,7 @@ def _divide_by_magnitude(inverse, spectrum, floor):  # pragma: no cover - jit
         flat_u[i] /= magnitude if magnitude > floor else floor
 
 
-@_kernel
+@_Kernel
 def _multiply_radial(grid, table, z_start):  # pragma: no cover - jit
     n_z, p = grid.shape[0], grid.shape[1]
     half = p // 2
