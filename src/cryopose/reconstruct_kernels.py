@@ -111,6 +111,20 @@ def _add_corner(accumulator, k, c0, c1, c2, w):  # pragma: no cover - jit
     accumulator[k, 2] += c2 * w
 
 
+@numba.njit(inline="always")
+def _add_plane(accumulator, zo, wz, rows, columns, c0, c1, c2):  # pragma: no cover - jit
+    """The four corners of one z-plane (offset ``zo``, weight ``wz``): rows ``(y0, y1, wy0, wy1)``
+    and columns ``(x0, x1, wx0, wx1)`` as offsets and weights."""
+    y0, y1, wy0, wy1 = rows
+    x0, x1, wx0, wx1 = columns
+    w = wz * wy0
+    _add_corner(accumulator, zo + y0 + x0, c0, c1, c2, w * wx0)
+    _add_corner(accumulator, zo + y0 + x1, c0, c1, c2, w * wx1)
+    w = wz * wy1
+    _add_corner(accumulator, zo + y1 + x0, c0, c1, c2, w * wx0)
+    _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
+
+
 @_Kernel
 def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, threads):  # pragma: no cover - jit
     """points (M, 2) float32 slice (k_x, k_y) in padded voxels; rotmats (B, 3, 3) float32; channels
@@ -162,23 +176,12 @@ def _splat_kernel(points, rotmats, channels, accumulator, zt, yt, xt, owner, p, 
                 c2 = channels[b, m, 2]
                 y0, y1 = yt[iy], yt[iy + 1]
                 x0, x1 = xt[ix], xt[ix + 1]
+                rows = (y0, y1, wy0, dy)
+                columns = (x0, x1, wx0, wx1)
                 if own0:
-                    zo = zt[iz]
-                    wz = np.float32(1.0) - dz
-                    w = wz * wy0
-                    _add_corner(accumulator, zo + y0 + x0, c0, c1, c2, w * wx0)
-                    _add_corner(accumulator, zo + y0 + x1, c0, c1, c2, w * wx1)
-                    w = wz * dy
-                    _add_corner(accumulator, zo + y1 + x0, c0, c1, c2, w * wx0)
-                    _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
+                    _add_plane(accumulator, zt[iz], np.float32(1.0) - dz, rows, columns, c0, c1, c2)
                 if own1:
-                    zo = zt[iz + 1]
-                    w = dz * wy0
-                    _add_corner(accumulator, zo + y0 + x0, c0, c1, c2, w * wx0)
-                    _add_corner(accumulator, zo + y0 + x1, c0, c1, c2, w * wx1)
-                    w = dz * dy
-                    _add_corner(accumulator, zo + y1 + x0, c0, c1, c2, w * wx0)
-                    _add_corner(accumulator, zo + y1 + x1, c0, c1, c2, w * wx1)
+                    _add_plane(accumulator, zt[iz + 1], dz, rows, columns, c0, c1, c2)
 
 
 @_Kernel
