@@ -664,6 +664,7 @@ def reconstruct_torch(
 
 
 def _reconstruct_torch(star_path, symmetry, use_weights, pad, wiener, batch_size, device, progress, kernel, scheme):
+    """:func:`reconstruct_torch`'s work, under the thread setting it has made (same arguments)."""
     _check_scheme(scheme)
     star, star_path = _read_star(star_path)
     dev = select_device(device)
